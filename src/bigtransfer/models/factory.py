@@ -1,0 +1,55 @@
+"""`create_model`: one entry point from a name (released or architecture) and optional weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import BigTransferError
+from . import checkpoint, zoo
+from .resnetv2 import ModelConfig, ResNetV2, parse_arch
+
+DEFAULT_NUM_CLASSES = 1000
+
+
+def create_model(
+    name: str,
+    num_classes: int | None = None,
+    weights: str | Path | None = None,
+    zero_head: bool = True,
+    *,
+    norm: str = "gn_ws",
+    groups: int = 32,
+) -> ResNetV2:
+    """Build a BiT model; load weights from a released name's cached file or from `weights`.
+
+    `name` is a released name (`BiT-M-R50x1`, which needs its file in the cache; see
+    `bigtransfer download`) or an architecture (`R50x1`, `R26x0.5`, ...; random init unless
+    `weights` is given). `weights` is an authors' `.npz` or a bigtransfer `.safetensors`.
+    If `num_classes` differs from the file's head, the head is replaced (zeros if `zero_head`).
+    """
+    entry = zoo.lookup(name)
+    arch = entry.arch if entry else parse_arch(name)
+    if entry is not None and weights is None:
+        weights = zoo.require_cached(entry)
+    if weights is None:
+        classes = num_classes or DEFAULT_NUM_CLASSES
+        return ResNetV2(ModelConfig(arch, classes, norm, groups), zero_head=zero_head)
+
+    summary = checkpoint.summarize(Path(weights))
+    if summary.arch != arch:
+        raise BigTransferError(f"{weights}: this file is {summary.describe()}, you asked for {arch.name}")
+    if summary.num_classes is None and num_classes is None:
+        raise BigTransferError(f"{weights}: the file has no head; pass num_classes for the new head")
+    classes = num_classes or summary.num_classes
+    # Built on the meta device: the file supplies every body tensor, so random init would be
+    # wasted time and memory (seconds and gigabytes for R152x4).
+    with torch.device("meta"):
+        model = ResNetV2(ModelConfig(arch, classes, summary.norm, summary.groups), zero_head=zero_head)
+    keep_head = summary.num_classes == classes
+    state = checkpoint.load_state_dict(Path(weights), model, load_head=keep_head)
+    model.load_state_dict(state, strict=keep_head, assign=True)
+    if not keep_head:
+        model.reset_head(classes, zero_init=zero_head)
+    return model

@@ -1,0 +1,15 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from loopback_bucket import bucket  # noqa: F401  (shared fixture)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own empty model cache; nothing touches ~/.cache."""
+    monkeypatch.setenv("BIGTRANSFER_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("BIGTRANSFER_BASE_URL", raising=False)
