@@ -185,8 +185,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     stem = args.out or f"forward_{args.device}_{args.dtype}{'_cl' if args.channels_last else ''}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    rows = ["| size | ours img/s | timm img/s | ours/timm speed (median [min, max]) "
-            "| ours peak MiB (forward's share) | timm peak MiB (forward's share) |",
+    rows = [("| size | ours img/s | timm img/s | ours/timm speed (median [min, max]) "
+             "| ours peak MiB (forward's share) | timm peak MiB (forward's share) |"),
             "|---|---|---|---|---|---|"]
     for size in args.sizes:
         s, m = report["speed"][size], report["memory"][size]
