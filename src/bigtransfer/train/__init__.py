@@ -1,0 +1,1 @@
+"""Training: the one loop, its schedule, checkpoints, logging, memory estimates, distribution."""
