@@ -1,0 +1,1 @@
+"""Data: sources, few-shot subsets, transforms, MixUp, and the step-indexed sampler."""

@@ -1,0 +1,53 @@
+"""torch Datasets over an ImageSet: decode, transform, label."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import BigTransferError
+from .images import IMAGE_ERRORS
+from .sources import ImageSet
+
+
+class TransformedImages(Dataset):
+    """(image tensor, label) pairs; an index may be `(i, seed)` to fix the augmentation's randomness.
+
+    A file that passed the up-front check but fails to decode here (e.g. truncated JPEG data) is
+    replaced by the next item with a warning, or raises if `strict`.
+    """
+
+    def __init__(self, images: ImageSet, transform, strict: bool = False):
+        self.images = images
+        self.transform = transform
+        self.strict = strict
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        index, image = self._decode(index)  # the index may move on past an undecodable file
+        if seed is None:
+            pixels = self.transform(image)
+        else:
+            with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
+                torch.manual_seed(seed)
+                pixels = self.transform(image)
+        return pixels, int(self.images.labels[index])
+
+    def _decode(self, index: int):
+        """(index actually used, image): the first decodable item from `index` on."""
+        tries = min(len(self.images), 16)
+        for attempt in range(tries):
+            i = (index + attempt) % len(self.images)
+            try:
+                return i, self.images.load(i)
+            except IMAGE_ERRORS as err:
+                where = self.images.describe_item(i)
+                if self.strict:
+                    raise BigTransferError(f"{where}: cannot decode image ({err})") from None
+                warnings.warn(f"{where}: cannot decode image ({err}); using the next image instead", stacklevel=2)
+        raise BigTransferError(f"{self.images.origin}: {tries} images in a row failed to decode")

@@ -1,0 +1,373 @@
+"""Labelled image sources: an image folder, a CSV manifest, CIFAR-10/100, scikit-learn's digits.
+
+Every source becomes `Splits(train, test)` of `ImageSet`s, which hold either file paths
+(decoded on demand) or an in-memory uint8 array. Files that cannot be read are found up front
+and skipped with one warning that counts them and names the first few (`strict=True` makes
+them an error instead).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import pickle
+import statistics
+import tarfile
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import BigTransferError
+from .images import IMAGE_ERRORS, load_rgb, probe
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+SPLIT_NAMES = {"train": "train", "val": "test", "valid": "test", "validation": "test", "test": "test"}
+BUILTINS = ("digits",)
+NAMED_FIRST = 5  # how many skipped files a warning names
+
+
+class ImageSet:
+    """Images with integer labels; `classes[label]` is the class name.
+
+    Backed by file paths or by a uint8 array [N, H, W, 3]; `subset` shares the backing store.
+    """
+
+    def __init__(self, classes: Sequence[str], labels: Sequence[int], *, paths: Sequence[str] | None = None,
+                 pixels: np.ndarray | None = None, rows: np.ndarray | None = None,
+                 sizes: Sequence[tuple[int, int]] | None = None, origin: str = ""):
+        if (paths is None) == (pixels is None):
+            raise ValueError("an ImageSet is backed by paths or by pixels")
+        self.classes = list(classes)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.paths = list(paths) if paths is not None else None
+        self.pixels = pixels
+        self.rows = np.arange(len(self.labels)) if rows is None else np.asarray(rows)
+        self.sizes = list(sizes) if sizes is not None else None  # (w, h) per item, when known
+        self.origin = origin
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int) -> Image.Image:
+        """Item `i` as an 8-bit RGB PIL image."""
+        if self.paths is not None:
+            return load_rgb(self.paths[i])
+        return Image.fromarray(self.pixels[self.rows[i]])
+
+    def describe_item(self, i: int) -> str:
+        return self.paths[i] if self.paths is not None else f"{self.origin}[{int(self.rows[i])}]"
+
+    def subset(self, indices: Sequence[int]) -> ImageSet:
+        idx = np.asarray(indices, dtype=np.int64)
+        return ImageSet(
+            self.classes, self.labels[idx],
+            paths=[self.paths[i] for i in idx] if self.paths is not None else None,
+            pixels=self.pixels, rows=self.rows[idx] if self.pixels is not None else None,
+            sizes=[self.sizes[i] for i in idx] if self.sizes is not None else None, origin=self.origin,
+        )
+
+    def median_area(self, sample: int = 1000, seed: int = 0) -> float:
+        """Median pixel area over (a sample of) the images: what the HyperRule's resolution uses."""
+        if self.pixels is not None:
+            h, w = self.pixels.shape[1:3]
+            return float(h * w)
+        if self.sizes is not None:
+            sizes = self.sizes
+        else:
+            chosen = np.random.default_rng(seed).permutation(len(self))[:sample]
+            sizes = [probe(self.paths[i]) for i in chosen]
+        return float(statistics.median(w * h for w, h in sizes))
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=len(self.classes))
+
+
+@dataclass
+class Splits:
+    train: ImageSet
+    test: ImageSet | None
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+
+# --------------------------------------------------------------------------- entry point
+def load_source(spec: str, *, val_fraction: float | None = None, seed: int = 0, strict: bool = False,
+                progress: bool = True) -> Splits:
+    """Open a data source named by `spec`: a folder, a .csv manifest, a CIFAR archive, or `digits`."""
+    path = Path(spec).expanduser()
+    if spec in BUILTINS and not path.exists():
+        return digits()
+    if not path.exists():
+        raise BigTransferError(
+            f"--data {spec}: no such file or folder (built-in sources: {', '.join(BUILTINS)})"
+        )
+    if path.suffix.lower() == ".csv":
+        splits = manifest(path, strict=strict, progress=progress)
+    elif _cifar_kind(path):
+        splits = cifar(path)
+    elif path.is_dir():
+        splits = image_folder(path, strict=strict, progress=progress)
+    else:
+        raise BigTransferError(f"--data {spec}: expected an image folder, a .csv manifest or a CIFAR archive")
+    _check_classes(splits.train, spec)
+    if splits.test is None:
+        if not val_fraction:
+            raise BigTransferError(
+                f"--data {spec}: no val/test split found; pass --val-fraction (e.g. 0.2) to hold some out"
+            )
+        train_idx, test_idx = stratified_split(splits.train.labels, val_fraction, seed)
+        splits = Splits(splits.train.subset(train_idx), splits.train.subset(test_idx), splits.skipped)
+    return splits
+
+
+def _check_classes(images: ImageSet, spec: str) -> None:
+    counts = images.class_counts()
+    if len(images.classes) < 2:
+        raise BigTransferError(f"--data {spec}: only one class ({images.classes}); classification needs two or more")
+    empty = [images.classes[c] for c in np.flatnonzero(counts == 0)]
+    if empty:
+        raise BigTransferError(f"--data {spec}: class {empty[0]!r} has no training images")
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out `fraction` of every class (at least one image of any class that has two)."""
+    if not 0 < fraction < 1:
+        raise BigTransferError(f"--val-fraction must be between 0 and 1, got {fraction}")
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n_held = min(len(members) - 1, max(1, round(fraction * len(members)))) if len(members) > 1 else 0
+        held.extend(members[:n_held])
+        train.extend(members[n_held:])
+    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(held, dtype=np.int64))
+
+
+# --------------------------------------------------------------------------- image folders
+def image_folder(root: Path, *, strict: bool = False, progress: bool = True) -> Splits:
+    """`root/train/<class>/*` with optional `root/val|test/<class>/*`, or just `root/<class>/*`."""
+    train_dir = root / "train"
+    if train_dir.is_dir():
+        test_dir = next((root / n for n in ("val", "valid", "validation", "test") if (root / n).is_dir()), None)
+    else:
+        train_dir, test_dir = root, None
+    classes, paths, labels = _scan_class_folders(train_dir)
+    skipped: list[str] = []
+    train = _checked_files(classes, paths, labels, skipped, strict, progress, origin=str(train_dir))
+    test = None
+    if test_dir is not None:
+        _, t_paths, t_labels = _scan_class_folders(test_dir, known=classes)
+        test = _checked_files(classes, t_paths, t_labels, skipped, strict, progress, origin=str(test_dir))
+    _warn_skipped(skipped, root)
+    return Splits(train, test, skipped)
+
+
+def _scan_class_folders(folder: Path, known: list[str] | None = None) -> tuple[list[str], list[str], list[int]]:
+    from torchvision.datasets.folder import find_classes
+
+    try:
+        classes, _ = find_classes(str(folder))
+    except FileNotFoundError as err:
+        raise BigTransferError(f"{folder}: {err}") from None
+    if known is not None:
+        unknown = sorted(set(classes) - set(known))
+        if unknown:
+            raise BigTransferError(f"{folder}: class folder {unknown[0]!r} does not exist in the training split")
+        classes = known
+    index = {name: i for i, name in enumerate(classes)}
+    paths, labels = [], []
+    for name in classes:
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            continue  # a test split may lack some classes
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files and known is None:
+            raise BigTransferError(f"{class_dir}: empty class folder (no {', '.join(IMAGE_EXTENSIONS[:4])}... files)")
+        paths.extend(str(p) for p in files)
+        labels.extend([index[name]] * len(files))
+    return classes, paths, labels
+
+
+def _checked_files(classes, paths, labels, skipped: list[str], strict: bool, progress: bool, origin: str) -> ImageSet:
+    """Probe every file once (header + structure); drop unreadable ones, or fail if strict."""
+    sizes = _probe_all(paths, progress)
+    keep = [i for i, size in enumerate(sizes) if size is not None]
+    bad = [paths[i] for i, size in enumerate(sizes) if size is None]
+    if bad and strict:
+        raise BigTransferError(f"{bad[0]}: not a readable image ({len(bad)} such file(s); --strict is on)")
+    skipped.extend(bad)
+    return ImageSet(classes, [labels[i] for i in keep], paths=[paths[i] for i in keep],
+                    sizes=[sizes[i] for i in keep], origin=origin)
+
+
+def _probe_all(paths: Sequence[str], progress: bool) -> list[tuple[int, int] | None]:
+    from tqdm.auto import tqdm
+
+    def safe_probe(path: str):
+        try:
+            return probe(path)
+        except IMAGE_ERRORS:
+            return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # file I/O bound: threads suffice
+        results = pool.map(safe_probe, paths, chunksize=64)
+        return list(tqdm(results, total=len(paths), desc="checking images", unit="img",
+                         disable=not progress or len(paths) < 2000))
+
+
+def _warn_skipped(skipped: list[str], where) -> None:
+    if skipped:
+        named = ", ".join(skipped[:NAMED_FIRST]) + (", ..." if len(skipped) > NAMED_FIRST else "")
+        warnings.warn(f"{where}: skipped {len(skipped)} unreadable image(s): {named}", stacklevel=3)
+
+
+# --------------------------------------------------------------------------- CSV manifests
+def manifest(csv_path: Path, *, strict: bool = False, progress: bool = True) -> Splits:
+    """A CSV with a header `path,label[,split]`; paths are relative to the CSV's folder."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets write a BOM
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            if "path" not in columns or "label" not in columns:
+                raise BigTransferError(f"{csv_path}: the header must name columns 'path' and 'label' (got {columns})")
+            # reader.line_num is the file's line (DictReader skips blank lines, so counting rows would drift)
+            rows = [({k.strip(): (v or "").strip() for k, v in row.items() if k}, reader.line_num)
+                    for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise BigTransferError(f"{csv_path}: cannot read the manifest ({err})") from None
+    if not rows:
+        raise BigTransferError(f"{csv_path}: the manifest has no rows")
+    classes = _sorted_labels({row["label"] for row, _ in rows})
+    index = {name: i for i, name in enumerate(classes)}
+    parts: dict[str, tuple[list[str], list[int]]] = {"train": ([], []), "test": ([], [])}
+    has_split = "split" in columns
+    for row, line in rows:
+        if not row["path"] or not row["label"]:
+            raise BigTransferError(f"{csv_path} line {line}: empty path or label")
+        file = (csv_path.parent / row["path"]).expanduser()
+        if not file.is_file():
+            raise BigTransferError(f"{csv_path} line {line}: no such file {row['path']!r}")
+        split = SPLIT_NAMES.get(row.get("split", "train").lower() or "train") if has_split else "train"
+        if split is None:
+            raise BigTransferError(f"{csv_path} line {line}: unknown split {row['split']!r} (use train, val or test)")
+        parts[split][0].append(str(file))
+        parts[split][1].append(index[row["label"]])
+    skipped: list[str] = []
+    train = _checked_files(classes, *parts["train"], skipped, strict, progress, origin=str(csv_path))
+    test = _checked_files(classes, *parts["test"], skipped, strict, progress, origin=str(csv_path)) \
+        if parts["test"][0] else None
+    _warn_skipped(skipped, csv_path)
+    return Splits(train, test, skipped)
+
+
+def _sorted_labels(labels: set[str]) -> list[str]:
+    """Numeric labels sort as numbers (so '10' follows '9'); anything else alphabetically."""
+    if all(label.lstrip("-").isdigit() for label in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+# --------------------------------------------------------------------------- CIFAR
+_CIFAR_FILES = {
+    "cifar10": (["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"], ["test_batch"],
+                "batches.meta", b"labels", b"label_names"),
+    "cifar100": (["train"], ["test"], "meta", b"fine_labels", b"fine_label_names"),
+}
+
+
+def _cifar_kind(path: Path) -> str | None:
+    if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        names = _archive_names(path)
+    else:  # CIFAR's members are files; an image folder's train/ and test/ are folders
+        names = {p.name for p in path.iterdir() if p.is_file()} if path.is_dir() else set()
+    if "data_batch_1" in names:
+        return "cifar10"
+    if {"train", "test", "meta"} <= names:
+        return "cifar100"
+    return None
+
+
+def _archive_names(path: Path) -> set[str]:
+    try:
+        with tarfile.open(path) as tar:
+            return {Path(m.name).name for m in tar.getmembers() if m.isfile()}
+    except (tarfile.TarError, OSError):
+        return set()
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Reads the CIFAR python batches, which are pickles, allowing only plain numpy arrays.
+
+    Any other global (a function or class a malicious file could use to run code) is refused.
+    """
+
+    ALLOWED = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    })
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+        if module.startswith("numpy") and name == "_reconstruct":
+            from numpy._core.multiarray import _reconstruct
+
+            return _reconstruct
+        return super().find_class(module, name)
+
+
+def _read_cifar_member(path: Path, name: str) -> dict:
+    try:
+        if path.is_dir():
+            data = (path / name).read_bytes()
+        else:
+            with tarfile.open(path) as tar:
+                member = next(m for m in tar.getmembers() if Path(m.name).name == name)
+                data = tar.extractfile(member).read()
+        return _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except (OSError, StopIteration, tarfile.TarError, pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise BigTransferError(f"{path}: cannot read CIFAR member {name!r} ({err})") from None
+
+
+def cifar(path: Path) -> Splits:
+    """CIFAR-10/100 from the python version: the .tar.gz or its extracted folder."""
+    kind = _cifar_kind(path)
+    train_files, test_files, meta_file, label_key, names_key = _CIFAR_FILES[kind]
+    meta = _read_cifar_member(path, meta_file)
+    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key]]
+
+    def load(files):
+        batches = [_read_cifar_member(path, f) for f in files]
+        pixels = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
+        labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+        return ImageSet(classes, labels, pixels=pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(),
+                        origin=f"{kind}:{path.name}")
+
+    return Splits(load(train_files), load(test_files))
+
+
+# --------------------------------------------------------------------------- built-ins
+DIGITS_TEST_FRACTION = 0.3
+
+
+def digits() -> Splits:
+    """scikit-learn's bundled handwritten digits (1797 8x8 images, 10 classes): real data, offline.
+
+    A fixed stratified 70/30 train/test split, so the test set is the same in every run.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    grey = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    pixels = np.repeat(grey[..., None], 3, axis=-1)
+    images = ImageSet([str(d) for d in range(10)], bunch.target, pixels=pixels, origin="digits")
+    train_idx, test_idx = stratified_split(images.labels, DIGITS_TEST_FRACTION, seed=0)
+    return Splits(images.subset(train_idx), images.subset(test_idx))
