@@ -13,6 +13,12 @@ from .resnetv2 import ModelConfig, ResNetV2, parse_arch
 DEFAULT_NUM_CLASSES = 1000
 
 
+def resolve_arch_name(name: str) -> str:
+    """The architecture behind a released name (`BiT-M-R50x1` -> `R50x1`), or the name itself."""
+    entry = zoo.lookup(name)
+    return entry.arch_name if entry else parse_arch(name).name
+
+
 def create_model(
     name: str,
     num_classes: int | None = None,

@@ -1,0 +1,187 @@
+"""Fine-tuning a BiT model on the user's images with BiT-HyperRule, end to end.
+
+data source -> (few-shot subset) -> HyperRule plan -> model with a zero head -> training loop
+-> run directory: config.json, metrics.jsonl, tensorboard/, checkpoints/, final.safetensors,
+summary.json. Re-running the same command on the same --out resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import hyperrule
+from .data.dataset import TransformedImages
+from .data.fewshot import sample_per_class
+from .data.sources import Splits, load_source
+from .data.transforms import eval_transform, train_transform
+from .errors import BigTransferError
+from .models import create_model, save_checkpoint
+from .models.factory import resolve_arch_name
+from .train.checkpointing import fingerprint_of
+from .train.distributed import DistContext
+from .train.linear_probe import extract_features, fit_logistic_regression
+from .train.logbook import Logbook
+from .train.loop import LoopConfig, evaluate_model, train, uses_bf16
+from .train.memory import auto_batch_split
+
+FREEZE_POINTS = ("root", "stage1", "stage2", "stage3", "stage4")
+
+
+@dataclass
+class FinetuneOptions:
+    data: str
+    model: str = "BiT-M-R50x1"
+    weights: str | None = None
+    out: Path = Path("runs/finetune")
+    # data
+    val_fraction: float | None = None
+    split_seed: int = 0
+    strict: bool = False
+    examples_per_class: int | None = None
+    seed: int = 0
+    # HyperRule overrides (None: the rule decides)
+    batch: int | None = None
+    base_lr: float | None = None
+    steps: int | None = None
+    resolution: tuple[int, int] | None = None
+    mixup: float | None = None
+    flip: bool = True
+    random_crop: bool = True
+    schedule: str = "release"
+    # execution
+    batch_split: int | str = 1  # or "auto"
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    log_every: int = 10
+    workers: int = 0
+    precision: str = "auto"
+    compile: bool = False
+    device: str = "auto"
+    freeze_until: str | None = None
+    linear_probe: bool = False
+    restart: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def prepare_data(opts: FinetuneOptions) -> Splits:
+    """The source's splits, with the training split cut to a few-shot subset if asked."""
+    splits = load_source(opts.data, val_fraction=opts.val_fraction, seed=opts.split_seed, strict=opts.strict,
+                         progress=opts.progress)
+    if opts.examples_per_class:
+        chosen = sample_per_class(splits.train.labels, opts.examples_per_class, opts.seed, splits.classes)
+        splits = Splits(splits.train.subset(chosen), splits.test, splits.skipped)
+    return splits
+
+
+def make_plan(opts: FinetuneOptions, splits: Splits) -> hyperrule.Plan:
+    return hyperrule.plan(
+        len(splits.train), splits.train.median_area(), len(splits.classes), resolve_arch_name(opts.model),
+        batch=opts.batch, base_lr=opts.base_lr, steps=opts.steps, resolution_override=opts.resolution,
+        mixup=opts.mixup, flip=opts.flip, random_crop=opts.random_crop, schedule_variant=opts.schedule,
+    )
+
+
+def _freeze(model, until: str | None) -> list[torch.nn.Module]:
+    """Stop gradients for the root and stages up to `until` (inclusive); returns the frozen modules."""
+    if until is None:
+        return []
+    if until not in FREEZE_POINTS:
+        raise BigTransferError(f"--freeze-until must be one of {', '.join(FREEZE_POINTS)}, got {until!r}")
+    frozen = [model.root] + list(model.stages)[: FREEZE_POINTS.index(until)]
+    for module in frozen:
+        module.requires_grad_(False)
+    return frozen
+
+
+def run_finetune(opts: FinetuneOptions) -> dict:
+    """Fine-tune as `opts` says; returns the summary (also written to OUT/summary.json)."""
+    ctx = DistContext.from_env(opts.device)
+    out = Path(opts.out)
+    if opts.restart and ctx.is_main:
+        checkpoint = out / "checkpoints" / "latest.safetensors"
+        checkpoint.unlink(missing_ok=True)
+    ctx.barrier()
+    with warnings.catch_warnings():
+        if not ctx.is_main:
+            warnings.simplefilter("ignore")  # say "skipped N images" once, not once per process
+        splits = prepare_data(opts)
+    if splits.test is None:
+        raise BigTransferError(f"--data {opts.data}: nothing to evaluate on (no val/test split)")
+    plan = make_plan(opts, splits)
+    torch.manual_seed(opts.seed)  # a from-scratch model's init is part of the run's reproducible state
+    model = create_model(opts.model, num_classes=len(splits.classes), weights=opts.weights)
+    bf16 = uses_bf16(LoopConfig(plan.schedule, plan.batch, precision=opts.precision), ctx.device)
+    frozen = _freeze(model, "stage4" if opts.linear_probe else opts.freeze_until)
+    split = opts.batch_split
+    if split == "auto":
+        split = auto_batch_split(model.config, plan.crop, plan.batch // ctx.world_size, ctx.device, bf16)
+    settings = {
+        "plan": plan.to_dict(), "model": opts.model, "weights": str(opts.weights) if opts.weights else None,
+        "data": opts.data, "examples_per_class": opts.examples_per_class, "seed": opts.seed,
+        "split_seed": opts.split_seed, "freeze_until": opts.freeze_until, "linear_probe": opts.linear_probe,
+        "classes": splits.classes,
+    }
+    fingerprint = fingerprint_of(settings)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        config = {**settings, "fingerprint": fingerprint, "batch_split": split, "world_size": ctx.world_size,
+                  "device": str(ctx.device), "precision": "bf16" if bf16 else "fp32",
+                  "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
+                  "skipped_images": splits.skipped}
+        _write_json(out / "config.json", config)
+        print(hyperrule.describe(plan), flush=True)
+
+    test_data = TransformedImages(splits.test, eval_transform(plan.crop), strict=opts.strict)
+    if opts.linear_probe:
+        metrics = _linear_probe(model, splits, plan, test_data, opts, ctx, bf16)
+    else:
+        train_data = TransformedImages(
+            splits.train, train_transform(plan.resize, plan.crop, random_crop=plan.random_crop, flip=plan.flip),
+            strict=opts.strict)
+        cfg = LoopConfig(
+            schedule=plan.schedule, batch=plan.batch, momentum=plan.momentum, weight_decay=plan.weight_decay,
+            mixup_alpha=plan.mixup_alpha, seed=opts.seed, batch_split=split, eval_every=opts.eval_every,
+            checkpoint_every=opts.checkpoint_every, log_every=opts.log_every, workers=opts.workers,
+            eval_batch=max(plan.batch // (ctx.world_size * split), 16),
+            precision=opts.precision, compile=opts.compile, progress=opts.progress and ctx.is_main,
+        )
+        metrics = train(model, train_data, test_data, cfg, out, ctx, fingerprint, frozen_modules=frozen)
+    summary = {"final": metrics, "classes": splits.classes, "train_examples": len(splits.train),
+               "test_examples": len(splits.test), "steps": plan.steps, "model": str(out / "final.safetensors")}
+    if ctx.is_main:
+        save_checkpoint(model, out / "final.safetensors", class_names=splits.classes, resolution=plan.crop,
+                        provenance={"source_model": opts.model, "weights": str(opts.weights or ""),
+                                    "data": opts.data, "steps": plan.steps, "fingerprint": fingerprint})
+        _write_json(out / "summary.json", summary)
+    ctx.barrier()
+    ctx.shutdown()
+    return summary
+
+
+def _linear_probe(model, splits, plan, test_data, opts, ctx, bf16) -> dict:
+    model.to(ctx.device)
+    features_data = TransformedImages(splits.train, eval_transform(plan.crop), strict=opts.strict)
+    features, labels = extract_features(model, features_data, ctx.device, workers=opts.workers, bf16=bf16,
+                                        progress=opts.progress and ctx.is_main)
+    weight, bias = fit_logistic_regression(features, labels, len(splits.classes))
+    with torch.no_grad():
+        model.head.weight.copy_(weight[:, :, None, None])
+        model.head.bias.copy_(bias)
+    metrics = evaluate_model(model, test_data, ctx, workers=opts.workers, bf16=bf16).result()
+    logbook = Logbook(Path(opts.out), enabled=ctx.is_main)
+    logbook.log(plan.steps, "eval", **metrics)
+    logbook.close()
+    return metrics
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,189 @@
+"""Fine-tuning end to end: the run directory, resume after a kill, DDP, accumulation, freezing."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from image_data import write_colour_folder
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from bigtransfer import create_model, save_checkpoint
+from bigtransfer.cli import main
+from bigtransfer.train.logbook import read_metrics
+
+TINY = "R[1,1,1,1]x0.5"
+# Digits, 10 per class, a tiny model at 24 px: seconds per run on two CPU cores.
+DIGITS_RUN = ["--data", "digits", "-k", "10", "--model", TINY, "--batch", "20", "--resolution", "28/24",
+              "--workers", "0", "--quiet"]
+
+
+def finetune(*args) -> int:
+    return main(["finetune", *args])
+
+
+def tensors(path):
+    return load_file(str(path))
+
+
+def assert_same_weights(a, b, exact=True):
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        if exact:
+            assert torch.equal(ta[k], tb[k]), k
+        else:
+            torch.testing.assert_close(ta[k], tb[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_run_directory_contents(tmp_path):
+    out = tmp_path / "run"
+    assert finetune(*DIGITS_RUN, "--steps", "8", "--eval-every", "4", "--log-every", "2", "--out", str(out)) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["plan"]["steps"] == 8 and config["plan"]["batch"] == 20
+    assert config["plan"]["overrides"]["batch"] == 20 and config["plan"]["tier"] == "small"
+    assert config["classes"] == [str(d) for d in range(10)]
+    records = read_metrics(out)
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4, 6, 8]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 8]
+    assert all({"loss", "lr", "images_per_s"} <= r.keys() for r in records if r["kind"] == "train")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_examples"] == 100 and summary["test_examples"] == 539
+    assert 0 <= summary["final"]["top1"] <= 1
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    with safe_open(str(out / "final.safetensors"), "pt") as fh:
+        meta = fh.metadata()
+    assert json.loads(meta["class_names"]) == [str(d) for d in range(10)] and meta["resolution"] == "24"
+    assert not list(out.rglob("*.tmp"))
+
+
+def _step_of(checkpoint):
+    try:
+        with safe_open(str(checkpoint), "pt") as fh:
+            return int(fh.metadata()["step"])
+    except (SafetensorError, OSError, KeyError, ValueError):  # absent, or caught mid-rename
+        return None
+
+
+def test_resume_after_kill_reaches_the_same_weights(tmp_path):
+    """Kill -9 a run after its first checkpoints; the same command then finishes it bit for bit
+    like a run that was never interrupted (data order and augmentation are functions of the step)."""
+    args = [*DIGITS_RUN, "--steps", "30", "--checkpoint-every", "3", "--workers", "2"]
+    reference = tmp_path / "reference"
+    assert finetune(*args, "--out", str(reference)) == 0
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "bigtransfer", "finetune", *args, "--out", str(killed)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = killed / "checkpoints" / "latest.safetensors"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and (_step_of(checkpoint) or 0) < 6:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step_at_kill = _step_of(checkpoint)
+    assert step_at_kill is not None and 6 <= step_at_kill < 30, "the kill must land mid-run"
+    assert not (killed / "final.safetensors").exists()
+
+    assert finetune(*args, "--out", str(killed)) == 0
+    assert_same_weights(reference / "final.safetensors", killed / "final.safetensors", exact=True)
+    resumed_from = [r["step"] for r in read_metrics(killed) if r["kind"] == "train"]
+    assert resumed_from.count(30) == 1
+
+
+def test_rerunning_a_finished_run_does_not_train_again(tmp_path):
+    out = tmp_path / "run"
+    args = [*DIGITS_RUN, "--steps", "4", "--out", str(out)]
+    assert finetune(*args) == 0
+    weights, records = tensors(out / "final.safetensors"), read_metrics(out)
+    assert finetune(*args) == 0
+    again = tensors(out / "final.safetensors")
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    new = read_metrics(out)[len(records):]
+    assert [r["kind"] for r in new] == [], "a finished run must not log new training steps"
+
+
+def test_changed_settings_refuse_to_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert finetune(*DIGITS_RUN, "--steps", "4", "--out", str(out)) == 0
+    capsys.readouterr()
+    assert finetune(*DIGITS_RUN, "--steps", "6", "--out", str(out)) == 2
+    assert "different settings" in capsys.readouterr().err
+    assert finetune(*DIGITS_RUN, "--steps", "6", "--out", str(out), "--restart") == 0
+
+
+def test_batch_split_accumulates_to_the_same_update(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert finetune(*DIGITS_RUN, "--steps", "6", "--out", str(one)) == 0
+    assert finetune(*DIGITS_RUN, "--steps", "6", "--batch-split", "4", "--out", str(two)) == 0
+    assert_same_weights(one / "final.safetensors", two / "final.safetensors", exact=False)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    """torchrun with 2 CPU (gloo) processes: same global batch, same loss curve, same weights."""
+    args = [*DIGITS_RUN, "--steps", "6", "--log-every", "1"]
+    single = tmp_path / "single"
+    assert finetune(*args, "--out", str(single)) == 0
+    ddp = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(_free_port()), "-m", "bigtransfer", "finetune", *args, "--out", str(ddp)],
+        capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    curve = lambda run: [r["loss"] for r in read_metrics(run) if r["kind"] == "train"]
+    assert len(curve(ddp)) == 6
+    np.testing.assert_allclose(curve(ddp), curve(single), rtol=1e-4)
+    assert_same_weights(single / "final.safetensors", ddp / "final.safetensors", exact=False)
+    assert json.loads((ddp / "config.json").read_text())["world_size"] == 2
+
+
+def test_freeze_until_keeps_early_stages(tmp_path):
+    start = tmp_path / "start.safetensors"
+    torch.manual_seed(1)
+    save_checkpoint(create_model(TINY, num_classes=10, zero_head=False), start)
+    out = tmp_path / "frozen"
+    assert finetune(*DIGITS_RUN, "--steps", "4", "--freeze-until", "stage2", "--base-lr", "0.1",
+                    "--weights", str(start), "--out", str(out)) == 0
+    before, after = tensors(start), tensors(out / "final.safetensors")
+    for name in before:
+        unchanged = torch.equal(before[name], after[name])
+        if name.startswith(("root.", "stages.0.", "stages.1.")):
+            assert unchanged, f"{name} should be frozen"
+        elif name.startswith(("stages.2.", "stages.3.", "head.")) and name.endswith("weight"):
+            assert not unchanged, f"{name} should have trained"
+
+
+def test_linear_probe_fits_only_the_head(tmp_path):
+    data = write_colour_folder(tmp_path / "colours")
+    out = tmp_path / "probe"
+    assert finetune("--data", str(data), "--model", TINY, "--resolution", "24/20", "--linear-probe",
+                    "--workers", "0", "--quiet", "--out", str(out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["top1"] >= 0.8  # random features separate colours linearly
+    weights = tensors(out / "final.safetensors")
+    assert weights["head.weight"].abs().sum() > 0
+
+
+def test_bad_batch_split_is_a_usage_error(tmp_path, capsys):
+    assert finetune(*DIGITS_RUN, "--batch-split", "3", "--steps", "2", "--out", str(tmp_path / "x")) == 2
+    assert "divide evenly" in capsys.readouterr().err
+    assert finetune(*DIGITS_RUN, "--batch-split", "many", "--out", str(tmp_path / "y")) == 2
+
+
+def test_few_shot_class_too_small_is_a_usage_error(tmp_path, capsys):
+    data = write_colour_folder(tmp_path / "colours", per_class_train=3)
+    assert finetune("--data", str(data), "--model", TINY, "-k", "5", "--out", str(tmp_path / "r")) == 2
+    assert "has only 3 training image(s)" in capsys.readouterr().err
