@@ -146,8 +146,280 @@ def _run_info(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- fine-tuning
+def _add_data_args(p, *, training: bool) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True,
+                   help="image folder (DIR/train/<class>/*, DIR/val/<class>/*, or DIR/<class>/*), "
+                        "CSV manifest (path,label[,split]), CIFAR-10/100 python archive or folder, or 'digits'")
+    g.add_argument("--val-fraction", type=float, default=None,
+                   help="hold out this fraction of every class when the source has no val/test split")
+    if training:
+        g.add_argument("--split-seed", type=int, default=0, help="seed of the --val-fraction split (default 0)")
+        g.add_argument("--strict", action="store_true", help="unreadable images are an error instead of skipped")
+        g.add_argument("--examples-per-class", "-k", type=int, default=None, metavar="K",
+                       help="few-shot: train on K randomly drawn images of every class")
+        g.add_argument("--seed", type=int, default=0, help="seed of the few-shot draw, data order, augmentation")
+
+
+def _add_hyperrule_args(p) -> None:
+    g = p.add_argument_group("BiT-HyperRule overrides (default: the rule decides)")
+    g.add_argument("--model", default="BiT-M-R50x1",
+                   help="released name (needs `bigtransfer download`) or architecture such as R50x1 (default: %(default)s)")
+    g.add_argument("--weights", default=None, help="start from this .npz/.safetensors instead")
+    g.add_argument("--batch", type=int, default=None, help="global batch size (rule: 512)")
+    g.add_argument("--base-lr", type=float, default=None, help="peak learning rate (rule: 0.003)")
+    g.add_argument("--steps", type=int, default=None, help="total steps; the schedule's boundaries scale with it")
+    g.add_argument("--resolution", type=_resolution, default=None, metavar="RESIZE[/CROP]",
+                   help="train resize and crop, e.g. 160/128 or 384 (= 384/384)")
+    g.add_argument("--mixup", type=float, default=None, help="MixUp alpha; 0 disables (rule: 0.1 from 20k examples)")
+    g.add_argument("--no-flip", action="store_true", help="no random horizontal flip (orientation tasks)")
+    g.add_argument("--no-crop", action="store_true", help="no random crop (counting, distance, location tasks)")
+    g.add_argument("--schedule", choices=("release", "paper"), default="release",
+                   help="release: warm-up + the authors' step boundaries (default); paper: /10 at 30/60/90%%")
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(v) for v in text.split("/")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected RESIZE or RESIZE/CROP, e.g. 160/128, got {text!r}") from None
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected RESIZE or RESIZE/CROP, e.g. 160/128, got {text!r}")
+    return (parts[0], parts[-1])
+
+
+def _add_plan(sub) -> None:
+    p = _verb(sub, "plan", "Print the BiT-HyperRule plan for a dataset, without training.",
+              "  bigtransfer plan --data ~/data/flowers --model BiT-M-R50x1\n"
+              "  bigtransfer plan --data digits --model R50x1 -k 5\n"
+              "  bigtransfer plan --data labels.csv --model BiT-M-R101x3 --steps 2000 --json\n")
+    _add_data_args(p, training=True)
+    _add_hyperrule_args(p)
+    p.add_argument("--memory-for", type=float, default=None, metavar="GIB",
+                   help="also suggest --batch-split for a device with this much memory")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(run=_run_plan)
+
+
+def _finetune_options(args, **extra):
+    from .finetune import FinetuneOptions
+
+    return FinetuneOptions(
+        data=args.data, model=args.model, weights=args.weights, val_fraction=args.val_fraction,
+        split_seed=args.split_seed, strict=args.strict, examples_per_class=args.examples_per_class, seed=args.seed,
+        batch=args.batch, base_lr=args.base_lr, steps=args.steps, resolution=args.resolution, mixup=args.mixup,
+        flip=not args.no_flip, random_crop=not args.no_crop, schedule=args.schedule, **extra)
+
+
+def _run_plan(args) -> int:
+    from . import hyperrule
+    from .finetune import make_plan, prepare_data
+    from .models.factory import resolve_arch_name
+    from .models.resnetv2 import ModelConfig, parse_arch
+    from .train import memory
+
+    opts = _finetune_options(args, progress=not args.json)
+    splits = prepare_data(opts)
+    plan = make_plan(opts, splits)
+    config = ModelConfig(parse_arch(resolve_arch_name(args.model)), len(splits.classes))
+    per_image = memory.saved_bytes_per_image(config, plan.crop, False)
+    estimate = {
+        "weights_grads_momentum_gib": memory.state_bytes(config) / 2**30,
+        "activations_per_image_gib_fp32": memory.SAFETY * per_image / 2**30,
+        "activations_per_image_gib_bf16": memory.SAFETY * memory.saved_bytes_per_image(config, plan.crop, True) / 2**30,
+    }
+    if args.memory_for:
+        budget = args.memory_for * 2**30
+        split = next((s for s in range(1, plan.batch + 1) if plan.batch % s == 0 and
+                      memory.training_bytes(config, plan.crop, plan.batch // s, False) <= 0.8 * budget), None)
+        estimate["suggested_batch_split_fp32"] = split
+    if args.json:
+        print(json.dumps({"plan": plan.to_dict(), "classes": splits.classes, "memory": estimate}, indent=2))
+        return 0
+    print(hyperrule.describe(plan))
+    print(f"memory         weights+grads+momentum {estimate['weights_grads_momentum_gib']:.2f} GiB; "
+          f"activations {estimate['activations_per_image_gib_fp32'] * 1024:.0f} MiB/image fp32, "
+          f"{estimate['activations_per_image_gib_bf16'] * 1024:.0f} MiB/image bf16 "
+          f"(batch {plan.batch} in one pass: "
+          f"{memory.training_bytes(config, plan.crop, plan.batch, False) / 2**30:.1f} GiB fp32)")
+    if args.memory_for:
+        print(f"               for {args.memory_for:g} GiB: --batch-split {estimate['suggested_batch_split_fp32']}")
+    return 0
+
+
+def _add_finetune(sub) -> None:
+    p = _verb(sub, "finetune", "Fine-tune a BiT model on your images with BiT-HyperRule.",
+              "  bigtransfer download BiT-M-R50x1\n"
+              "  bigtransfer finetune --data ~/data/flowers --model BiT-M-R50x1 --out runs/flowers\n"
+              "  bigtransfer finetune --data cifar-10-python.tar.gz --model BiT-M-R50x1 --batch 128 \\\n"
+              "      --base-lr 0.001 --batch-split auto --out runs/cifar10\n"
+              "  bigtransfer finetune --data digits --model R26x0.5 -k 5 --steps 100 --out runs/digits5\n"
+              "  torchrun --nproc_per_node 8 -m bigtransfer finetune --data ... --out runs/x   # 8 GPUs\n"
+              "Re-running the same command with the same --out resumes an interrupted run.\n")
+    _add_data_args(p, training=True)
+    _add_hyperrule_args(p)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", type=Path, required=True, help="run directory (created; resumed if it holds a run)")
+    g.add_argument("--batch-split", default="1", help="micro-batches per step (gradient accumulation), or 'auto'")
+    g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (always at the end)")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (default: ~10 per run)")
+    g.add_argument("--log-every", type=int, default=10, help="log training loss/lr/speed every N steps")
+    g.add_argument("--workers", type=int, default=None, help="data-loading processes (default: cores - 1, at most 8)")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast on GPU, fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    g.add_argument("--freeze-until", choices=("root", "stage1", "stage2", "stage3", "stage4"), default=None,
+                   help="train only the layers after this one")
+    g.add_argument("--linear-probe", action="store_true", help="freeze the body; fit only a linear head on its features")
+    g.add_argument("--restart", action="store_true", help="discard the run's checkpoint and start over")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_finetune)
+
+
+def _run_finetune(args) -> int:
+    from .finetune import run_finetune
+    from .train.loop import default_workers
+
+    split = args.batch_split
+    if split != "auto":
+        try:
+            split = int(split)
+        except ValueError:
+            raise BigTransferError(f"--batch-split must be a whole number or 'auto', got {split!r}") from None
+        if split < 1:
+            raise BigTransferError(f"--batch-split must be at least 1, got {split}")
+    opts = _finetune_options(
+        args, out=args.out, batch_split=split, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        workers=default_workers() if args.workers is None else args.workers, precision=args.precision,
+        compile=args.compile, device=args.device, freeze_until=args.freeze_until, linear_probe=args.linear_probe,
+        restart=args.restart, progress=not args.quiet)
+    summary = run_finetune(opts)
+    final = summary["final"]
+    if final:
+        print(f"final: top-1 {final['top1']:.2%}, top-5 {final['top5']:.2%}, loss {final['loss']:.4f} "
+              f"on {final['examples']} test images; model: {summary['model']}")
+    return 0
+
+
+# --------------------------------------------------------------------------- using a model
+def _add_model_arg(p) -> None:
+    p.add_argument("--model", required=True,
+                   help="run directory, .safetensors file, released name or authors' .npz")
+    p.add_argument("--resolution", type=int, default=None, help="input size (default: from the model's metadata)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_evaluate(sub) -> None:
+    p = _verb(sub, "evaluate", "Top-1, top-5, per-class accuracy and a confusion matrix on labelled data.",
+              "  bigtransfer evaluate --model runs/flowers --data ~/data/flowers --out runs/flowers/eval\n"
+              "  bigtransfer evaluate --model model.safetensors --data test.csv --split train\n")
+    _add_model_arg(p)
+    _add_data_args(p, training=False)
+    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write metrics.json, per_class_accuracy.csv, confusion.csv and confusion.png here")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from .inference import evaluate
+
+    result = evaluate(args.model, args.data, split=args.split, val_fraction=args.val_fraction, out=args.out,
+                      batch=args.batch, workers=args.workers, device=args.device, resolution=args.resolution,
+                      progress=not args.quiet)
+    print(f"top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  loss {result['loss']:.4f}  "
+          f"({result['examples']} images, {args.split} split)")
+    if args.out:
+        print(f"reports in {args.out}")
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = _verb(sub, "predict", "Top-k labels with class names and probabilities for images.",
+              "  bigtransfer predict --model runs/flowers photo1.jpg photo2.png\n"
+              "  bigtransfer predict --model runs/flowers ~/Pictures/garden --top-k 3 --json > predictions.json\n")
+    _add_model_arg(p)
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_run_predict)
+
+
+def _run_predict(args) -> int:
+    from .inference import predict
+
+    results, unreadable = predict(args.model, args.images, top_k=args.top_k, batch=args.batch,
+                                  workers=args.workers, device=args.device, resolution=args.resolution,
+                                  progress=not (args.quiet or args.json))
+    if args.json:
+        print(json.dumps({"predictions": results, "unreadable": [str(p) for p in unreadable]}, indent=2))
+    else:
+        for r in results:
+            print(r["path"])
+            for rank, pred in enumerate(r["predictions"], start=1):
+                print(f"  {rank}. {pred['label']:<30} {pred['probability']:7.2%}")
+    if unreadable:
+        print(f"bigtransfer: warning: {len(unreadable)} unreadable image(s): "
+              f"{', '.join(map(str, unreadable[:5]))}", file=sys.stderr)
+    return 0
+
+
+def _add_embed(sub) -> None:
+    p = _verb(sub, "embed", "Pre-logit features (the BiT representation) of images, to .npy + an index CSV.",
+              "  bigtransfer embed --model BiT-M-R50x1 --resolution 224 ~/Pictures --out features/pictures\n"
+              "  (writes features/pictures.npy [N, 2048] and features/pictures.csv: row,path)\n")
+    _add_model_arg(p)
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--out", type=Path, required=True, help="output stem: OUT.npy and OUT.csv")
+    p.set_defaults(run=_run_embed)
+
+
+def _run_embed(args) -> int:
+    from .inference import embed
+
+    result = embed(args.model, args.images, args.out, batch=args.batch, workers=args.workers, device=args.device,
+                   resolution=args.resolution, progress=not args.quiet)
+    print(f"wrote {result['features']} {tuple(result['shape'])} and {result['index']}")
+    if result["unreadable"]:
+        print(f"bigtransfer: warning: skipped {len(result['unreadable'])} unreadable image(s): "
+              f"{', '.join(result['unreadable'][:5])}", file=sys.stderr)
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = _verb(sub, "export", "Export a model to ONNX (checked with onnxruntime), TorchScript or torch.export (.pt2).",
+              "  bigtransfer export --model runs/flowers --out flowers.onnx\n"
+              "  bigtransfer export --model runs/flowers --format torchscript --out flowers.pt\n"
+              "  bigtransfer export --model runs/flowers --format pt2 --out flowers.pt2\n")
+    p.add_argument("--model", required=True, help="run directory, .safetensors file, released name or .npz")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--format", choices=("onnx", "torchscript", "pt2"), default="onnx")
+    p.add_argument("--resolution", type=int, default=None, help="input size (default: from the model's metadata)")
+    p.add_argument("--no-check", action="store_true", help="skip comparing the export with PyTorch")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from .export import export
+
+    report = export(args.model, args.out, args.format, resolution=args.resolution, check=not args.no_check)
+    diff = report.get("max_abs_diff_vs_pytorch")
+    print(f"wrote {report['path']} ({args.format}; input {report['input']}"
+          + (f"; max |diff| vs PyTorch {diff:.2e}" if diff is not None else "") + ")")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
-VERBS: tuple[Callable, ...] = (_add_models, _add_download, _add_convert, _add_info)
+VERBS: tuple[Callable, ...] = (
+    _add_models, _add_download, _add_convert, _add_info, _add_plan, _add_finetune,
+    _add_evaluate, _add_predict, _add_embed, _add_export,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,256 @@
+"""Using a trained model: evaluate on labelled data, predict labels for images, embed images.
+
+A model is named by a run directory (its final.safetensors), a `.safetensors` file, a released
+name or an authors' `.npz`. Class names and input resolution come from the file's metadata.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .data.images import IMAGE_ERRORS, load_rgb
+from .data.sources import IMAGE_EXTENSIONS, ImageSet, load_source
+from .data.transforms import eval_transform
+from .errors import BigTransferError
+from .evaluate.metrics import ClassificationMeter
+from .models import checkpoint, zoo
+from .models.factory import create_model
+
+DEFAULT_RESOLUTION = 224
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    class_names: list[str]
+    resolution: int
+    source: Path
+
+
+def resolve_weights(spec: str | Path) -> Path:
+    """Run directory -> its final.safetensors; released name -> cached file; else the path itself."""
+    path = Path(spec)
+    if path.is_dir():
+        final = path / "final.safetensors"
+        if not final.is_file():
+            raise BigTransferError(f"{path}: no final.safetensors in this run directory (is the run finished?)")
+        return final
+    entry = zoo.lookup(str(spec)) if not path.exists() else None
+    return zoo.require_cached(entry) if entry else path
+
+
+def load_model(spec: str | Path, device: torch.device, resolution: int | None = None) -> LoadedModel:
+    path = resolve_weights(spec)
+    summary = checkpoint.summarize(path)
+    if summary.num_classes is None:
+        raise BigTransferError(f"{path}: the file has no head, so it cannot classify; use `bigtransfer embed`")
+    meta = checkpoint.read_metadata(path)
+    names = meta.get("class_names") or [str(i) for i in range(summary.num_classes)]
+    model = create_model(summary.arch.name, weights=path).to(device).eval()
+    return LoadedModel(model, names, resolution or meta.get("resolution") or DEFAULT_RESOLUTION, path)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------- evaluate
+def evaluate(spec: str, data: str, *, split: str = "test", val_fraction: float | None = None, out: Path | None,
+             batch: int = 64, workers: int = 0, device: str = "auto", resolution: int | None = None,
+             progress: bool = True) -> dict:
+    """Top-1, top-5, loss and per-class accuracy of a model on a labelled split; writes reports to `out`."""
+    from .train.loop import evaluate_model
+
+    loaded = load_model(spec, _device(device), resolution)
+    splits = load_source(data, val_fraction=val_fraction, progress=progress)
+    images = splits.test if split == "test" else splits.train
+    if images is None:
+        raise BigTransferError(f"--data {data}: no {split} split")
+    images = _align_labels(images, loaded.class_names, data)
+    dataset = _Labelled(images, eval_transform(loaded.resolution))
+    meter = evaluate_model(loaded.model, dataset, batch=batch, workers=workers, progress=progress)
+    result = {**meter.result(), "model": str(loaded.source), "data": data, "split": split,
+              "resolution": loaded.resolution,
+              "per_class_accuracy": dict(zip(loaded.class_names, meter.per_class_accuracy().round(6).tolist()))}
+    if out is not None:
+        write_evaluation(out, result, meter, loaded.class_names)
+    return result
+
+
+def _align_labels(images: ImageSet, model_classes: list[str], data: str) -> ImageSet:
+    """Re-index the data's labels into the model's class order, by class name."""
+    index = {name: i for i, name in enumerate(model_classes)}
+    missing = [c for c in images.classes if c not in index]
+    if missing:
+        raise BigTransferError(f"--data {data}: class {missing[0]!r} is not one of the model's classes")
+    mapping = np.array([index[c] for c in images.classes], dtype=np.int64)
+    aligned = images.subset(np.arange(len(images)))
+    aligned.labels = mapping[images.labels]
+    aligned.classes = list(model_classes)
+    return aligned
+
+
+class _Labelled(Dataset):
+    def __init__(self, images: ImageSet, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images.load(i)), int(self.images.labels[i])
+
+
+def write_evaluation(out: Path, result: dict, meter: ClassificationMeter, class_names: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    confusion = meter.confusion.numpy()
+    with open(out / "confusion.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["true \\ predicted", *class_names])
+        for name, row in zip(class_names, confusion):
+            writer.writerow([name, *row.tolist()])
+    with open(out / "per_class_accuracy.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["class", "accuracy", "examples"])
+        for name, acc, n in zip(class_names, meter.per_class_accuracy(), confusion.sum(axis=1)):
+            writer.writerow([name, f"{acc:.6f}", int(n)])
+    plot_confusion(confusion, class_names, out / "confusion.png")
+
+
+def plot_confusion(confusion: np.ndarray, class_names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(class_names)
+    size = min(3 + 0.35 * k, 30)
+    fig, ax = plt.subplots(figsize=(size, size))
+    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if k <= 50:
+        ax.set_xticks(range(k), class_names, rotation=90)
+        ax.set_yticks(range(k), class_names)
+        if k <= 20:
+            for (i, j), n in np.ndenumerate(confusion):
+                if n:
+                    ax.text(j, i, str(n), ha="center", va="center", fontsize=8,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"confusion matrix (top-1 {np.trace(confusion) / max(confusion.sum(), 1):.1%})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- predict / embed
+def collect_images(inputs: list[str]) -> list[Path]:
+    """Image files named directly or found (recursively) in the named folders, in a stable order."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise BigTransferError(f"{item}: no such image file or folder")
+    if not files:
+        raise BigTransferError(f"no image files found in {', '.join(inputs)}")
+    return files
+
+
+class _Files(Dataset):
+    """Decoded image files; unreadable ones come back as None and are reported, not fatal."""
+
+    def __init__(self, files: list[Path], transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            return self.transform(load_rgb(self.files[i])), i
+        except IMAGE_ERRORS:
+            return None, i
+
+
+def _collate(batch):
+    good = [(x, i) for x, i in batch if x is not None]
+    bad = [i for x, i in batch if x is None]
+    images = torch.stack([x for x, _ in good]) if good else None
+    return images, [i for _, i in good], bad
+
+
+def _run_files(model, files, resolution, fn, *, batch, workers, device, progress):
+    """Apply `fn(model, images)` over the files in batches; returns ({index: output row}, unreadable)."""
+    from tqdm.auto import tqdm
+
+    loader = DataLoader(_Files(files, eval_transform(resolution)), batch_size=batch, num_workers=workers,
+                        collate_fn=_collate)
+    rows, unreadable = {}, []
+    with torch.inference_mode():
+        for images, index, bad in tqdm(loader, desc="images", unit="batch", disable=not progress):
+            unreadable.extend(files[i] for i in bad)
+            if images is not None:
+                for i, row in zip(index, fn(model, images.to(device)).float().cpu()):
+                    rows[i] = row
+    return rows, unreadable
+
+
+def predict(spec: str, inputs: list[str], *, top_k: int = 5, batch: int = 32, workers: int = 0,
+            device: str = "auto", resolution: int | None = None, progress: bool = True) -> tuple[list[dict], list[Path]]:
+    """Top-k class names and probabilities for every image; also returns the files that could not be read."""
+    dev = _device(device)
+    loaded = load_model(spec, dev, resolution)
+    files = collect_images(inputs)
+    k = max(1, min(top_k, len(loaded.class_names)))
+    rows, unreadable = _run_files(loaded.model, files, loaded.resolution,
+                                  lambda m, x: torch.softmax(m(x).float(), dim=1),
+                                  batch=batch, workers=workers, device=dev, progress=progress)
+    results = []
+    for i, probs in sorted(rows.items()):
+        p, c = probs.topk(k)
+        results.append({"path": str(files[i]),
+                        "predictions": [{"label": loaded.class_names[j], "probability": round(float(q), 6)}
+                                        for q, j in zip(p.tolist(), c.tolist())]})
+    return results, unreadable
+
+
+def embed(spec: str, inputs: list[str], out: Path, *, batch: int = 32, workers: int = 0, device: str = "auto",
+          resolution: int | None = None, progress: bool = True) -> dict:
+    """Pre-logit features of every image into OUT.npy, with OUT.csv mapping rows to files."""
+    dev = _device(device)
+    path = resolve_weights(spec)
+    summary = checkpoint.summarize(path)
+    meta = checkpoint.read_metadata(path)
+    model = create_model(summary.arch.name, weights=path, num_classes=summary.num_classes or 1).to(dev).eval()
+    res = resolution or meta.get("resolution") or DEFAULT_RESOLUTION
+    files = collect_images(inputs)
+    rows, unreadable = _run_files(model, files, res, lambda m, x: m.forward_features(x),
+                                  batch=batch, workers=workers, device=dev, progress=progress)
+    order = sorted(rows)
+    features = np.stack([rows[i].numpy() for i in order]) if order else np.zeros((0, model.num_features), np.float32)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    npy, index_csv = out.with_suffix(".npy"), out.with_suffix(".csv")
+    np.save(npy, features.astype(np.float32))
+    with open(index_csv, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["row", "path"])
+        writer.writerows((row, str(files[i])) for row, i in enumerate(order))
+    return {"features": str(npy), "index": str(index_csv), "shape": list(features.shape),
+            "resolution": res, "unreadable": [str(p) for p in unreadable]}
