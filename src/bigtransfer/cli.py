@@ -223,17 +223,7 @@ def _run_plan(args) -> int:
     splits = prepare_data(opts)
     plan = make_plan(opts, splits)
     config = ModelConfig(parse_arch(resolve_arch_name(args.model)), len(splits.classes))
-    per_image = memory.saved_bytes_per_image(config, plan.crop, False)
-    estimate = {
-        "weights_grads_momentum_gib": memory.state_bytes(config) / 2**30,
-        "activations_per_image_gib_fp32": memory.SAFETY * per_image / 2**30,
-        "activations_per_image_gib_bf16": memory.SAFETY * memory.saved_bytes_per_image(config, plan.crop, True) / 2**30,
-    }
-    if args.memory_for:
-        budget = args.memory_for * 2**30
-        split = next((s for s in range(1, plan.batch + 1) if plan.batch % s == 0 and
-                      memory.training_bytes(config, plan.crop, plan.batch // s, False) <= 0.8 * budget), None)
-        estimate["suggested_batch_split_fp32"] = split
+    estimate = memory.report(config, plan.crop, plan.batch, args.memory_for)
     if args.json:
         print(json.dumps({"plan": plan.to_dict(), "classes": splits.classes, "memory": estimate}, indent=2))
         return 0
@@ -241,10 +231,11 @@ def _run_plan(args) -> int:
     print(f"memory         weights+grads+momentum {estimate['weights_grads_momentum_gib']:.2f} GiB; "
           f"activations {estimate['activations_per_image_gib_fp32'] * 1024:.0f} MiB/image fp32, "
           f"{estimate['activations_per_image_gib_bf16'] * 1024:.0f} MiB/image bf16 "
-          f"(batch {plan.batch} in one pass: "
-          f"{memory.training_bytes(config, plan.crop, plan.batch, False) / 2**30:.1f} GiB fp32)")
+          f"(batch {plan.batch} in one pass: {estimate['full_batch_one_pass_gib_fp32']:.1f} GiB fp32)")
     if args.memory_for:
-        print(f"               for {args.memory_for:g} GiB: --batch-split {estimate['suggested_batch_split_fp32']}")
+        split = estimate["suggested_batch_split_fp32"]
+        print(f"               for {args.memory_for:g} GiB: "
+              + (f"--batch-split {split}" if split else "does not fit even one image per micro-batch"))
     return 0
 
 
@@ -267,7 +258,7 @@ def _add_finetune(sub) -> None:
     g.add_argument("--log-every", type=int, default=10, help="log training loss/lr/speed every N steps")
     g.add_argument("--workers", type=int, default=None, help="data-loading processes (default: cores - 1, at most 8)")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 autocast on GPU, fp32 on CPU")
+                   help="auto: bf16 autocast where the device does bf16 natively (GPUs, AMX/AVX512-BF16 CPUs), else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
     g.add_argument("--freeze-until", choices=("root", "stage1", "stage2", "stage3", "stage4"), default=None,

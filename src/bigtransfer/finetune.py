@@ -117,7 +117,7 @@ def run_finetune(opts: FinetuneOptions) -> dict:
     plan = make_plan(opts, splits)
     torch.manual_seed(opts.seed)  # a from-scratch model's init is part of the run's reproducible state
     model = create_model(opts.model, num_classes=len(splits.classes), weights=opts.weights)
-    bf16 = uses_bf16(LoopConfig(plan.schedule, plan.batch, precision=opts.precision), ctx.device)
+    bf16 = uses_bf16(opts.precision, ctx.device)
     frozen = _freeze(model, "stage4" if opts.linear_probe else opts.freeze_until)
     split = opts.batch_split
     if split == "auto":
@@ -149,7 +149,7 @@ def run_finetune(opts: FinetuneOptions) -> dict:
             schedule=plan.schedule, batch=plan.batch, momentum=plan.momentum, weight_decay=plan.weight_decay,
             mixup_alpha=plan.mixup_alpha, seed=opts.seed, batch_split=split, eval_every=opts.eval_every,
             checkpoint_every=opts.checkpoint_every, log_every=opts.log_every, workers=opts.workers,
-            eval_batch=max(plan.batch // (ctx.world_size * split), 16),
+            eval_batch=plan.batch // (ctx.world_size * split),  # a training micro-batch fits, so this does
             precision=opts.precision, compile=opts.compile, progress=opts.progress and ctx.is_main,
         )
         metrics = train(model, train_data, test_data, cfg, out, ctx, fingerprint, frozen_modules=frozen)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .data.dataset import TransformedImages
 from .data.images import IMAGE_ERRORS, load_rgb
 from .data.sources import IMAGE_EXTENSIONS, ImageSet, load_source
 from .data.transforms import eval_transform
@@ -76,7 +77,7 @@ def evaluate(spec: str, data: str, *, split: str = "test", val_fraction: float |
     if images is None:
         raise BigTransferError(f"--data {data}: no {split} split")
     images = _align_labels(images, loaded.class_names, data)
-    dataset = _Labelled(images, eval_transform(loaded.resolution))
+    dataset = TransformedImages(images, eval_transform(loaded.resolution))
     meter = evaluate_model(loaded.model, dataset, batch=batch, workers=workers, progress=progress)
     result = {**meter.result(), "model": str(loaded.source), "data": data, "split": split,
               "resolution": loaded.resolution,
@@ -93,21 +94,7 @@ def _align_labels(images: ImageSet, model_classes: list[str], data: str) -> Imag
     if missing:
         raise BigTransferError(f"--data {data}: class {missing[0]!r} is not one of the model's classes")
     mapping = np.array([index[c] for c in images.classes], dtype=np.int64)
-    aligned = images.subset(np.arange(len(images)))
-    aligned.labels = mapping[images.labels]
-    aligned.classes = list(model_classes)
-    return aligned
-
-
-class _Labelled(Dataset):
-    def __init__(self, images: ImageSet, transform):
-        self.images, self.transform = images, transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return self.transform(self.images.load(i)), int(self.images.labels[i])
+    return images.relabeled(model_classes, mapping[images.labels])
 
 
 def write_evaluation(out: Path, result: dict, meter: ClassificationMeter, class_names: list[str]) -> None:

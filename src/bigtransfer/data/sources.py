@@ -71,6 +71,11 @@ class ImageSet:
             sizes=[self.sizes[i] for i in idx] if self.sizes is not None else None, origin=self.origin,
         )
 
+    def relabeled(self, classes: Sequence[str], labels: Sequence[int]) -> ImageSet:
+        """The same images under another class list (e.g. a model's), with labels in its order."""
+        return ImageSet(classes, labels, paths=self.paths, pixels=self.pixels,
+                        rows=self.rows if self.pixels is not None else None, sizes=self.sizes, origin=self.origin)
+
     def median_area(self, sample: int = 1000, seed: int = 0) -> float:
         """Median pixel area over (a sample of) the images: what the HyperRule's resolution uses."""
         if self.pixels is not None:

@@ -80,3 +80,19 @@ def auto_batch_split(config: ModelConfig, crop: int, per_process_batch: int, dev
         f"even one image per micro-batch does not fit: {training_bytes(config, crop, 1, bf16) / 2**30:.1f} GiB "
         f"needed, {budget / 2**30:.1f} GiB available; use a smaller model or --resolution"
     )
+
+
+def report(config: ModelConfig, crop: int, batch: int, memory_for_gib: float | None = None) -> dict:
+    """The memory figures `bigtransfer plan` prints (GiB), with a --batch-split suggestion if asked."""
+    gib = 2**30
+    out = {
+        "weights_grads_momentum_gib": state_bytes(config) / gib,
+        "activations_per_image_gib_fp32": SAFETY * saved_bytes_per_image(config, crop, False) / gib,
+        "activations_per_image_gib_bf16": SAFETY * saved_bytes_per_image(config, crop, True) / gib,
+        "full_batch_one_pass_gib_fp32": training_bytes(config, crop, batch, False) / gib,
+    }
+    if memory_for_gib:
+        fits = [s for s in range(1, batch + 1) if batch % s == 0
+                and training_bytes(config, crop, batch // s, False) <= 0.8 * memory_for_gib * gib]
+        out["suggested_batch_split_fp32"] = fits[0] if fits else None
+    return out
