@@ -1,4 +1,4 @@
-"""How much memory training needs, and the micro-batch size that fits.
+"""What a model costs to train: memory, the micro-batch size that fits, and FLOPs per image.
 
 The activation estimate runs one forward pass on the meta device (no memory, no compute) and
 adds up every tensor autograd saves for the backward pass: what a real step keeps alive.
@@ -41,6 +41,18 @@ def saved_bytes_per_image(config: ModelConfig, crop: int, bf16: bool) -> int:
     with torch.device("meta"):
         model = ResNetV2(config)
     return _saved_bytes(model, 2, crop, bf16) - _saved_bytes(model, 1, crop, bf16)
+
+
+@functools.lru_cache(maxsize=64)
+def forward_flops_per_image(config: ModelConfig, crop: int) -> int:
+    """FLOPs (2 per multiply-add) of one image's forward pass, counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = ResNetV2(config)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.empty(1, 3, crop, crop, device="meta"))
+    return int(counter.get_total_flops())
 
 
 def state_bytes(config: ModelConfig, trainable_fraction: float = 1.0) -> int:
