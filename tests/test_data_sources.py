@@ -22,11 +22,12 @@ from PIL import Image
 from bigtransfer.data.dataset import TransformedImages
 from bigtransfer.data.fewshot import sample_per_class
 from bigtransfer.data.images import load_rgb, to_rgb
-from bigtransfer.data.mixup import mix, mixed_cross_entropy, mixup_ratio
+from bigtransfer.data.mixup import mix, mixup_ratio
 from bigtransfer.data.sampler import ChunkSampler, StepBatches
 from bigtransfer.data.sources import ImageSet, load_source
 from bigtransfer.data.transforms import eval_transform, train_transform
 from bigtransfer.errors import BigTransferError
+from bigtransfer.train.losses import softmax_cross_entropy
 
 # --------------------------------------------------------------------------- helpers
 
@@ -951,18 +952,18 @@ def _hand_cross_entropy(rows: list[list[float]], targets: list[int]) -> float:
     return total / len(rows)
 
 
-def test_mixed_cross_entropy_matches_hand_computation():
+def test_softmax_cross_entropy_matches_hand_computation():
     rows = [[2.0, 0.5, -1.0], [0.0, 1.0, 3.0], [-0.5, 0.25, 0.0]]
     targets = [0, 2, 1]
     perm = [2, 0, 1]
     lam = 0.7
     logits = torch.tensor(rows, dtype=torch.float64)
     labels = torch.tensor(targets)
-    got = mixed_cross_entropy(logits, labels, torch.tensor(perm), lam)
+    got = softmax_cross_entropy(logits, labels, torch.tensor(perm), lam)
     permuted = [targets[p] for p in perm]
     want = lam * _hand_cross_entropy(rows, targets) + (1 - lam) * _hand_cross_entropy(rows, permuted)
     assert got.item() == pytest.approx(want, rel=1e-12)
     plain = _hand_cross_entropy(rows, targets)
-    assert mixed_cross_entropy(logits, labels, None, lam).item() == pytest.approx(plain, rel=1e-12)
-    assert mixed_cross_entropy(logits, labels, torch.tensor(perm), 1.0).item() == pytest.approx(
+    assert softmax_cross_entropy(logits, labels, None, lam).item() == pytest.approx(plain, rel=1e-12)
+    assert softmax_cross_entropy(logits, labels, torch.tensor(perm), 1.0).item() == pytest.approx(
         plain, rel=1e-12)

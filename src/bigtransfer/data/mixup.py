@@ -17,11 +17,3 @@ def mix(images: torch.Tensor, lam: float, generator: torch.Generator) -> tuple[t
     """(lam * x + (1 - lam) * x[perm], perm) for a random permutation `perm` of the batch."""
     perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
     return lam * images + (1.0 - lam) * images[perm], perm
-
-
-def mixed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, perm: torch.Tensor | None, lam: float):
-    """lam * CE(labels) + (1 - lam) * CE(labels[perm]), mean over the batch."""
-    loss = torch.nn.functional.cross_entropy(logits, labels)
-    if perm is None or lam >= 1.0:
-        return loss
-    return lam * loss + (1.0 - lam) * torch.nn.functional.cross_entropy(logits, labels[perm])

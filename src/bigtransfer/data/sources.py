@@ -27,7 +27,7 @@ from .images import IMAGE_ERRORS, load_rgb, probe
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 SPLIT_NAMES = {"train": "train", "val": "test", "valid": "test", "validation": "test", "test": "test"}
-BUILTINS = ("digits",)
+BUILTINS = ("digits", "glyphs")
 NAMED_FIRST = 5  # how many skipped files a warning names
 
 
@@ -35,11 +35,14 @@ class ImageSet:
     """Images with integer labels; `classes[label]` is the class name.
 
     Backed by file paths or by a uint8 array [N, H, W, 3]; `subset` shares the backing store.
+    Multi-label data also carries `label_sets` (every label of every image); `labels` then holds
+    each image's first label, which few-shot draws and stratified splits use.
     """
 
     def __init__(self, classes: Sequence[str], labels: Sequence[int], *, paths: Sequence[str] | None = None,
                  pixels: np.ndarray | None = None, rows: np.ndarray | None = None,
-                 sizes: Sequence[tuple[int, int]] | None = None, origin: str = ""):
+                 sizes: Sequence[tuple[int, int]] | None = None, origin: str = "",
+                 label_sets: Sequence[tuple[int, ...]] | None = None):
         if (paths is None) == (pixels is None):
             raise ValueError("an ImageSet is backed by paths or by pixels")
         self.classes = list(classes)
@@ -49,6 +52,11 @@ class ImageSet:
         self.rows = np.arange(len(self.labels)) if rows is None else np.asarray(rows)
         self.sizes = list(sizes) if sizes is not None else None  # (w, h) per item, when known
         self.origin = origin
+        self.label_sets = [tuple(ls) for ls in label_sets] if label_sets is not None else None
+
+    @property
+    def multilabel(self) -> bool:
+        return self.label_sets is not None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -58,6 +66,15 @@ class ImageSet:
         if self.paths is not None:
             return load_rgb(self.paths[i])
         return Image.fromarray(self.pixels[self.rows[i]])
+
+    def load_for_transform(self, i: int):
+        """What the transforms take: a PIL image for files; for in-memory pixels a uint8 CHW tensor
+        (torchvision's transforms run ~40% faster on small tensors than on PIL images)."""
+        if self.paths is not None:
+            return load_rgb(self.paths[i])
+        import torch
+
+        return torch.from_numpy(self.pixels[self.rows[i]]).permute(2, 0, 1)
 
     def describe_item(self, i: int) -> str:
         return self.paths[i] if self.paths is not None else f"{self.origin}[{int(self.rows[i])}]"
@@ -69,10 +86,13 @@ class ImageSet:
             paths=[self.paths[i] for i in idx] if self.paths is not None else None,
             pixels=self.pixels, rows=self.rows[idx] if self.pixels is not None else None,
             sizes=[self.sizes[i] for i in idx] if self.sizes is not None else None, origin=self.origin,
+            label_sets=[self.label_sets[i] for i in idx] if self.label_sets is not None else None,
         )
 
     def relabeled(self, classes: Sequence[str], labels: Sequence[int]) -> ImageSet:
         """The same images under another class list (e.g. a model's), with labels in its order."""
+        if self.multilabel:
+            raise BigTransferError(f"{self.origin}: relabeling multi-label data is not supported")
         return ImageSet(classes, labels, paths=self.paths, pixels=self.pixels,
                         rows=self.rows if self.pixels is not None else None, sizes=self.sizes, origin=self.origin)
 
@@ -105,10 +125,20 @@ class Splits:
 
 # --------------------------------------------------------------------------- entry point
 def load_source(spec: str, *, val_fraction: float | None = None, seed: int = 0, strict: bool = False,
-                progress: bool = True) -> Splits:
-    """Open a data source named by `spec`: a folder, a .csv manifest, a CIFAR archive, or `digits`."""
+                progress: bool = True, require_test: bool = True) -> Splits:
+    """Open a data source named by `spec`: a folder, a .csv manifest, a CIFAR archive, or a
+    built-in (`digits`: scikit-learn's handwritten digits; `glyphs[:classes=N,per_class=N,
+    test_per_class=N,size=N,seed=N]`: the procedural upstream set)."""
     path = Path(spec).expanduser()
-    if spec in BUILTINS and not path.exists():
+    name, _, params = spec.partition(":")
+    if name in BUILTINS and not path.exists():
+        if name == "glyphs":
+            from .procedural import glyphs
+
+            return glyphs(**_builtin_params(spec, params, ("classes", "per_class", "test_per_class", "size", "seed")),
+                          progress=progress)
+        if params:
+            raise BigTransferError(f"--data {spec}: 'digits' takes no parameters")
         return digits()
     if not path.exists():
         raise BigTransferError(
@@ -123,7 +153,7 @@ def load_source(spec: str, *, val_fraction: float | None = None, seed: int = 0, 
     else:
         raise BigTransferError(f"--data {spec}: expected an image folder, a .csv manifest or a CIFAR archive")
     _check_classes(splits.train, spec)
-    if splits.test is None:
+    if splits.test is None and (val_fraction or require_test):
         if not val_fraction:
             raise BigTransferError(
                 f"--data {spec}: no val/test split found; pass --val-fraction (e.g. 0.2) to hold some out"
@@ -131,6 +161,17 @@ def load_source(spec: str, *, val_fraction: float | None = None, seed: int = 0, 
         train_idx, test_idx = stratified_split(splits.train.labels, val_fraction, seed)
         splits = Splits(splits.train.subset(train_idx), splits.train.subset(test_idx), splits.skipped)
     return splits
+
+
+def _builtin_params(spec: str, text: str, allowed: tuple[str, ...]) -> dict[str, int]:
+    """'classes=10,per_class=20' -> {'classes': 10, 'per_class': 20}, only keys in `allowed`."""
+    params = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in allowed or not value.lstrip("-").isdigit():
+            raise BigTransferError(f"--data {spec}: expected {', '.join(k + '=N' for k in allowed)}, got {item!r}")
+        params[key] = int(value)
+    return params
 
 
 def _check_classes(images: ImageSet, spec: str) -> None:
@@ -201,7 +242,8 @@ def _scan_class_folders(folder: Path, known: list[str] | None = None) -> tuple[l
     return classes, paths, labels
 
 
-def _checked_files(classes, paths, labels, skipped: list[str], strict: bool, progress: bool, origin: str) -> ImageSet:
+def _checked_files(classes, paths, labels, skipped: list[str], strict: bool, progress: bool, origin: str,
+                   label_sets=None) -> ImageSet:
     """Probe every file once (header + structure); drop unreadable ones, or fail if strict."""
     sizes = _probe_all(paths, progress)
     keep = [i for i, size in enumerate(sizes) if size is not None]
@@ -210,7 +252,8 @@ def _checked_files(classes, paths, labels, skipped: list[str], strict: bool, pro
         raise BigTransferError(f"{bad[0]}: not a readable image ({len(bad)} such file(s); --strict is on)")
     skipped.extend(bad)
     return ImageSet(classes, [labels[i] for i in keep], paths=[paths[i] for i in keep],
-                    sizes=[sizes[i] for i in keep], origin=origin)
+                    sizes=[sizes[i] for i in keep], origin=origin,
+                    label_sets=[label_sets[i] for i in keep] if label_sets is not None else None)
 
 
 def _probe_all(paths: Sequence[str], progress: bool) -> list[tuple[int, int] | None]:
@@ -236,13 +279,18 @@ def _warn_skipped(skipped: list[str], where) -> None:
 
 # --------------------------------------------------------------------------- CSV manifests
 def manifest(csv_path: Path, *, strict: bool = False, progress: bool = True) -> Splits:
-    """A CSV with a header `path,label[,split]`; paths are relative to the CSV's folder."""
+    """A CSV with a header `path,label[,split]`; paths are relative to the CSV's folder.
+
+    Multi-label data has a `labels` column instead, several labels separated by `;`.
+    """
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets write a BOM
             reader = csv.DictReader(fh)
             columns = [c.strip() for c in (reader.fieldnames or [])]
-            if "path" not in columns or "label" not in columns:
-                raise BigTransferError(f"{csv_path}: the header must name columns 'path' and 'label' (got {columns})")
+            label_column = "labels" if "labels" in columns else "label"
+            if "path" not in columns or label_column not in columns:
+                raise BigTransferError(
+                    f"{csv_path}: the header must name columns 'path' and 'label' (or 'labels') (got {columns})")
             # reader.line_num is the file's line (DictReader skips blank lines, so counting rows would drift)
             rows = [({k.strip(): (v or "").strip() for k, v in row.items() if k}, reader.line_num)
                     for row in reader]
@@ -250,12 +298,20 @@ def manifest(csv_path: Path, *, strict: bool = False, progress: bool = True) -> 
         raise BigTransferError(f"{csv_path}: cannot read the manifest ({err})") from None
     if not rows:
         raise BigTransferError(f"{csv_path}: the manifest has no rows")
-    classes = _sorted_labels({row["label"] for row, _ in rows})
+    multilabel = label_column == "labels"
+
+    def names_of(row) -> list[str]:
+        if multilabel:
+            return [n.strip() for n in row[label_column].split(";") if n.strip()]
+        return [row["label"]] if row["label"] else []
+
+    classes = _sorted_labels({name for row, _ in rows for name in names_of(row)})
     index = {name: i for i, name in enumerate(classes)}
-    parts: dict[str, tuple[list[str], list[int]]] = {"train": ([], []), "test": ([], [])}
+    parts: dict[str, tuple[list[str], list[int], list[tuple[int, ...]]]] = {"train": ([], [], []), "test": ([], [], [])}
     has_split = "split" in columns
     for row, line in rows:
-        if not row["path"] or not row["label"]:
+        names = names_of(row)
+        if not row["path"] or not names:
             raise BigTransferError(f"{csv_path} line {line}: empty path or label")
         file = (csv_path.parent / row["path"]).expanduser()
         if not file.is_file():
@@ -264,13 +320,18 @@ def manifest(csv_path: Path, *, strict: bool = False, progress: bool = True) -> 
         if split is None:
             raise BigTransferError(f"{csv_path} line {line}: unknown split {row['split']!r} (use train, val or test)")
         parts[split][0].append(str(file))
-        parts[split][1].append(index[row["label"]])
+        parts[split][1].append(index[names[0]])
+        parts[split][2].append(tuple(index[n] for n in names))
     skipped: list[str] = []
-    train = _checked_files(classes, *parts["train"], skipped, strict, progress, origin=str(csv_path))
-    test = _checked_files(classes, *parts["test"], skipped, strict, progress, origin=str(csv_path)) \
-        if parts["test"][0] else None
+    splits = {}
+    for name, (paths, labels, label_sets) in parts.items():
+        if paths:
+            splits[name] = _checked_files(classes, paths, labels, skipped, strict, progress, origin=str(csv_path),
+                                          label_sets=label_sets if multilabel else None)
     _warn_skipped(skipped, csv_path)
-    return Splits(train, test, skipped)
+    if "train" not in splits:
+        raise BigTransferError(f"{csv_path}: no training rows")
+    return Splits(splits["train"], splits.get("test"), skipped)
 
 
 def _sorted_labels(labels: set[str]) -> list[str]:

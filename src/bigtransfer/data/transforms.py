@@ -1,7 +1,8 @@
 """BiT's pre-processing with torchvision transforms v2.
 
-Train: resize to a square, random crop, random horizontal flip (either can be switched off
-where it destroys the label, paper Supp. F). Test: resize straight to the crop size.
+Fine-tuning: resize to a square, random crop, random horizontal flip (either can be switched
+off where it destroys the label, paper Supp. F). Pre-training: Inception-style random-resized
+crop and flip. Test: resize straight to the crop size.
 Pixels end up in [-1, 1], the range every BiT model expects.
 """
 
@@ -26,6 +27,12 @@ def train_transform(resize: int, crop: int, *, random_crop: bool = True, flip: b
     if flip:
         steps.append(v2.RandomHorizontalFlip())
     return v2.Compose(steps + _to_model_range())
+
+
+def upstream_transform(resolution: int, min_area: float = 0.08) -> v2.Compose:
+    """Pre-training: Inception-style random-resized crop (8-100% of the area) and a flip."""
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(resolution, scale=(min_area, 1.0), antialias=True),
+                       v2.RandomHorizontalFlip(), *_to_model_range()])
 
 
 def eval_transform(crop: int) -> v2.Compose:
