@@ -47,3 +47,32 @@ class ClassificationMeter:
     def per_class_accuracy(self) -> np.ndarray:
         totals = self.confusion.sum(dim=1).double()
         return (self.confusion.diag().double() / totals.clamp(min=1)).numpy()
+
+
+class MultiLabelMeter:
+    """Multi-label evaluation: precision@1 (is the top-scoring class one of the image's labels?)
+    and the summed-over-classes sigmoid cross-entropy."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.loss_sum = 0.0
+        self.hits = 0
+        self.count = 0
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        logits, targets = logits.detach().float().cpu(), targets.detach().float().cpu()
+        self.loss_sum += float(torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, targets, reduction="none").sum())
+        top = logits.argmax(dim=1)
+        self.hits += int(targets[torch.arange(len(top)), top].sum())
+        self.count += len(top)
+
+    def state(self) -> torch.Tensor:
+        return torch.tensor([self.loss_sum, self.hits, self.count], dtype=torch.float64)
+
+    def load_state(self, state: torch.Tensor) -> None:
+        self.loss_sum, self.hits, self.count = float(state[0]), int(state[1]), int(state[2])
+
+    def result(self) -> dict:
+        n = max(self.count, 1)
+        return {"precision_at_1": self.hits / n, "loss": self.loss_sum / n, "examples": self.count}

@@ -1,0 +1,100 @@
+"""The upstream recipe (plans for BiT-S/M and BiT-L), the sigmoid loss and precision@1."""
+
+import math
+
+import pytest
+import torch
+
+from bigtransfer import BigTransferError, upstream
+from bigtransfer.evaluate.metrics import MultiLabelMeter
+from bigtransfer.train.losses import sigmoid_cross_entropy
+
+ILSVRC = 1_281_167
+STEPS_PER_EPOCH = math.ceil(ILSVRC / 4096)  # 313
+
+
+def test_bit_s_full_scale_plan():
+    p = upstream.upstream_plan(ILSVRC, 1000, recipe="bit-s")
+    assert (p.batch, p.momentum, p.weight_decay, p.resolution) == (4096, 0.9, 1e-4, 224)
+    assert p.steps_per_epoch == STEPS_PER_EPOCH and p.steps == 90 * STEPS_PER_EPOCH
+    assert p.schedule.warmup_steps == 5000 and p.loss == "softmax" and p.head_bias_init == 0.0
+    lr = 0.03 * 4096 / 256  # 0.48
+    decay = [e * STEPS_PER_EPOCH for e in (30, 60, 80)]
+    assert p.schedule.decay_steps == tuple(decay)
+    s = p.schedule
+    assert s.at(0) == 0.0 and s.at(2500) == pytest.approx(lr / 2) and s.at(5000) == pytest.approx(lr)
+    assert s.at(decay[0]) == pytest.approx(lr) and s.at(decay[0] + 1) == pytest.approx(lr / 10)
+    assert s.at(decay[1] + 1) == pytest.approx(lr / 100) and s.at(decay[2] + 1) == pytest.approx(lr / 1000)
+    assert s.at(p.steps - 1) == pytest.approx(lr / 1000)
+
+
+def test_bit_l_schedule_decays_at_10_23_30_37_of_40():
+    p = upstream.upstream_plan(ILSVRC, 1000, recipe="bit-l")
+    assert p.epochs == 40 and p.steps == 40 * STEPS_PER_EPOCH
+    decays = [e * STEPS_PER_EPOCH for e in (10, 23, 30, 37)]
+    assert p.schedule.decay_steps == tuple(decays)
+    lr = 0.48
+    for k, step in enumerate(decays):
+        assert p.schedule.at(step) == pytest.approx(lr / 10**k)
+        assert p.schedule.at(step + 1) == pytest.approx(lr / 10 ** (k + 1))
+    assert p.schedule.at(p.steps - 1) == pytest.approx(lr / 10**4)
+
+
+def test_scaled_down_run_keeps_fractions_and_shrinks_warmup():
+    p = upstream.upstream_plan(20_000, 100, batch=128, epochs=3)
+    assert p.steps_per_epoch == 157 and p.steps == 471
+    assert p.decay_epochs == pytest.approx((1.0, 2.0, 8 / 3))
+    assert p.schedule.decay_steps == (157, 314, 419)
+    assert p.schedule.warmup_steps == round(5000 * 471 / upstream.FULL_SCALE_STEPS)  # 84
+    assert p.schedule.base_lr == pytest.approx(0.03 * 128 / 256)
+    assert p.overrides == {"batch": 128, "epochs": 3}
+    assert p.schedule.at(p.schedule.warmup_steps) == pytest.approx(0.015)
+    assert p.schedule.at(470) == pytest.approx(0.015 / 1000)
+
+
+def test_warmup_never_outlasts_the_first_decay():
+    p = upstream.upstream_plan(1_000, 10, batch=100, epochs=9, warmup_steps=500)
+    assert p.schedule.warmup_steps == p.schedule.decay_steps[0] == 30
+
+
+def test_multilabel_plan_uses_sigmoid_and_minus_ten_bias():
+    p = upstream.upstream_plan(14_197_122, 21843, multilabel=True)
+    assert p.loss == "sigmoid" and p.head_bias_init == -10.0
+    assert "sigmoid cross-entropy, head bias -10" in upstream.describe(p)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"recipe": "bit-x"}, "--recipe"), ({"batch": 0}, "--batch"), ({"epochs": 0}, "--epochs"),
+])
+def test_bad_recipe_overrides(kwargs, message):
+    with pytest.raises(BigTransferError, match=message):
+        upstream.upstream_plan(1000, 10, **kwargs)
+
+
+def test_sigmoid_cross_entropy_matches_a_hand_computation():
+    logits = torch.tensor([[2.0, -1.0, 0.0], [-3.0, 4.0, 1.0]])
+    targets = torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.uint8)
+
+    def softplus(v):
+        return math.log1p(math.exp(v))
+
+    # BCE(x, 1) = log(1 + e^-x), BCE(x, 0) = log(1 + e^x); summed over classes, mean over images
+    first = softplus(-2.0) + softplus(-1.0) + softplus(-0.0)
+    second = softplus(-3.0) + softplus(-4.0) + softplus(1.0)
+    assert sigmoid_cross_entropy(logits, targets).item() == pytest.approx((first + second) / 2, rel=1e-6)
+
+
+def test_minus_ten_bias_makes_the_initial_loss_small_per_absent_class():
+    logits = torch.full((4, 1000), -10.0)
+    targets = torch.zeros(4, 1000)
+    targets[:, 0] = 1
+    loss = sigmoid_cross_entropy(logits, targets).item()
+    assert loss == pytest.approx(999 * math.log1p(math.exp(-10)) + math.log1p(math.exp(10)), rel=1e-4)  # fp32 sum
+
+
+def test_precision_at_one():
+    meter = MultiLabelMeter(3)
+    logits = torch.tensor([[5.0, 1.0, 0.0], [0.0, 0.0, 9.0], [1.0, 2.0, 0.0]])
+    targets = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 1, 1]])
+    meter.update(logits, targets)
+    assert meter.result()["precision_at_1"] == pytest.approx(2 / 3)
