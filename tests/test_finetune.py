@@ -234,3 +234,15 @@ def test_compiled_training_matches_eager(tmp_path):
     assert finetune(*DIGITS_RUN, *fp32, "--steps", "3", "--out", str(eager)) == 0
     assert finetune(*DIGITS_RUN, *fp32, "--steps", "3", "--compile", "--out", str(compiled)) == 0
     assert_same_weights(eager / "final.safetensors", compiled / "final.safetensors", exact=False)
+
+
+def test_auto_precision_follows_device_and_workload(monkeypatch):
+    from bigtransfer.train import loop
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(loop, "native_bf16", lambda device: True)
+    assert loop.resolve_precision("auto", cpu, 2.7e9) == "bf16"  # R50x1 at 128 px: bf16 pays on AMX
+    assert loop.resolve_precision("auto", cpu, 0.2e9) == "fp32"  # small images: casts cost more
+    assert loop.resolve_precision("fp32", cpu, 1e12) == "fp32" and loop.resolve_precision("bf16", cpu, 1) == "bf16"
+    monkeypatch.setattr(loop, "native_bf16", lambda device: False)
+    assert loop.resolve_precision("auto", cpu, 1e12) == "fp32"

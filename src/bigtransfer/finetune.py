@@ -7,8 +7,6 @@ summary.json. Re-running the same command on the same --out resumes from the las
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,13 +20,13 @@ from .data.sources import Splits, load_source
 from .data.transforms import eval_transform, train_transform
 from .errors import BigTransferError
 from .models import create_model, save_checkpoint
-from .models.factory import resolve_arch_name
-from .train.checkpointing import fingerprint_of
+from .models.factory import model_source, resolve_arch_name
+from .train.checkpointing import fingerprint_of, gather_train_state, write_json_atomic
 from .train.distributed import DistContext
 from .train.linear_probe import extract_features, fit_logistic_regression
 from .train.logbook import Logbook
-from .train.loop import LoopConfig, evaluate_model, train, uses_bf16
-from .train.memory import auto_batch_split
+from .train.loop import LoopConfig, evaluate_model, resolve_precision, train
+from .train.memory import auto_batch_split, forward_flops_per_image
 
 FREEZE_POINTS = ("root", "stage1", "stage2", "stage3", "stage4")
 
@@ -62,6 +60,7 @@ class FinetuneOptions:
     workers: int = 0
     precision: str = "auto"
     compile: bool = False
+    fsdp: bool = False
     device: str = "auto"
     freeze_until: str | None = None
     linear_probe: bool = False
@@ -81,8 +80,9 @@ def prepare_data(opts: FinetuneOptions) -> Splits:
 
 
 def make_plan(opts: FinetuneOptions, splits: Splits) -> hyperrule.Plan:
+    name, _ = model_source(opts.model, opts.weights)
     return hyperrule.plan(
-        len(splits.train), splits.train.median_area(), len(splits.classes), resolve_arch_name(opts.model),
+        len(splits.train), splits.train.median_area(), len(splits.classes), resolve_arch_name(name),
         batch=opts.batch, base_lr=opts.base_lr, steps=opts.steps, resolution_override=opts.resolution,
         mixup=opts.mixup, flip=opts.flip, random_crop=opts.random_crop, schedule_variant=opts.schedule,
     )
@@ -116,8 +116,10 @@ def run_finetune(opts: FinetuneOptions) -> dict:
         raise BigTransferError(f"--data {opts.data}: nothing to evaluate on (no val/test split)")
     plan = make_plan(opts, splits)
     torch.manual_seed(opts.seed)  # a from-scratch model's init is part of the run's reproducible state
-    model = create_model(opts.model, num_classes=len(splits.classes), weights=opts.weights)
-    bf16 = uses_bf16(opts.precision, ctx.device)
+    name, weights = model_source(opts.model, opts.weights)
+    model = create_model(name, num_classes=len(splits.classes), weights=weights)
+    precision = resolve_precision(opts.precision, ctx.device, forward_flops_per_image(model.config, plan.crop))
+    bf16 = precision == "bf16"
     frozen = _freeze(model, "stage4" if opts.linear_probe else opts.freeze_until)
     split = opts.batch_split
     if split == "auto":
@@ -132,10 +134,10 @@ def run_finetune(opts: FinetuneOptions) -> dict:
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         config = {**settings, "fingerprint": fingerprint, "batch_split": split, "world_size": ctx.world_size,
-                  "device": str(ctx.device), "precision": "bf16" if bf16 else "fp32",
+                  "device": str(ctx.device), "precision": precision,
                   "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
                   "skipped_images": splits.skipped}
-        _write_json(out / "config.json", config)
+        write_json_atomic(out / "config.json", config)
         print(hyperrule.describe(plan), flush=True)
 
     test_data = TransformedImages(splits.test, eval_transform(plan.crop), strict=opts.strict)
@@ -149,17 +151,19 @@ def run_finetune(opts: FinetuneOptions) -> dict:
             schedule=plan.schedule, batch=plan.batch, momentum=plan.momentum, weight_decay=plan.weight_decay,
             mixup_alpha=plan.mixup_alpha, seed=opts.seed, batch_split=split, eval_every=opts.eval_every,
             checkpoint_every=opts.checkpoint_every, log_every=opts.log_every, workers=opts.workers,
-            eval_batch=plan.batch // (ctx.world_size * split),  # a training micro-batch fits, so this does
-            precision=opts.precision, compile=opts.compile, progress=opts.progress and ctx.is_main,
+            eval_batch=2 * (plan.batch // (ctx.world_size * split)),  # no saved activations: 2x a training micro-batch fits
+            precision=precision, compile=opts.compile, fsdp=opts.fsdp, progress=opts.progress and ctx.is_main,
         )
         metrics = train(model, train_data, test_data, cfg, out, ctx, fingerprint, frozen_modules=frozen)
     summary = {"final": metrics, "classes": splits.classes, "train_examples": len(splits.train),
                "test_examples": len(splits.test), "steps": plan.steps, "model": str(out / "final.safetensors")}
+    state, _ = gather_train_state(model, None, opts.fsdp and not opts.linear_probe)  # all processes, under FSDP
     if ctx.is_main:
         save_checkpoint(model, out / "final.safetensors", class_names=splits.classes, resolution=plan.crop,
                         provenance={"source_model": opts.model, "weights": str(opts.weights or ""),
-                                    "data": opts.data, "steps": plan.steps, "fingerprint": fingerprint})
-        _write_json(out / "summary.json", summary)
+                                    "data": opts.data, "steps": plan.steps, "fingerprint": fingerprint},
+                        state_dict=state)
+        write_json_atomic(out / "summary.json", summary)
     ctx.barrier()
     ctx.shutdown()
     return summary
@@ -179,9 +183,3 @@ def _linear_probe(model, splits, plan, test_data, opts, ctx, bf16) -> dict:
     logbook.log(plan.steps, "eval", **metrics)
     logbook.close()
     return metrics
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)

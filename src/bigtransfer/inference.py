@@ -21,8 +21,8 @@ from .data.sources import IMAGE_EXTENSIONS, ImageSet, load_source
 from .data.transforms import eval_transform
 from .errors import BigTransferError
 from .evaluate.metrics import ClassificationMeter
-from .models import checkpoint, zoo
-from .models.factory import create_model
+from .models import checkpoint
+from .models.factory import create_model, resolve_weights
 
 DEFAULT_RESOLUTION = 224
 
@@ -33,18 +33,6 @@ class LoadedModel:
     class_names: list[str]
     resolution: int
     source: Path
-
-
-def resolve_weights(spec: str | Path) -> Path:
-    """Run directory -> its final.safetensors; released name -> cached file; else the path itself."""
-    path = Path(spec)
-    if path.is_dir():
-        final = path / "final.safetensors"
-        if not final.is_file():
-            raise BigTransferError(f"{path}: no final.safetensors in this run directory (is the run finished?)")
-        return final
-    entry = zoo.lookup(str(spec)) if not path.exists() else None
-    return zoo.require_cached(entry) if entry else path
 
 
 def load_model(spec: str | Path, device: torch.device, resolution: int | None = None) -> LoadedModel:

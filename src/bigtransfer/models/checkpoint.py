@@ -360,8 +360,12 @@ def save_checkpoint(
     class_names: list[str] | None = None,
     resolution: int | None = None,
     provenance: dict | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write `model` as `.safetensors` with the metadata needed to rebuild and use it. Atomic."""
+    """Write `model` as `.safetensors` with the metadata needed to rebuild and use it. Atomic.
+
+    `state_dict` replaces `model.state_dict()` (a sharded model's tensors, gathered whole).
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -385,7 +389,8 @@ def save_checkpoint(
             {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **(provenance or {})}
         ),
     }
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    source = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in source.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -13,6 +13,26 @@ from .resnetv2 import ModelConfig, ResNetV2, parse_arch
 DEFAULT_NUM_CLASSES = 1000
 
 
+def resolve_weights(spec: str | Path) -> Path:
+    """Run directory -> its final.safetensors; released name -> cached file; else the path itself."""
+    path = Path(spec)
+    if path.is_dir():
+        final = path / "final.safetensors"
+        if not final.is_file():
+            raise BigTransferError(f"{path}: no final.safetensors in this run directory (is the run finished?)")
+        return final
+    entry = zoo.lookup(str(spec)) if not path.exists() else None
+    return zoo.require_cached(entry) if entry else path
+
+
+def model_source(model: str, weights: str | Path | None) -> tuple[str, str | None]:
+    """(name for create_model, weights) from a --model that may also be a run directory or a file."""
+    if weights is None and Path(model).exists():
+        path = resolve_weights(model)
+        return checkpoint.summarize(path).arch.name, str(path)
+    return model, None if weights is None else str(weights)
+
+
 def resolve_arch_name(name: str) -> str:
     """The architecture behind a released name (`BiT-M-R50x1` -> `R50x1`), or the name itself."""
     entry = zoo.lookup(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -53,6 +54,14 @@ class DistContext:
             dist.all_reduce(tensor)
         return tensor
 
+    def agree(self, flag: bool) -> bool:
+        """The main process's `flag`, on every process (for decisions all must take together)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1 if flag else 0], device=self.device)
+        dist.broadcast(t, src=0)
+        return bool(t.item())
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -60,3 +69,37 @@ class DistContext:
     def shutdown(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def wrap_for_training(model: torch.nn.Module, ctx: DistContext, fsdp: bool) -> torch.nn.Module:
+    """DDP (replicated) or FSDP (each residual unit sharded: weights, grads and momentum split
+    across processes) when there are several processes; the model itself otherwise."""
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        from ..errors import BigTransferError
+
+        if not ctx.distributed:
+            raise BigTransferError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N")
+        for stage in model.stages:
+            for unit in stage:
+                fully_shard(unit)
+        fully_shard(model)  # root, pre-head norm and head
+        return model
+    if ctx.distributed:
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    return model
+
+
+@contextlib.contextmanager
+def gradient_sync(net: torch.nn.Module, sync: bool):
+    """Accumulating micro-batches: only the last one should reduce gradients across processes."""
+    if hasattr(net, "set_requires_gradient_sync"):  # FSDP
+        net.set_requires_gradient_sync(sync)
+        yield
+    elif isinstance(net, torch.nn.parallel.DistributedDataParallel) and not sync:
+        with net.no_sync():
+            yield
+    else:
+        yield

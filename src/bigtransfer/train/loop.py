@@ -10,8 +10,9 @@ and the global batch is the same for any number of processes.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,12 +22,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..data.mixup import mix, mixed_cross_entropy, mixup_ratio
+from ..data.mixup import mix, mixup_ratio
 from ..data.sampler import ChunkSampler, StepBatches
-from ..evaluate.metrics import ClassificationMeter
-from .checkpointing import load_train_state, save_train_state
-from .distributed import DistContext
+from ..errors import BigTransferError
+from ..evaluate.metrics import ClassificationMeter, MultiLabelMeter
+from .checkpointing import (
+    gather_train_state,
+    read_train_state,
+    restore_train_state,
+    save_train_state,
+)
+from .distributed import DistContext, gradient_sync, wrap_for_training
 from .logbook import Logbook
+from .losses import softmax_cross_entropy
 from .schedule import LRSchedule
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
@@ -42,20 +50,20 @@ class LoopConfig:
     seed: int = 0
     batch_split: int = 1
     eval_every: int = 0  # steps; 0: only at the end
-    checkpoint_every: int = 0  # steps; 0: about ten times per run
+    checkpoint_every: int = 0  # steps; 0: every `checkpoint_minutes` of wall time (and at the end)
+    checkpoint_minutes: float = 10.0
     log_every: int = 10
     workers: int = 0
     eval_batch: int = 64
-    precision: str = "auto"  # auto (bf16 where the hardware does it natively) | fp32 | bf16
+    precision: str = "fp32"  # fp32 | bf16 (autocast); see resolve_precision for "auto"
     compile: bool = False
     progress: bool = True
+    multilabel: bool = False  # evaluation reports precision@1 instead of top-1/top-5
+    fsdp: bool = False  # shard weights, gradients and momentum over processes (largest models)
 
     @property
     def steps(self) -> int:
         return self.schedule.total_steps
-
-    def resolved_checkpoint_every(self) -> int:
-        return self.checkpoint_every or max(1, math.ceil(self.steps / 10))
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -68,10 +76,39 @@ def native_bf16(device: torch.device) -> bool:
         return False
 
 
-def uses_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast if asked, or by default where it is native: 1.4x the fp32 step on an AMX CPU
-    (benchmarks/results/train_cpu.md), and the standard choice on GPUs."""
-    return precision == "bf16" or (precision == "auto" and native_bf16(device))
+CPU_BF16_MIN_FLOPS = 1e9  # per image, forward: below this, bf16's casts cost more than they save on CPU
+
+
+def resolve_precision(precision: str, device: torch.device, flops_per_image: float) -> str:
+    """'auto' -> 'bf16' or 'fp32' for this device and workload; other values pass through.
+
+    GPUs with bf16: bf16 (the standard choice). CPUs with native bf16 (AMX/AVX512-BF16): bf16
+    only for heavy enough images, measured on this project's AMX CPU: R50x1 at 128 px (2.7
+    GFLOP) trains 1.2-1.4x faster in bf16, while at 0.2-0.4 GFLOP (small models, small images)
+    bf16 is 0.76-0.95x fp32 (benchmarks/results/train_cpu.md).
+    """
+    if precision != "auto":
+        return precision
+    if not native_bf16(device):
+        return "fp32"
+    return "bf16" if device.type == "cuda" or flops_per_image >= CPU_BF16_MIN_FLOPS else "fp32"
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler preempting the job) takes the same path as Ctrl-C: save, then stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _chunk_generator(seed: int, step: int, chunk: int) -> torch.Generator:
@@ -94,10 +131,9 @@ def train(
     ctx: DistContext,
     fingerprint: str,
     *,
-    loss_fn: LossFn = mixed_cross_entropy,
-    logbook: Logbook | None = None,
+    loss_fn: LossFn = softmax_cross_entropy,
     frozen_modules: list[torch.nn.Module] | None = None,
-    on_eval: Callable[[int, dict], None] | None = None,
+    on_eval: Callable[[int, dict, Logbook], None] | None = None,
 ) -> dict:
     """Train `model` in place for `cfg.steps` steps, resuming from `run_dir/checkpoints/latest.safetensors`.
 
@@ -106,121 +142,156 @@ def train(
     from tqdm.auto import tqdm
 
     device = ctx.device
-    bf16 = uses_bf16(cfg.precision, device)
-    # channels_last: what tensor cores want, and 1.1x the fp32 training step on CPU too.
-    model.to(device=device, memory_format=torch.channels_last)
+    bf16 = cfg.precision == "bf16"
+    # channels_last: what tensor cores want, and 1.1x the fp32 training step on CPU too. FSDP
+    # only shards contiguous parameters, so there only the inputs are channels_last (the
+    # convolutions follow the input's layout).
+    model.to(device=device, memory_format=torch.contiguous_format if cfg.fsdp else torch.channels_last)
+    if cfg.fsdp and isinstance(eval_data, torch.utils.data.IterableDataset):
+        raise BigTransferError("--fsdp needs a folder or manifest for validation (streams split unevenly over "
+                               "processes, and FSDP's forward passes must run in step)")
+    wrapped = wrap_for_training(model, ctx, cfg.fsdp)  # DDP, FSDP, or the model itself
+    net = torch.compile(wrapped) if cfg.compile else wrapped
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     checkpoint = run_dir / "checkpoints" / "latest.safetensors"
-    start = load_train_state(checkpoint, model, optimizer, fingerprint) if checkpoint.is_file() else 0
-    logbook = logbook or Logbook(run_dir, enabled=ctx.is_main, resume_step=start)
+    start, saved = 0, {}
+    if checkpoint.is_file():
+        state, momentum, start, saved = read_train_state(checkpoint, fingerprint)
+        restore_train_state(model, optimizer, state, momentum, cfg.fsdp)
+        del state, momentum
+    layout = {"world_size": ctx.world_size, "workers": cfg.workers, "batch_split": cfg.batch_split}
+    logbook = Logbook(run_dir, enabled=ctx.is_main, resume_step=start)
 
-    net = model
-    if ctx.distributed:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
+    def save(step: int) -> None:
+        """Whole tensors, so the checkpoint resumes on any number of processes (collective under FSDP)."""
+        if cfg.fsdp or ctx.is_main:
+            state, momentum = gather_train_state(model, optimizer, cfg.fsdp)
+            if ctx.is_main:
+                save_train_state(checkpoint, state, momentum, step, fingerprint, {"layout": layout})
 
-    batches = StepBatches(len(train_data), cfg.batch, cfg.seed, chunks=ctx.world_size * cfg.batch_split)
     my_chunks = list(range(ctx.rank * cfg.batch_split, (ctx.rank + 1) * cfg.batch_split))
-    loader = iter(_loader(train_data, ChunkSampler(batches, start, cfg.steps, my_chunks), cfg.workers, device))
+    if hasattr(train_data, "loader"):  # a stream (sharded tar files): it keeps its own place
+        micro = cfg.batch // (ctx.world_size * cfg.batch_split)
+        loader = iter(train_data.loader(start, ctx.rank, ctx.world_size, micro, cfg.batch_split, cfg.workers,
+                                        device.type == "cuda", same_layout=saved.get("layout", layout) == layout))
+    else:
+        batches = StepBatches(len(train_data), cfg.batch, cfg.seed, chunks=ctx.world_size * cfg.batch_split)
+        loader = iter(_loader(train_data, ChunkSampler(batches, start, cfg.steps, my_chunks), cfg.workers, device))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    every_ckpt = cfg.resolved_checkpoint_every()
+    last_save = time.monotonic()
     bar = tqdm(total=cfg.steps, initial=start, desc="training", unit="step",
                disable=not (cfg.progress and ctx.is_main), dynamic_ncols=True)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
     final_metrics: dict = {}
-    step = start
-    try:
-        model.train()
-        for module in frozen_modules or []:
-            module.eval()
-        for step in range(start, cfg.steps):
-            lr = cfg.schedule.at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            lam = mixup_ratio(cfg.mixup_alpha, cfg.seed, step)
-            step_loss = 0.0
-            for i, chunk in enumerate(my_chunks):
-                images, labels = next(loader)
-                images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                labels = labels.to(device, non_blocking=True)
-                perm = None
-                if lam < 1.0:
-                    images, perm = mix(images, lam, _chunk_generator(cfg.seed, step, chunk))
-                sync = i == len(my_chunks) - 1
-                with (contextlib.nullcontext() if sync or not ctx.distributed else net.no_sync()):
-                    with autocast:
-                        loss = loss_fn(net(images), labels, perm, lam) / len(my_chunks)
-                    loss.backward()
-                step_loss += float(loss.detach())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            window_loss += step_loss
-            window_steps += 1
-            bar.update(1)
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                elapsed = time.perf_counter() - window_start
-                mean_loss = ctx.mean(window_loss / window_steps)
-                rate = window_steps * cfg.batch / max(elapsed, 1e-9)
-                logbook.log(done, "train", loss=mean_loss, lr=lr, images_per_s=rate)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-            if done % every_ckpt == 0 or done == cfg.steps:
-                if ctx.is_main:
-                    save_train_state(checkpoint, model, optimizer, done, fingerprint)
-                ctx.barrier()
-            is_last = done == cfg.steps
-            if eval_data is not None and (is_last or (cfg.eval_every and done % cfg.eval_every == 0)):
-                metrics = evaluate_model(model, eval_data, ctx, batch=cfg.eval_batch, workers=cfg.workers,
-                                         bf16=bf16).result()
-                logbook.log(done, "eval", **metrics)
-                if on_eval is not None:
-                    on_eval(done, metrics)
-                if is_last:
-                    final_metrics = metrics
-                model.train()
-                for module in frozen_modules or []:
-                    module.eval()
-    except KeyboardInterrupt:
-        # Keep completed steps: one process can save safely (several might be mid-collective).
-        if ctx.is_main and not ctx.distributed and step > start:
-            save_train_state(checkpoint, model, optimizer, step, fingerprint)
-        raise
-    finally:
-        bar.close()
-        logbook.close()
+    completed = start  # steps whose update is in the model (what a checkpoint must say)
+    with _sigterm_as_interrupt():
+        try:
+            model.train()
+            for module in frozen_modules or []:
+                module.eval()
+            for step in range(start, cfg.steps):
+                lr = cfg.schedule.at(step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                lam = mixup_ratio(cfg.mixup_alpha, cfg.seed, step)
+                step_loss = 0.0
+                for i, chunk in enumerate(my_chunks):
+                    images, labels = next(loader)
+                    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                    labels = labels.to(device, non_blocking=True)
+                    perm = None
+                    if lam < 1.0:
+                        images, perm = mix(images, lam, _chunk_generator(cfg.seed, step, chunk))
+                    with gradient_sync(wrapped, sync=i == len(my_chunks) - 1):
+                        with autocast:
+                            loss = loss_fn(net(images), labels, perm, lam) / len(my_chunks)
+                        loss.backward()
+                    step_loss += float(loss.detach())
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = completed = step + 1
+                window_loss += step_loss
+                window_steps += 1
+                bar.update(1)
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    elapsed = time.perf_counter() - window_start
+                    mean_loss = ctx.mean(window_loss / window_steps)
+                    rate = window_steps * cfg.batch / max(elapsed, 1e-9)
+                    logbook.log(done, "train", loss=mean_loss, lr=lr, images_per_s=rate)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                due = (done % cfg.checkpoint_every == 0) if cfg.checkpoint_every else (
+                    time.monotonic() - last_save >= 60 * cfg.checkpoint_minutes)
+                if cfg.fsdp:  # saving gathers shards: every process must decide the same
+                    due = ctx.agree(due)
+                if due or done == cfg.steps:
+                    save(done)
+                    last_save = time.monotonic()
+                is_last = done == cfg.steps
+                if eval_data is not None and (is_last or (cfg.eval_every and done % cfg.eval_every == 0)):
+                    metrics = evaluate_model(model, eval_data, ctx, batch=cfg.eval_batch, workers=cfg.workers,
+                                             bf16=bf16, multilabel=cfg.multilabel).result()
+                    logbook.log(done, "eval", **metrics)
+                    if on_eval is not None:
+                        on_eval(done, metrics, logbook)
+                    if is_last:
+                        final_metrics = metrics
+                    model.train()
+                    for module in frozen_modules or []:
+                        module.eval()
+        except KeyboardInterrupt:
+            # Keep completed steps: one process can save safely (several might be mid-collective).
+            if not ctx.distributed and completed > start:
+                save(completed)
+            raise
+        finally:
+            bar.close()
+            logbook.close()
     if cfg.steps == start and eval_data is not None:  # already finished: just report
         final_metrics = evaluate_model(model, eval_data, ctx, batch=cfg.eval_batch, workers=cfg.workers,
-                                       bf16=bf16).result()
+                                       bf16=bf16, multilabel=cfg.multilabel).result()
     return final_metrics
 
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, data, ctx: DistContext | None = None, *, batch: int = 64,
-                   workers: int = 0, bf16: bool = False, progress: bool = False) -> ClassificationMeter:
-    """Top-1/top-5/loss/confusion over `data`, sharded over processes and summed."""
+                   workers: int = 0, bf16: bool = False, progress: bool = False,
+                   multilabel: bool = False) -> ClassificationMeter | MultiLabelMeter:
+    """Top-1/top-5/loss/confusion (or, multi-label, precision@1/loss) over `data`, sharded over
+    processes and summed."""
     from tqdm.auto import tqdm
 
     ctx = ctx or DistContext(0, 1, 0, next(model.parameters()).device)
     device = ctx.device
     model.eval()
     num_classes = model.config.num_classes if hasattr(model, "config") else None
-    indices = list(range(ctx.rank, len(data), ctx.world_size))
-    loader = DataLoader(torch.utils.data.Subset(data, indices), batch_size=batch, num_workers=workers,
-                        pin_memory=device.type == "cuda")
-    meter = None
+    if isinstance(data, torch.utils.data.IterableDataset):  # a stream shards itself over processes
+        data.rank, data.world = ctx.rank, ctx.world_size
+        subset, real = data, None
+    else:
+        # Every process runs the same number of batches (FSDP's forward passes are collective):
+        # shards are padded to equal length by repeating items, and the padding is not counted.
+        mine = list(range(ctx.rank, len(data), ctx.world_size))
+        real = len(mine)
+        mine += mine[:1] * (-(-len(data) // ctx.world_size) - real)
+        subset = torch.utils.data.Subset(data, mine)
+    loader = DataLoader(subset, batch_size=batch, num_workers=workers, pin_memory=device.type == "cuda")
+    meter, seen = None, 0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     for images, labels in tqdm(loader, desc="evaluating", unit="batch", disable=not (progress and ctx.is_main)):
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast:
             logits = model(images)
         if meter is None:
-            meter = ClassificationMeter(num_classes or logits.shape[1])
-        meter.update(logits, labels)
-    meter = meter or ClassificationMeter(num_classes or 1)
+            meter = (MultiLabelMeter if multilabel else ClassificationMeter)(num_classes or logits.shape[1])
+        if real is not None:
+            keep = max(0, min(len(labels), real - seen))
+            seen += len(labels)
+            logits, labels = logits[:keep], labels[:keep]
+        if len(labels):
+            meter.update(logits, labels)
+    meter = meter or (MultiLabelMeter if multilabel else ClassificationMeter)(num_classes or 1)
     if ctx.distributed:
         meter.load_state(ctx.sum(meter.state().to(device)).cpu())
     return meter

@@ -1,0 +1,181 @@
+"""Upstream pre-training with BiT's recipe (`bigtransfer pretrain`).
+
+data (folder, manifest, multi-label manifest, shards, or the procedural `glyphs`) -> upstream
+plan -> a BiT model from scratch -> the same training loop fine-tuning uses -> run directory.
+While it trains, the run is validated on its held-out split and, optionally, probed for
+transfer: a closed-form few-shot linear probe on a downstream set's frozen pre-logits.
+The final model (`OUT/final.safetensors`) loads directly in `bigtransfer finetune --model OUT`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import upstream
+from .data.dataset import TransformedImages
+from .data.shards import ShardSet, ShardStream, is_shard_dir
+from .data.sources import Splits, load_source
+from .data.transforms import eval_transform, upstream_transform
+from .errors import BigTransferError
+from .evaluate.fewshot_probe import DEFAULT_SHOTS, fewshot_accuracy
+from .models import create_model, save_checkpoint
+from .train.checkpointing import fingerprint_of, gather_train_state, write_json_atomic
+from .train.distributed import DistContext
+from .train.linear_probe import extract_features
+from .train.logbook import Logbook
+from .train.loop import LoopConfig, resolve_precision, train
+from .train.losses import sigmoid_cross_entropy, softmax_cross_entropy
+from .train.memory import forward_flops_per_image
+
+
+@dataclass
+class PretrainOptions:
+    data: str
+    model: str = "R50x1"
+    out: Path = Path("runs/pretrain")
+    norm: str = "gn_ws"
+    groups: int = 32
+    val_fraction: float | None = None
+    strict: bool = False
+    seed: int = 0
+    # recipe overrides (None: the recipe decides)
+    recipe: str = "bit-m"
+    batch: int | None = None
+    base_lr: float | None = None
+    epochs: float | None = None
+    warmup_steps: int | None = None
+    weight_decay: float | None = None
+    resolution: int | None = None
+    min_crop_area: float = 0.08
+    # monitoring
+    probe_data: str | None = None
+    probe_shots: tuple[int, ...] = DEFAULT_SHOTS
+    probe_resolution: int | None = None
+    # execution
+    batch_split: int = 1
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    log_every: int = 10
+    workers: int = 0
+    precision: str = "auto"
+    compile: bool = False
+    fsdp: bool = False
+    device: str = "auto"
+    restart: bool = False
+    progress: bool = True
+
+
+@dataclass
+class UpstreamData:
+    train: object  # TransformedImages or ShardStream
+    test: object | None
+    classes: list[str]
+    multilabel: bool
+    size: int
+
+
+def open_upstream_data(opts: PretrainOptions, resolution: int) -> UpstreamData:
+    train_tf, test_tf = upstream_transform(resolution, opts.min_crop_area), eval_transform(resolution)
+    if is_shard_dir(Path(opts.data)):
+        shards = ShardSet(opts.data)
+        test = ShardStream(shards, "test", test_tf, train=False) if shards.urls("test") else None
+        return UpstreamData(ShardStream(shards, "train", train_tf, train=True, seed=opts.seed), test,
+                            shards.classes, shards.multilabel, shards.count("train"))
+    splits: Splits = load_source(opts.data, val_fraction=opts.val_fraction, strict=opts.strict,
+                                 progress=opts.progress, require_test=False)
+    test = TransformedImages(splits.test, test_tf, strict=opts.strict) if splits.test is not None else None
+    return UpstreamData(TransformedImages(splits.train, train_tf, strict=opts.strict), test, splits.classes,
+                        splits.train.multilabel, len(splits.train))
+
+
+class TransferProbe:
+    """Few-shot ridge probes on a downstream set, run at every evaluation (on the main process)."""
+
+    def __init__(self, spec: str, resolution: int, shots, device: torch.device, bf16: bool):
+        splits = load_source(spec, progress=False)
+        if splits.test is None:
+            raise BigTransferError(f"--probe-data {spec}: needs a test split")
+        transform = eval_transform(resolution)
+        self.train = TransformedImages(splits.train, transform)
+        self.test = TransformedImages(splits.test, transform)
+        self.num_classes, self.shots, self.device, self.bf16 = len(splits.classes), shots, device, bf16
+
+    def __call__(self, model) -> dict[str, float]:
+        train_x, train_y = extract_features(model, self.train, self.device, bf16=self.bf16)
+        test_x, test_y = extract_features(model, self.test, self.device, bf16=self.bf16)
+        return fewshot_accuracy(train_x, train_y, test_x, test_y, self.num_classes, self.shots)
+
+
+def build_upstream_model(opts: PretrainOptions, plan: upstream.UpstreamPlan):
+    """A from-scratch BiT model with a zero head whose bias is the plan's (-10 for sigmoid)."""
+    torch.manual_seed(opts.seed)
+    model = create_model(opts.model, num_classes=plan.num_classes, norm=opts.norm, groups=opts.groups)
+    with torch.no_grad():
+        model.head.bias.fill_(plan.head_bias_init)  # sigmoid: start from "no class present" (p ~ 4.5e-5)
+    return model
+
+
+def run_pretrain(opts: PretrainOptions) -> dict:
+    ctx = DistContext.from_env(opts.device)
+    out = Path(opts.out)
+    if opts.restart and ctx.is_main:
+        (out / "checkpoints" / "latest.safetensors").unlink(missing_ok=True)
+    ctx.barrier()
+    resolution = opts.resolution or upstream.RESOLUTION
+    with warnings.catch_warnings():
+        if not ctx.is_main:
+            warnings.simplefilter("ignore")
+        data = open_upstream_data(opts, resolution)
+    plan = upstream.upstream_plan(
+        data.size, len(data.classes), multilabel=data.multilabel, recipe=opts.recipe, batch=opts.batch,
+        base_lr=opts.base_lr, epochs=opts.epochs, warmup_steps=opts.warmup_steps, weight_decay=opts.weight_decay,
+        resolution=opts.resolution)
+    model = build_upstream_model(opts, plan)
+    precision = resolve_precision(opts.precision, ctx.device, forward_flops_per_image(model.config, resolution))
+    bf16 = precision == "bf16"
+    # Every process probes: under FSDP the forward passes are collective (under DDP the others
+    # would only wait at the barrier); the main process logs.
+    probe = (TransferProbe(opts.probe_data, opts.probe_resolution or resolution, opts.probe_shots, ctx.device, bf16)
+             if opts.probe_data else None)
+    settings = {"plan": plan.to_dict(), "model": opts.model, "norm": opts.norm, "groups": opts.groups,
+                "data": opts.data, "seed": opts.seed, "min_crop_area": opts.min_crop_area, "classes": data.classes}
+    fingerprint = fingerprint_of(settings)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "config.json", {
+            **settings, "fingerprint": fingerprint, "world_size": ctx.world_size, "device": str(ctx.device),
+            "precision": precision,
+            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}})
+        print(upstream.describe(plan), flush=True)
+
+    probes: dict[int, dict] = {}
+
+    def on_eval(step: int, metrics: dict, logbook: Logbook) -> None:
+        if probe is not None:
+            probes[step] = probe(model)
+            logbook.log(step, "fewshot", **probes[step])  # a no-op on all but the main process
+            model.train()
+
+    cfg = LoopConfig(
+        schedule=plan.schedule, batch=plan.batch, momentum=plan.momentum, weight_decay=plan.weight_decay,
+        seed=opts.seed, batch_split=opts.batch_split, eval_every=opts.eval_every,
+        checkpoint_every=opts.checkpoint_every, log_every=opts.log_every, workers=opts.workers,
+        eval_batch=2 * (plan.batch // (ctx.world_size * opts.batch_split)), precision=precision,
+        compile=opts.compile, fsdp=opts.fsdp, progress=opts.progress and ctx.is_main, multilabel=data.multilabel)
+    loss_fn = sigmoid_cross_entropy if data.multilabel else softmax_cross_entropy
+    metrics = train(model, data.train, data.test, cfg, out, ctx, fingerprint, loss_fn=loss_fn, on_eval=on_eval)
+    summary = {"final": metrics, "fewshot": probes.get(plan.steps, {}), "classes": len(data.classes),
+               "train_images": data.size, "steps": plan.steps, "model": str(out / "final.safetensors")}
+    state, _ = gather_train_state(model, None, opts.fsdp)  # every process takes part under FSDP
+    if ctx.is_main:
+        save_checkpoint(model, out / "final.safetensors", class_names=data.classes, resolution=resolution,
+                        provenance={"pretrained_on": opts.data, "recipe": plan.recipe, "steps": plan.steps,
+                                    "fingerprint": fingerprint}, state_dict=state)
+        write_json_atomic(out / "summary.json", summary)
+    ctx.barrier()
+    ctx.shutdown()
+    return summary
