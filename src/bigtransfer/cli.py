@@ -254,12 +254,15 @@ def _add_finetune(sub) -> None:
     g.add_argument("--out", type=Path, required=True, help="run directory (created; resumed if it holds a run)")
     g.add_argument("--batch-split", default="1", help="micro-batches per step (gradient accumulation), or 'auto'")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (always at the end)")
-    g.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every N steps (default: ~10 per run)")
+    g.add_argument("--checkpoint-every", type=int, default=0,
+                   help="checkpoint every N steps (default: every 10 minutes, and at the end)")
     g.add_argument("--log-every", type=int, default=10, help="log training loss/lr/speed every N steps")
     g.add_argument("--workers", type=int, default=None, help="data-loading processes (default: cores - 1, at most 8)")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 autocast where the device does bf16 natively (GPUs, AMX/AVX512-BF16 CPUs), else fp32")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--fsdp", action="store_true",
+                   help="with torchrun: shard weights, gradients and momentum over processes (FSDP)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
     g.add_argument("--freeze-until", choices=("root", "stage1", "stage2", "stage3", "stage4"), default=None,
                    help="train only the layers after this one")
@@ -285,13 +288,152 @@ def _run_finetune(args) -> int:
         args, out=args.out, batch_split=split, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every,
         workers=default_workers() if args.workers is None else args.workers, precision=args.precision,
-        compile=args.compile, device=args.device, freeze_until=args.freeze_until, linear_probe=args.linear_probe,
+        compile=args.compile, fsdp=args.fsdp, device=args.device, freeze_until=args.freeze_until,
+        linear_probe=args.linear_probe,
         restart=args.restart, progress=not args.quiet)
     summary = run_finetune(opts)
     final = summary["final"]
     if final:
         print(f"final: top-1 {final['top1']:.2%}, top-5 {final['top5']:.2%}, loss {final['loss']:.4f} "
               f"on {final['examples']} test images; model: {summary['model']}")
+    return 0
+
+
+# --------------------------------------------------------------------------- pre-training
+def _add_pretrain(sub) -> None:
+    p = _verb(sub, "pretrain", "Pre-train a BiT model upstream with the paper's recipe.",
+              "  bigtransfer pretrain --data ~/data/imagenet --model R50x1 --recipe bit-s --out runs/bit-s\n"
+              "  bigtransfer pretrain --data tags.csv --model R101x3 --batch 4096 --batch-split 8 --out runs/m\n"
+              "      (tags.csv: path,labels with ';'-separated labels -> sigmoid loss, head bias -10)\n"
+              "  bigtransfer pretrain --data shards/ --model R50x1 --probe-data digits --eval-every 2000 ...\n"
+              "  torchrun --nproc_per_node 8 -m bigtransfer pretrain --data shards/ --out runs/x\n"
+              "  bigtransfer pretrain --data glyphs --model 'R[1,1,1,1]x0.5' --resolution 32 --batch 128 \\\n"
+              "      --epochs 3 --out runs/glyphs     # the offline procedural dataset\n"
+              "Then: bigtransfer finetune --model runs/bit-s --data ... (the run directory is a model).\n")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True,
+                   help="image folder, CSV manifest (path,label or path,labels), shard folder (bigtransfer pack), "
+                        "or 'glyphs' (procedural)")
+    g.add_argument("--val-fraction", type=float, default=None, help="hold out this fraction for validation")
+    g.add_argument("--strict", action="store_true", help="unreadable images are an error instead of skipped")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="R50x1", help="architecture, e.g. R50x1, R152x4, R26x0.5 (default: %(default)s)")
+    g.add_argument("--norm", choices=("gn_ws", "gn", "bn_ws", "bn"), default="gn_ws")
+    g.add_argument("--groups", type=int, default=32, help="GroupNorm groups (default 32)")
+    g = p.add_argument_group("recipe overrides (default: the paper's upstream recipe)")
+    g.add_argument("--recipe", choices=("bit-s", "bit-m", "bit-l"), default="bit-m",
+                   help="bit-s/bit-m: 90 epochs, decays at 30/60/80; bit-l: 40 epochs, decays at 10/23/30/37")
+    g.add_argument("--batch", type=int, default=None, help="global batch (recipe: 4096)")
+    g.add_argument("--base-lr", type=float, default=None, help="lr at batch 256, scaled linearly (recipe: 0.03)")
+    g.add_argument("--epochs", type=float, default=None, help="decays stay at the same fractions of training")
+    g.add_argument("--warmup-steps", type=int, default=None, help="recipe: 5000, scaled down for short runs")
+    g.add_argument("--weight-decay", type=float, default=None, help="recipe: 1e-4")
+    g.add_argument("--resolution", type=int, default=None, help="recipe: 224")
+    g.add_argument("--min-crop-area", type=float, default=0.08, help="random-resized crop's smallest area fraction")
+    g = p.add_argument_group("transfer probe")
+    g.add_argument("--probe-data", default=None, help="downstream data for few-shot ridge probes at each evaluation")
+    g.add_argument("--probe-shots", default="1,5,10", help="examples per class (default: 1,5,10)")
+    g.add_argument("--probe-resolution", type=int, default=None)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", type=Path, required=True, help="run directory (resumed if it holds a run)")
+    g.add_argument("--batch-split", type=int, default=1, help="micro-batches per step (gradient accumulation)")
+    g.add_argument("--eval-every", type=int, default=0)
+    g.add_argument("--checkpoint-every", type=int, default=0,
+                   help="checkpoint every N steps (default: every 10 minutes, and at the end)")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--workers", type=int, default=None)
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    g.add_argument("--compile", action="store_true")
+    g.add_argument("--fsdp", action="store_true",
+                   help="with torchrun: shard weights, gradients and momentum over processes (FSDP), "
+                        "for models whose replicated optimizer state does not fit (R152x4)")
+    g.add_argument("--device", default="auto")
+    g.add_argument("--restart", action="store_true")
+    g.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_run_pretrain)
+
+
+def _run_pretrain(args) -> int:
+    from .pretrain import PretrainOptions, run_pretrain
+    from .train.loop import default_workers
+
+    try:
+        shots = tuple(int(k) for k in args.probe_shots.split(","))
+    except ValueError:
+        raise BigTransferError(f"--probe-shots must be comma-separated whole numbers, got {args.probe_shots!r}") from None
+    if args.batch_split < 1:
+        raise BigTransferError(f"--batch-split must be at least 1, got {args.batch_split}")
+    opts = PretrainOptions(
+        data=args.data, model=args.model, out=args.out, norm=args.norm, groups=args.groups,
+        val_fraction=args.val_fraction, strict=args.strict, seed=args.seed, recipe=args.recipe, batch=args.batch,
+        base_lr=args.base_lr, epochs=args.epochs, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        resolution=args.resolution, min_crop_area=args.min_crop_area, probe_data=args.probe_data,
+        probe_shots=shots, probe_resolution=args.probe_resolution, batch_split=args.batch_split,
+        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        workers=default_workers() if args.workers is None else args.workers, precision=args.precision,
+        compile=args.compile, fsdp=args.fsdp, device=args.device, restart=args.restart, progress=not args.quiet)
+    summary = run_pretrain(opts)
+    final = summary["final"]
+    if final:
+        score = ", ".join(f"{k} {v:.2%}" for k, v in final.items() if k in ("top1", "top5", "precision_at_1"))
+        print(f"final validation: {score}; model: {summary['model']}")
+    if summary["fewshot"]:
+        print("few-shot probe: " + ", ".join(f"{k} {v:.2%}" for k, v in summary["fewshot"].items()))
+    return 0
+
+
+def _add_pack(sub) -> None:
+    p = _verb(sub, "pack", "Pack an image folder, manifest or built-in set into webdataset tar shards.",
+              "  bigtransfer pack --data ~/data/imagenet --out shards/imagenet --shard-size 5000\n"
+              "  bigtransfer pack --data tags.csv --out shards/tags\n"
+              "Shards are read by `pretrain --data shards/imagenet`; upload them anywhere webdataset reads.\n")
+    p.add_argument("--data", required=True, help="image folder, CSV manifest, CIFAR archive, digits or glyphs")
+    p.add_argument("--val-fraction", type=float, default=None, help="hold out this fraction as the test split")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_run_pack)
+
+
+def _run_pack(args) -> int:
+    from .data.shards import pack
+    from .data.sources import load_source
+
+    splits = load_source(args.data, val_fraction=args.val_fraction, progress=not args.quiet,
+                         require_test=False)
+    meta = pack(splits, args.out, shard_size=args.shard_size, progress=not args.quiet)
+    for name, info in meta["splits"].items():
+        print(f"{name}: {info['count']} images in {len(info['shards'])} shard(s)")
+    print(f"wrote {args.out}/dataset.json")
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+def _add_demo(sub) -> None:
+    p = _verb(sub, "demo", "The BiT story offline: pre-train on procedural glyphs, transfer to real digits, "
+                           "compare with training from scratch.",
+              "  bigtransfer demo                 # writes runs/demo/summary.json and accuracy_vs_examples.png\n"
+              "  bigtransfer demo --out /tmp/demo --seeds 5\n"
+              "Re-running continues where an interrupted demo stopped; --restart starts over.\n")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per shot count (default 3)")
+    p.add_argument("--restart", action="store_true", help="delete OUT first")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    import shutil
+
+    from .demo import DemoConfig, run_demo
+
+    if args.seeds < 1:
+        raise BigTransferError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.restart and args.out.exists():
+        shutil.rmtree(args.out)
+    run_demo(args.out, DemoConfig(seeds=tuple(range(args.seeds))), progress=not args.quiet)
+    print(f"wrote {args.out / 'summary.json'} and {args.out / 'accuracy_vs_examples.png'}")
     return 0
 
 
@@ -409,7 +551,7 @@ def _run_export(args) -> int:
 # --------------------------------------------------------------------------- entry point
 VERBS: tuple[Callable, ...] = (
     _add_models, _add_download, _add_convert, _add_info, _add_plan, _add_finetune,
-    _add_evaluate, _add_predict, _add_embed, _add_export,
+    _add_evaluate, _add_predict, _add_embed, _add_export, _add_pretrain, _add_pack, _add_demo,
 )
 
 
