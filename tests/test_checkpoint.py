@@ -255,3 +255,23 @@ def test_info_metadata_is_json(tmp_path, tiny_npz):
     meta = read_metadata(tiny_npz)
     assert meta["architecture"] == "R[1,2,1,1]x0.5" and meta["num_classes"] == 6
     json.dumps(meta)
+
+
+@pytest.mark.parametrize("first_bytes", [b"\x80", b"PK"])
+def test_safetensors_whose_header_length_looks_like_pickle_or_zip(tmp_path, first_bytes):
+    """A safetensors file starts with its header's length; 0x80.. or 'PK' there is still safetensors."""
+    from safetensors.torch import save_file
+
+    from bigtransfer.models.checkpoint import sniff_format
+
+    target = int.from_bytes(first_bytes, "little") + (0x1000 if first_bytes == b"\x80" else 0)
+    path = tmp_path / "w.safetensors"
+    pad = 0
+    while True:  # grow the metadata until the header has exactly the length we want
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"pad": "x" * pad})
+        length = int.from_bytes(path.read_bytes()[:8], "little")
+        if length >= target:
+            break
+        pad += target - length
+    assert path.read_bytes()[:len(first_bytes)] == first_bytes
+    assert sniff_format(path) == "safetensors"

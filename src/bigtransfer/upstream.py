@@ -122,7 +122,7 @@ def describe(p: UpstreamPlan) -> str:
         (f"dataset        {p.dataset_size} images, {p.num_classes} classes"
          f" ({'multi-label: sigmoid cross-entropy, head bias -10' if p.multilabel else 'single-label: softmax'})"),
         f"recipe         {p.recipe}: {p.epochs:g} epochs x {p.steps_per_epoch} steps = {p.steps} steps, batch {p.batch}",
-        (f"optimizer      SGD lr {s.base_lr:g} (0.03 x batch/256), momentum {p.momentum:g}, "
+        (f"optimizer      SGD lr {s.base_lr:g} ({s.base_lr * 256 / p.batch:g} x batch/256), momentum {p.momentum:g}, "
          f"weight decay {p.weight_decay:g}"),
         (f"schedule       linear warm-up {s.warmup_steps} steps; lr /10 at epochs "
          f"{', '.join(f'{e:g}' for e in p.decay_epochs)} (steps {', '.join(map(str, s.decay_steps))})"),

@@ -42,6 +42,9 @@ def sniff_format(path: Path) -> str:
         head = fh.read(9)
     if not head:
         raise BigTransferError(f"{path}: file is empty")
+    # safetensors first: its first 8 bytes are a length, which can begin with 0x80 or "PK" too.
+    if len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < path.stat().st_size:
+        return "safetensors"
     if head[0] == 0x80:  # pickle protocol marker: legacy torch.save / plain pickle
         raise _pickle_refusal(path)
     if head[:2] == b"PK":
@@ -52,9 +55,6 @@ def sniff_format(path: Path) -> str:
         return "npz"
     if len(head) < 9:
         raise BigTransferError(f"{path}: file is truncated ({len(head)} bytes)")
-    header_len = struct.unpack("<Q", head[:8])[0]
-    if head[8:9] == b"{" and header_len < path.stat().st_size:
-        return "safetensors"
     raise BigTransferError(f"{path}: not a .npz or .safetensors weights file")
 
 

@@ -40,7 +40,8 @@ def saved_bytes_per_image(config: ModelConfig, crop: int, bf16: bool) -> int:
     """
     with torch.device("meta"):
         model = ResNetV2(config)
-    return _saved_bytes(model, 2, crop, bf16) - _saved_bytes(model, 1, crop, bf16)
+    # Batches of 2 and 3, not 1 and 2: BatchNorm refuses a training batch of one 1x1 feature map.
+    return _saved_bytes(model, 3, crop, bf16) - _saved_bytes(model, 2, crop, bf16)
 
 
 @functools.lru_cache(maxsize=64)
@@ -49,7 +50,7 @@ def forward_flops_per_image(config: ModelConfig, crop: int) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        model = ResNetV2(config)
+        model = ResNetV2(config).eval()  # eval: BatchNorm variants accept one image at any size
     with FlopCounterMode(display=False) as counter:
         model(torch.empty(1, 3, crop, crop, device="meta"))
     return int(counter.get_total_flops())
