@@ -69,10 +69,11 @@ class FinetuneOptions:
     extra: dict = field(default_factory=dict)
 
 
-def prepare_data(opts: FinetuneOptions) -> Splits:
-    """The source's splits, with the training split cut to a few-shot subset if asked."""
-    splits = load_source(opts.data, val_fraction=opts.val_fraction, seed=opts.split_seed, strict=opts.strict,
-                         progress=opts.progress)
+def prepare_data(opts: FinetuneOptions, splits: Splits | None = None) -> Splits:
+    """The source's splits (loaded unless given), the training split cut to a few-shot subset if asked."""
+    if splits is None:
+        splits = load_source(opts.data, val_fraction=opts.val_fraction, seed=opts.split_seed, strict=opts.strict,
+                             progress=opts.progress)
     if opts.examples_per_class:
         chosen = sample_per_class(splits.train.labels, opts.examples_per_class, opts.seed, splits.classes)
         splits = Splits(splits.train.subset(chosen), splits.test, splits.skipped)
@@ -100,8 +101,11 @@ def _freeze(model, until: str | None) -> list[torch.nn.Module]:
     return frozen
 
 
-def run_finetune(opts: FinetuneOptions) -> dict:
-    """Fine-tune as `opts` says; returns the summary (also written to OUT/summary.json)."""
+def run_finetune(opts: FinetuneOptions, splits: Splits | None = None) -> dict:
+    """Fine-tune as `opts` says; returns the summary (also written to OUT/summary.json).
+
+    `splits` hands in data already loaded (e.g. decoded once for a whole few-shot sweep); it must
+    be what `opts.data` names, which the run records."""
     ctx = DistContext.from_env(opts.device)
     out = Path(opts.out)
     if opts.restart and ctx.is_main:
@@ -111,7 +115,7 @@ def run_finetune(opts: FinetuneOptions) -> dict:
     with warnings.catch_warnings():
         if not ctx.is_main:
             warnings.simplefilter("ignore")  # say "skipped N images" once, not once per process
-        splits = prepare_data(opts)
+        splits = prepare_data(opts, splits)
     if splits.test is None:
         raise BigTransferError(f"--data {opts.data}: nothing to evaluate on (no val/test split)")
     plan = make_plan(opts, splits)
@@ -138,7 +142,8 @@ def run_finetune(opts: FinetuneOptions) -> dict:
                   "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
                   "skipped_images": splits.skipped}
         write_json_atomic(out / "config.json", config)
-        print(hyperrule.describe(plan), flush=True)
+        if opts.progress:  # quiet runs (--quiet, sweeps, the demo) keep the plan to config.json
+            print(hyperrule.describe(plan), flush=True)
 
     test_data = TransformedImages(splits.test, eval_transform(plan.crop), strict=opts.strict)
     if opts.linear_probe:

@@ -102,6 +102,11 @@ class Plan:
     def steps(self) -> int:
         return self.schedule.total_steps
 
+    @property
+    def train_side(self) -> int:
+        """The square side training images are resized to before any crop."""
+        return self.resize if self.random_crop else self.crop
+
     def lr(self, step: int) -> float:
         return self.schedule.at(step)
 

@@ -46,7 +46,8 @@ def load_model(spec: str | Path, device: torch.device, resolution: int | None = 
     return LoadedModel(model, names, resolution or meta.get("resolution") or DEFAULT_RESOLUTION, path)
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the GPU when there is one, else the CPU; anything else is taken as a torch device name."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -59,7 +60,7 @@ def evaluate(spec: str, data: str, *, split: str = "test", val_fraction: float |
     """Top-1, top-5, loss and per-class accuracy of a model on a labelled split; writes reports to `out`."""
     from .train.loop import evaluate_model
 
-    loaded = load_model(spec, _device(device), resolution)
+    loaded = load_model(spec, resolve_device(device), resolution)
     splits = load_source(data, val_fraction=val_fraction, progress=progress)
     images = splits.test if split == "test" else splits.train
     if images is None:
@@ -189,7 +190,7 @@ def _run_files(model, files, resolution, fn, *, batch, workers, device, progress
 def predict(spec: str, inputs: list[str], *, top_k: int = 5, batch: int = 32, workers: int = 0,
             device: str = "auto", resolution: int | None = None, progress: bool = True) -> tuple[list[dict], list[Path]]:
     """Top-k class names and probabilities for every image; also returns the files that could not be read."""
-    dev = _device(device)
+    dev = resolve_device(device)
     loaded = load_model(spec, dev, resolution)
     files = collect_images(inputs)
     k = max(1, min(top_k, len(loaded.class_names)))
@@ -208,7 +209,7 @@ def predict(spec: str, inputs: list[str], *, top_k: int = 5, batch: int = 32, wo
 def embed(spec: str, inputs: list[str], out: Path, *, batch: int = 32, workers: int = 0, device: str = "auto",
           resolution: int | None = None, progress: bool = True) -> dict:
     """Pre-logit features of every image into OUT.npy, with OUT.csv mapping rows to files."""
-    dev = _device(device)
+    dev = resolve_device(device)
     path = resolve_weights(spec)
     summary = checkpoint.summarize(path)
     meta = checkpoint.read_metadata(path)

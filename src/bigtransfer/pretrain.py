@@ -150,7 +150,8 @@ def run_pretrain(opts: PretrainOptions) -> dict:
             **settings, "fingerprint": fingerprint, "world_size": ctx.world_size, "device": str(ctx.device),
             "precision": precision,
             "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}})
-        print(upstream.describe(plan), flush=True)
+        if opts.progress:
+            print(upstream.describe(plan), flush=True)
 
     probes: dict[int, dict] = {}
 

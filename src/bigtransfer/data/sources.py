@@ -98,11 +98,11 @@ class ImageSet:
 
     def median_area(self, sample: int = 1000, seed: int = 0) -> float:
         """Median pixel area over (a sample of) the images: what the HyperRule's resolution uses."""
-        if self.pixels is not None:
+        if self.sizes is not None:  # known sizes first: decoded caches keep the originals here
+            sizes = self.sizes
+        elif self.pixels is not None:
             h, w = self.pixels.shape[1:3]
             return float(h * w)
-        if self.sizes is not None:
-            sizes = self.sizes
         else:
             chosen = np.random.default_rng(seed).permutation(len(self))[:sample]
             sizes = [probe(self.paths[i]) for i in chosen]

@@ -37,3 +37,9 @@ def upstream_transform(resolution: int, min_area: float = 0.08) -> v2.Compose:
 
 def eval_transform(crop: int) -> v2.Compose:
     return v2.Compose([v2.ToImage(), v2.Resize((crop, crop), antialias=True), *_to_model_range()])
+
+
+def objectnet_transform(resize: int = 512, crop: int = 480) -> v2.Compose:
+    """ObjectNet evaluation: shorter side to `resize` (aspect kept), then a central `crop` square."""
+    # An int size makes Resize scale the shorter side; unlike eval_transform, nothing is squashed.
+    return v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(crop), *_to_model_range()])

@@ -1,0 +1,411 @@
+"""Results of the evaluation protocols: machine-readable files and one self-contained HTML page.
+
+Each protocol's output directory holds `protocol.json` (what was asked) and the finished runs.
+`collect_*` reads what has finished (so a report can be rebuilt at any time, also while other
+processes are still working on a sweep), and `write_*_report` writes `results.json`,
+`results.csv` and `report.html`, whose plots are embedded as PNG data so the page travels alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import statistics
+from pathlib import Path
+
+from ..errors import BigTransferError
+from ..train.checkpointing import write_json_atomic
+
+PROTOCOL_FILE = "protocol.json"
+
+
+# --------------------------------------------------------------------------- page building blocks
+def figure_html(fig, alt: str) -> str:
+    """A matplotlib figure as an <img> with the PNG inline (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    data = base64.b64encode(buffer.getvalue()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def table_html(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .7em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}img{max-width:100%}
+.note{color:#555;font-size:.9em}"""
+
+
+def page(title: str, sections: list[tuple[str, str]]) -> str:
+    """A complete HTML document: a title and (heading, HTML fragment) sections."""
+    parts = [f"<h2>{html.escape(h)}</h2>\n{body}" for h, body in sections]
+    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n" + "\n".join(parts)
+            + "\n</body></html>\n")
+
+
+def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{value:.1%}"
+
+
+def spread(values: list[float]) -> dict:
+    """min <- median -> max of a list of accuracies (the release's few-shot summary)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
+
+
+def read_protocol(out: Path) -> dict:
+    path = Path(out) / PROTOCOL_FILE
+    if not path.is_file():
+        raise BigTransferError(f"{out}: not a protocol output directory (no {PROTOCOL_FILE})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BigTransferError(f"{path}: not valid JSON ({err})") from None
+
+
+def _shot_order(shots) -> list:
+    return sorted(shots, key=lambda k: float("inf") if k == "full" else int(k))
+
+
+# --------------------------------------------------------------------------- few-shot
+def collect_fewshot(out: Path) -> dict:
+    """Every finished run of a few-shot sweep, and min/median/max per K for each method."""
+    out = Path(out)
+    protocol = read_protocol(out)
+    runs = []
+    for k in protocol["shots"]:
+        for seed in range(protocol["repeats"]):
+            summary_path = out / f"{k}shot" / f"seed{seed}" / "summary.json"
+            if summary_path.is_file():
+                final = json.loads(summary_path.read_text())["final"]
+                runs.append({"method": "finetune", "shots": k, "seed": seed, "top1": final["top1"],
+                             "top5": final.get("top5"), "run": str(summary_path.parent)})
+    probe_path = out / "linear_probe.json"
+    if probe_path.is_file():
+        for record in json.loads(probe_path.read_text()).values():
+            if record["shots"] in protocol["shots"]:
+                runs.append({"method": "linear_probe", **record, "run": str(probe_path)})
+    summary: dict = {}
+    for method in ("finetune", "linear_probe"):
+        for k in _shot_order(protocol["shots"]):
+            accs = [r["top1"] for r in runs if r["method"] == method and r["shots"] == k]
+            if accs:
+                summary.setdefault(method, {})[str(k)] = spread(accs)
+    expected = len(protocol["shots"]) * protocol["repeats"]
+    finished = sum(r["method"] == "finetune" for r in runs)
+    return {"protocol": protocol, "summary": summary, "runs": runs, "finished": finished, "expected": expected}
+
+
+def fewshot_table(results: dict) -> tuple[list[str], list[list]]:
+    header = ["examples/class", "fine-tune: min <- median -> max", "runs", "linear probe: min <- median -> max"]
+    rows = []
+    for k in _shot_order(results["protocol"]["shots"]):
+        cells = [str(k)]
+        for method in ("finetune", "linear_probe"):
+            s = results["summary"].get(method, {}).get(str(k))
+            cells.append(f"{_pct(s['min'])} <- {_pct(s['median'])} -> {_pct(s['max'])}" if s else "")
+            if method == "finetune":
+                cells.append(str(s["runs"]) if s else "0")
+        rows.append(cells)
+    return header, rows
+
+
+def fewshot_figure(results: dict, title: str = ""):
+    """Accuracy vs examples per class: every run a point, the median a line (paper Fig. 2 style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shots = _shot_order(results["protocol"]["shots"])
+    numeric = [int(k) for k in shots if k != "full"]
+    full_x = max(numeric, default=1) * 2  # "full" drawn to the right of the largest K
+    xs = {k: (full_x if k == "full" else int(k)) for k in shots}
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    styles = {"finetune": ("tab:blue", "BiT-HyperRule fine-tuning"), "linear_probe": ("tab:gray", "linear probe")}
+    for method, (colour, label) in styles.items():
+        points = [(xs[r["shots"]], r["top1"]) for r in results["runs"] if r["method"] == method]
+        if not points:
+            continue
+        ax.scatter(*zip(*points), color=colour, alpha=0.35, s=16)
+        medians = results["summary"].get(method, {})
+        line = [(xs[k], medians[str(k)]["median"]) for k in shots if str(k) in medians]
+        ax.plot(*zip(*line), "-o", color=colour, label=label, markersize=4)
+    ax.set_xscale("log")
+    ax.set_xticks([xs[k] for k in shots], [str(k) for k in shots])
+    ax.minorticks_off()
+    ax.set_xlabel("training examples per class")
+    ax.set_ylabel("test top-1 accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(title or "Few-shot transfer (every run a dot, medians as lines)")
+    fig.tight_layout()
+    return fig
+
+
+def write_fewshot_report(out: Path, results: dict) -> Path:
+    out = Path(out)
+    write_json_atomic(out / "results.json", results)
+    write_csv(out / "results.csv", ["method", "examples_per_class", "seed", "top1", "top5"],
+              [[r["method"], r["shots"], r["seed"], r["top1"], r.get("top5")] for r in results["runs"]])
+    ft = results["protocol"]["finetune"]
+    header, rows = fewshot_table(results)
+    note = (f"<p class='note'>model {html.escape(str(ft['model']))}, data {html.escape(str(ft['data']))}; "
+            f"{results['finished']} of {results['expected']} fine-tuning runs finished. The linear probe is a "
+            "logistic regression on the frozen pre-logits of the same draws.</p>")
+    fig = fewshot_figure(results, f"{ft['model']} on {Path(str(ft['data'])).name}")
+    path = out / "report.html"
+    write_text_atomic(path, page("Few-shot transfer", [
+        ("Accuracy vs examples per class", figure_html(fig, "few-shot accuracy") + note),
+        ("Test top-1 over random draws", table_html(header, rows)),
+    ]))
+    return path
+
+
+# --------------------------------------------------------------------------- VTAB-1k
+def collect_vtab(out: Path) -> dict:
+    """Every finished VTAB-1k run; per task the mean test top-1 over runs, per group, overall."""
+    from .vtab import GROUP_OF, aggregate
+
+    out = Path(out)
+    protocol = read_protocol(out)
+    runs = []
+    for task in protocol["tasks"]:
+        for variant in ("train800val200", "train800"):
+            for seed in range(protocol["runs"]):
+                path = out / task / variant / f"seed{seed}" / "summary.json"
+                if path.is_file():
+                    final = json.loads(path.read_text())["final"]
+                    runs.append({"task": task, "group": GROUP_OF[task], "split": variant, "seed": seed,
+                                 "top1": final["top1"], "scored_on": "test" if variant == "train800val200" else
+                                 "val200", "run": str(path.parent)})
+
+    def per_task(variant):
+        scores = {}
+        for task in protocol["tasks"]:
+            accs = [r["top1"] for r in runs if r["task"] == task and r["split"] == variant]
+            if accs:
+                scores[task] = statistics.mean(accs)
+        return scores
+
+    return {"protocol": protocol, "test": aggregate(per_task("train800val200")),
+            "val200": per_task("train800") if protocol.get("validate") else {}, "runs": runs,
+            "finished": sum(r["split"] == "train800val200" for r in runs),
+            "expected": len(protocol["tasks"]) * protocol["runs"]}
+
+
+def vtab_figure(results: dict):
+    """Test top-1 per task, coloured by group, with each group's mean as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .vtab import GROUP_OF, GROUPS
+
+    colours = {"natural": "tab:green", "specialized": "tab:purple", "structured": "tab:orange"}
+    scores = results["test"]["tasks"]
+    tasks = [t for tasks in GROUPS.values() for t in tasks if t in scores]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(tasks) + 2), 4.2))
+    xs = range(len(tasks))
+    ax.bar(xs, [scores[t] for t in tasks], color=[colours[GROUP_OF[t]] for t in tasks])
+    for group, mean in results["test"]["groups"].items():
+        members = [i for i, t in enumerate(tasks) if GROUP_OF[t] == group]
+        ax.hlines(mean, members[0] - 0.4, members[-1] + 0.4, colors=colours[group], linestyles="dashed",
+                  label=f"{group} mean {mean:.1%}")
+    ax.set_xticks(list(xs), tasks, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("test top-1 accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title("VTAB-1k per task (bars) and per group (dashed)")
+    fig.tight_layout()
+    return fig
+
+
+def write_vtab_report(out: Path, results: dict) -> Path:
+    from .vtab import GROUP_OF
+
+    out = Path(out)
+    write_json_atomic(out / "results.json", results)
+    write_csv(out / "results.csv", ["task", "group", "split", "seed", "scored_on", "top1"],
+              [[r["task"], r["group"], r["split"], r["seed"], r["scored_on"], r["top1"]] for r in results["runs"]])
+    test = results["test"]
+    rows = [[t, GROUP_OF[t], _pct(v), _pct(results["val200"].get(t))] for t, v in test["tasks"].items()]
+    rows += [[f"{g} (mean)", g, _pct(v), ""] for g, v in test["groups"].items()]
+    rows.append(["VTAB-1k (mean over tasks)", "all", _pct(test["mean"]), ""])
+    note = (f"<p class='note'>model {html.escape(str(results['protocol']['finetune']['model']))}; "
+            f"{results['finished']} of {results['expected']} runs finished; "
+            + ("all 19 tasks." if test["complete"] else "<b>not all 19 tasks: the mean is not the VTAB score.</b>")
+            + " Test top-1 after fine-tuning on train800val200 with BiT-HyperRule (mean over runs).</p>")
+    sections = [("Scores", table_html(["task", "group", "test top-1", "val200 top-1"], rows) + note)]
+    if test["tasks"]:
+        sections.insert(0, ("Per task and group", figure_html(vtab_figure(results), "VTAB-1k scores")))
+    path = out / "report.html"
+    write_text_atomic(path, page("VTAB-1k", sections))
+    return path
+
+
+# --------------------------------------------------------------------------- normalisation ablation
+NORM_GRID = (("BatchNorm", ("bn", "bn_ws")), ("GroupNorm", ("gn", "gn_ws")))
+
+
+def collect_ablation(out: Path) -> dict:
+    """Upstream top-1 per normalisation (Table 4) and transfer medians per task and K (Table 5)."""
+    from .ablation import transfer_dir
+
+    out = Path(out)
+    protocol = read_protocol(out)
+    upstream, transfer, ranges = {}, {}, {}
+    for norm in protocol["norms"]:
+        path = out / "upstream" / norm / "summary.json"
+        if path.is_file():
+            upstream[norm] = json.loads(path.read_text())["final"].get("top1")
+        for task in protocol["downstream"]:
+            sweep = transfer_dir(out, task, norm)
+            if (sweep / PROTOCOL_FILE).is_file():
+                medians = collect_fewshot(sweep)["summary"].get("finetune", {})
+                transfer.setdefault(task, {})[norm] = {k: v["median"] for k, v in medians.items()}
+                ranges.setdefault(task, {})[norm] = {k: [v["min"], v["max"]] for k, v in medians.items()}
+    return {"protocol": protocol, "upstream_top1": upstream, "transfer_top1": transfer, "transfer_range": ranges}
+
+
+def norm_grid(values: dict[str, float | None],
+              ranges: dict[str, list[float]] | None = None) -> tuple[list[str], list[list]]:
+    """A 2x2 table: BN / GN rows, without / with Weight Standardization columns (and min-max if given)."""
+    def cell(norm):
+        low_high = (ranges or {}).get(norm)
+        spread_text = f" ({low_high[0]:.1%}-{low_high[1]:.1%})" if low_high else ""
+        return _pct(values.get(norm)) + spread_text
+
+    return (["", "plain", "+ Weight Standardization"], [[name, cell(a), cell(b)] for name, (a, b) in NORM_GRID])
+
+
+def ablation_figure(results: dict, task: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    styles = {"bn": ("tab:red", "--"), "bn_ws": ("tab:red", "-"), "gn": ("tab:blue", "--"), "gn_ws": ("tab:blue", "-")}
+    for norm, medians in results["transfer_top1"].get(task, {}).items():
+        shots = _shot_order(medians)
+        colour, line = styles[norm]
+        ax.plot(range(len(shots)), [medians[k] for k in shots], line, marker="o", color=colour,
+                label=norm.upper().replace("_", "+"))
+        ax.set_xticks(range(len(shots)), shots)
+    ax.set_xlabel("training examples per class")
+    ax.set_ylabel("test top-1 (median over draws)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title(f"Transfer to {task} by upstream normalisation")
+    fig.tight_layout()
+    return fig
+
+
+def write_ablation_report(out: Path, results: dict) -> Path:
+    out = Path(out)
+    write_json_atomic(out / "results.json", results)
+    rows = [["upstream", "", norm, "", value] for norm, value in results["upstream_top1"].items()]
+    rows += [["transfer", task, norm, k, value] for task, by_norm in results["transfer_top1"].items()
+             for norm, medians in by_norm.items() for k, value in medians.items()]
+    write_csv(out / "results.csv", ["table", "task", "norm", "examples_per_class", "top1"], rows)
+    p = results["protocol"]
+    sections = [("Table 4: upstream validation top-1",
+                 table_html(*norm_grid(results["upstream_top1"]))
+                 + f"<p class='note'>{html.escape(p['arch'])} pre-trained on {html.escape(p['upstream'])}, "
+                   f"{p['upstream_epochs']:g} epochs at batch {p['upstream_batch']}.</p>")]
+    for task, by_norm in results["transfer_top1"].items():
+        shots = _shot_order({k for medians in by_norm.values() for k in medians})
+        ranges = results.get("transfer_range", {}).get(task, {})
+        tables = "".join(f"<h3>{html.escape(str(k))} per class</h3>"
+                         + table_html(*norm_grid({n: m.get(k) for n, m in by_norm.items()},
+                                             {n: r[k] for n, r in ranges.items() if k in r})) for k in shots)
+        sections.append((f"Table 5: transfer to {task} (median (min-max) test top-1 over {p['repeats']} draws)",
+                         figure_html(ablation_figure(results, task), f"transfer to {task}") + tables))
+    path = out / "report.html"
+    write_text_atomic(path, page("Normalisation ablation (BN / GN, with and without WS)", sections))
+    return path
+
+
+# --------------------------------------------------------------------------- ObjectNet
+def objectnet_figure(result: dict):
+    """Per-class top-1 (bars) and top-5 (ticks), worst classes first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = sorted(result["per_class_accuracy"], key=result["per_class_accuracy"].get)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.18 * len(classes) + 2), 4.0))
+    xs = range(len(classes))
+    ax.bar(xs, [result["per_class_accuracy"][c] for c in classes], color="tab:blue", label="top-1")
+    ax.scatter(xs, [result["per_class_top5"][c] for c in classes], marker="_", s=80, color="tab:orange",
+               label="top-5")
+    ax.set_xticks(list(xs), classes, rotation=90, fontsize=7 if len(classes) > 30 else 9)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("accuracy")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left")
+    ax.set_title(f"ObjectNet per class: top-1 {result['top1']:.1%}, top-5 {result['top5']:.1%}")
+    fig.tight_layout()
+    return fig
+
+
+def write_objectnet_report(out: Path, result: dict) -> Path:
+    settings = result["settings"]
+    rows = [[c, _pct(result["per_class_accuracy"][c]), _pct(result["per_class_top5"][c]), n]
+            for c, n in result["per_class_images"].items()]
+    summary = table_html(["", "top-1", "top-5", "images"],
+                         [["all classes", _pct(result["top1"]), _pct(result["top5"]), result["images"]]])
+    note = (f"<p class='note'>model {html.escape(settings['model'])}; resize {settings['resize']}, centre crop "
+            f"{settings['crop']}; {settings['cropped_images']} images cropped to boxes; logits "
+            + ("restricted to the mapped ILSVRC classes" if settings["restrict"] else "over all classes")
+            + f" ({settings['mapped_ilsvrc_classes']} mapped onto {settings['objectnet_classes']}).</p>")
+    path = Path(out) / "report.html"
+    write_text_atomic(path, page("ObjectNet evaluation", [
+        ("Summary", summary + note), ("Per class", figure_html(objectnet_figure(result), "ObjectNet per class")
+                                      + table_html(["class", "top-1", "top-5", "images"], rows))]))
+    return path
+
+
+def rebuild(out: Path) -> Path:
+    """Rebuild a protocol directory's results files and report.html from its finished runs."""
+    kind = read_protocol(out).get("protocol")
+    if kind == "fewshot":
+        return write_fewshot_report(out, collect_fewshot(out))
+    if kind == "vtab":
+        return write_vtab_report(out, collect_vtab(out))
+    if kind == "ablation":
+        return write_ablation_report(out, collect_ablation(out))
+    if kind == "objectnet":
+        return write_objectnet_report(out, json.loads((Path(out) / "objectnet.json").read_text()))
+    raise BigTransferError(f"{out}: unknown protocol {kind!r} in {PROTOCOL_FILE}")

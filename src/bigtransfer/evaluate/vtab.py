@@ -1,0 +1,182 @@
+"""VTAB-1k: 19 tasks, 1000 training images each, BiT-HyperRule, one score table.
+
+Layout: ROOT/<task>/ is any labelled source the data loader reads, holding the task's train and
+test splits: `train/<class>/*` + `test/<class>/*` folders, or a `manifest.csv` with a split
+column (`bigtransfer vtab-import` writes this layout from a Hugging Face dataset saved to disk).
+Task names are the release's (below). From a task's train split, a fixed-seed permutation gives
+the 1000 VTAB-1k images: the first 800 are `train800`, the next 200 `val200`, all of them
+`train800val200`. The score is the test top-1 after fine-tuning on train800val200; `validate`
+also fine-tunes on train800 and scores val200 (what hyper-parameter selection uses).
+
+Per task the HyperRule decides everything, except the paper's Supp. F exceptions: no flip where
+mirroring changes the label, no random crop where cropping does.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..data.sources import Splits, load_source
+from ..errors import BigTransferError
+from ..finetune import FinetuneOptions, run_finetune
+
+GROUPS = {
+    "natural": ("caltech101", "cifar100", "dtd", "oxford_flowers102", "oxford_iiit_pet", "sun397", "svhn"),
+    "specialized": ("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"),
+    "structured": ("clevr-count", "clevr-distance", "dmlab", "kitti-distance", "dsprites-xpos",
+                   "dsprites-orientation", "smallnorb-azimuth", "smallnorb-elevation"),
+}
+TASKS = tuple(task for tasks in GROUPS.values() for task in tasks)
+GROUP_OF = {task: group for group, tasks in GROUPS.items() for task in tasks}
+# Supp. F: orientation/azimuth and x-position labels change under a mirror; counts, distances and
+# locations change under a crop (dsprites-xpos is the paper's "dSprites-location").
+NO_FLIP = frozenset({"dsprites-orientation", "smallnorb-azimuth", "dsprites-xpos"})
+NO_CROP = frozenset({"clevr-count", "clevr-distance", "dmlab", "kitti-distance", "dsprites-xpos"})
+TRAIN_SIZE, VAL_SIZE = 800, 200
+
+
+def augmentation(task: str) -> dict[str, bool]:
+    """The flip/crop switches the paper uses for `task`."""
+    return {"flip": task not in NO_FLIP, "random_crop": task not in NO_CROP}
+
+
+def vtab_1k_split(train_size_available: int, seed: int = 0, train: int = TRAIN_SIZE,
+                  val: int = VAL_SIZE) -> dict[str, np.ndarray]:
+    """Indices into a task's train split: train800, val200 and train800val200 (a fixed-seed draw)."""
+    if train_size_available < train + val:
+        raise BigTransferError(f"VTAB-1k needs {train + val} training images, the task has {train_size_available}")
+    order = np.random.default_rng(seed).permutation(train_size_available)
+    return {"train800": np.sort(order[:train]), "val200": np.sort(order[train:train + val]),
+            "train800val200": np.sort(order[:train + val])}
+
+
+def aggregate(task_scores: dict[str, float]) -> dict:
+    """Per-group means and the overall mean over the tasks present (VTAB: the mean over all 19)."""
+    unknown = sorted(set(task_scores) - set(TASKS))
+    if unknown:
+        raise BigTransferError(f"unknown VTAB task {unknown[0]!r}")
+    groups = {g: statistics.mean(task_scores[t] for t in tasks if t in task_scores)
+              for g, tasks in GROUPS.items() if any(t in task_scores for t in tasks)}
+    return {"tasks": dict(task_scores), "groups": groups,
+            "mean": statistics.mean(task_scores.values()) if task_scores else None,
+            "complete": set(task_scores) == set(TASKS)}
+
+
+@dataclass
+class VtabOptions:
+    finetune: FinetuneOptions  # model, HyperRule overrides, execution; data/out/flip/crop set per task
+    root: Path = Path("vtab")
+    out: Path = Path("runs/vtab")
+    tasks: tuple[str, ...] = TASKS
+    runs: int = 1  # independent fine-tunes per task (seeds 0..runs-1); the release has run0..run2
+    split_seed: int = 0
+    validate: bool = False
+    cache: bool = True
+    train_size: int = TRAIN_SIZE
+    val_size: int = VAL_SIZE
+    shard: tuple[int, int] = (0, 1)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VtabJob:
+    task: str
+    variant: str  # "train800val200" (scored on test) or "train800" (scored on val200)
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}/{self.variant}/seed{self.seed}"
+
+
+def tasks_present(opts: VtabOptions) -> list[str]:
+    for task in opts.tasks:
+        if task not in GROUP_OF:
+            raise BigTransferError(f"--tasks: unknown VTAB task {task!r} (known: {', '.join(TASKS)})")
+        if not (Path(opts.root) / task).exists():
+            raise BigTransferError(f"--root {opts.root}: no folder for task {task!r} (expected {opts.root}/{task}/)")
+    return list(opts.tasks)
+
+
+def task_data(opts: VtabOptions, task: str) -> Path:
+    folder = Path(opts.root) / task
+    manifest = folder / "manifest.csv"
+    return manifest if manifest.is_file() else folder
+
+
+def all_jobs(opts: VtabOptions) -> list[VtabJob]:
+    variants = ("train800val200", "train800") if opts.validate else ("train800val200",)
+    return [VtabJob(t, v, s) for t in opts.tasks for v in variants for s in range(opts.runs)]
+
+
+def protocol_settings(opts: VtabOptions) -> dict:
+    ft = asdict(opts.finetune)
+    keep = ("model", "weights", "batch", "base_lr", "steps", "resolution", "mixup", "schedule", "flip", "random_crop")
+    return {"protocol": "vtab", "root": str(opts.root), "tasks": list(opts.tasks), "runs": opts.runs,
+            "split_seed": opts.split_seed, "validate": opts.validate, "train_size": opts.train_size,
+            "val_size": opts.val_size, "finetune": {k: ft[k] for k in keep}, **opts.extra}
+
+
+def job_splits(opts: VtabOptions, splits: Splits, job: VtabJob) -> Splits:
+    """The job's training images and what it is scored on (test, or val200 for train800)."""
+    parts = vtab_1k_split(len(splits.train), opts.split_seed, opts.train_size, opts.val_size)
+    if job.variant == "train800":
+        return Splits(splits.train.subset(parts["train800"]), splits.train.subset(parts["val200"]), splits.skipped)
+    if splits.test is None:
+        raise BigTransferError(f"{opts.root}/{job.task}: no test split (expected {job.task}/test/ or a split column)")
+    return Splits(splits.train.subset(parts["train800val200"]), splits.test, splits.skipped)
+
+
+def job_options(opts: VtabOptions, job: VtabJob) -> FinetuneOptions:
+    """The job's fine-tuning: the task's Supp. F switches (and --no-flip/--no-crop for every task)."""
+    aug = augmentation(job.task)
+    return replace(opts.finetune, data=str(task_data(opts, job.task)), out=Path(opts.out) / job.name, seed=job.seed,
+                   examples_per_class=None, progress=False, flip=aug["flip"] and opts.finetune.flip,
+                   random_crop=aug["random_crop"] and opts.finetune.random_crop,
+                   extra={"vtab_task": job.task, "vtab_split": job.variant, "vtab_split_seed": opts.split_seed})
+
+
+def run_vtab(opts: VtabOptions) -> dict:
+    """Fine-tune every unfinished job of this shard, then collect scores; returns the results."""
+    from tqdm.auto import tqdm
+
+    from ..data.cache import decoded_splits
+    from ..finetune import make_plan
+    from .fewshot_sweep import claim_out
+    from .report import collect_vtab, write_vtab_report
+
+    index, count = opts.shard
+    if not 0 <= index < count:
+        raise BigTransferError(f"--shard must be I/N with 0 <= I < N, got {index}/{count}")
+    tasks_present(opts)
+    out = Path(opts.out)
+    claim_out(out, protocol_settings(opts))
+    jobs = all_jobs(opts)
+    mine = [job for i, job in enumerate(jobs) if i % count == index]
+    todo = [job for job in mine if not (out / job.name / "summary.json").is_file()]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="VTAB-1k runs", unit="run",
+               disable=not opts.finetune.progress)
+    for task in dict.fromkeys(job.task for job in todo):
+        splits = load_source(str(task_data(opts, task)), strict=opts.finetune.strict,
+                             progress=opts.finetune.progress, require_test=False)
+        task_jobs = [job for job in todo if job.task == task]
+        for variant in dict.fromkeys(job.variant for job in task_jobs):
+            runs = [job for job in task_jobs if job.variant == variant]
+            data = job_splits(opts, splits, runs[0])
+            if opts.cache:  # decoded once, shared by the task's runs
+                plan = make_plan(job_options(opts, runs[0]), data)
+                data = decoded_splits(data, plan.train_side, plan.crop, cache_dir=out / "cache" / task,
+                                      strict=opts.finetune.strict, progress=opts.finetune.progress)
+            for job in runs:
+                summary = run_finetune(job_options(opts, job), splits=data)
+                bar.update()
+                if opts.finetune.progress:
+                    bar.write(f"{job.name}: top-1 {summary['final']['top1']:.2%}")
+    bar.close()
+    results = collect_vtab(out)
+    write_vtab_report(out, results)
+    return results
