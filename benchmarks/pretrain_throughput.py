@@ -107,8 +107,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     stem = args.out or f"pretrain_{device.type}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"Pre-training step per process on {report['device']} ({report['threads']} threads), "
-             f"torch {torch.__version__}, {args.workers} loader worker(s)", "", f"`{report['command']}`", "",
+    lines = [(f"Pre-training step per process on {report['device']} ({report['threads']} threads), "
+              f"torch {torch.__version__}, {args.workers} loader worker(s)"), "", f"`{report['command']}`", "",
              "| model | resolution | batch | precision | GFLOP/img (fwd) | train img/s | loader img/s |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
