@@ -213,6 +213,9 @@ class ResNetV2(nn.Module):
             cin = cout
         self.stages = nn.Sequential(*stages)
         self.norm = layers.norm(cin)
+        # Off (p=0) unless a run asks for it (hyper-parameter search, Supp. A); no parameters, so
+        # checkpoints do not see it.
+        self.pre_logits_dropout = nn.Dropout(0.0)
         self.head = nn.Conv2d(cin, config.num_classes, kernel_size=1, bias=True)
         self._init_weights(zero_head)
 
@@ -257,7 +260,7 @@ class ResNetV2(nn.Module):
         return x.mean(dim=(2, 3))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features[:, :, None, None]).flatten(1)
+        return self.head(self.pre_logits_dropout(features)[:, :, None, None]).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

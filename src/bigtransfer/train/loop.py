@@ -60,6 +60,9 @@ class LoopConfig:
     progress: bool = True
     multilabel: bool = False  # evaluation reports precision@1 instead of top-1/top-5
     fsdp: bool = False  # shard weights, gradients and momentum over processes (largest models)
+    # Supp. A's two extra regularisers (both off in BiT-HyperRule):
+    prelogit_dropout: float = 0.0  # dropout on the pre-logits during training
+    l2_to_init: float = 0.0  # weight decay towards the initial (pre-trained) weights: grad += l2 * (w - w0)
 
     @property
     def steps(self) -> int:
@@ -122,6 +125,18 @@ def _loader(dataset, batch_sampler, workers: int, device: torch.device) -> DataL
                       prefetch_factor=4 if workers else None)
 
 
+def _initial_weights(params: list[torch.nn.Parameter], cfg: LoopConfig) -> list[torch.Tensor]:
+    """Copies of the starting weights when decaying towards them (else nothing)."""
+    if cfg.l2_to_init < 0 or not 0 <= cfg.prelogit_dropout < 1:
+        raise BigTransferError(f"l2_to_init must be >= 0 and dropout in [0, 1), got {cfg.l2_to_init}, "
+                               f"{cfg.prelogit_dropout}")
+    if not cfg.l2_to_init:
+        return []
+    if cfg.fsdp:
+        raise BigTransferError("weight decay towards the initial weights is not supported with --fsdp")
+    return [p.detach().clone() for p in params]
+
+
 def train(
     model: torch.nn.Module,
     train_data,
@@ -154,6 +169,9 @@ def train(
     net = torch.compile(wrapped) if cfg.compile else wrapped
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    anchors = _initial_weights(params, cfg)  # taken before a resume: w0 is the run's start, not the checkpoint
+    if hasattr(model, "pre_logits_dropout"):
+        model.pre_logits_dropout.p = cfg.prelogit_dropout
     checkpoint = run_dir / "checkpoints" / "latest.safetensors"
     start, saved = 0, {}
     if checkpoint.is_file():
@@ -208,6 +226,10 @@ def train(
                             loss = loss_fn(net(images), labels, perm, lam) / len(my_chunks)
                         loss.backward()
                     step_loss += float(loss.detach())
+                if anchors:
+                    for p, p0 in zip(params, anchors):
+                        if p.grad is not None:
+                            p.grad.add_(p.detach() - p0, alpha=cfg.l2_to_init)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 done = completed = step + 1
