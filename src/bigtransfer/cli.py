@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 bad arguments or bad input (one line naming the file or
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -177,6 +178,9 @@ def _add_hyperrule_args(p) -> None:
     g.add_argument("--no-crop", action="store_true", help="no random crop (counting, distance, location tasks)")
     g.add_argument("--schedule", choices=("release", "paper"), default="release",
                    help="release: warm-up + the authors' step boundaries (default); paper: /10 at 30/60/90%%")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout on the pre-logits (not in the rule; default 0)")
+    g.add_argument("--l2-to-init", type=float, default=0.0,
+                   help="weight decay towards the initial weights (not in the rule; default 0)")
 
 
 def _resolution(text: str) -> tuple[int, int]:
@@ -209,7 +213,8 @@ def _finetune_options(args, **extra):
         data=args.data, model=args.model, weights=args.weights, val_fraction=args.val_fraction,
         split_seed=args.split_seed, strict=args.strict, examples_per_class=args.examples_per_class, seed=args.seed,
         batch=args.batch, base_lr=args.base_lr, steps=args.steps, resolution=args.resolution, mixup=args.mixup,
-        flip=not args.no_flip, random_crop=not args.no_crop, schedule=args.schedule, **extra)
+        flip=not args.no_flip, random_crop=not args.no_crop, schedule=args.schedule, dropout=args.dropout,
+        l2_to_init=args.l2_to_init, **extra)
 
 
 def _run_plan(args) -> int:
@@ -813,11 +818,139 @@ def _run_ablation(args) -> int:
     return 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+
+
+def _add_search(sub) -> None:
+    p = _verb(sub, "search", "Random hyper-parameter search (paper Supp. A), compared with BiT-HyperRule.",
+              "  bigtransfer search --model BiT-M-R50x1 --data ~/data/vtab/dtd --train-size 800 --val-size 200 \\\n"
+              "      --trials 40 --out runs/search-dtd\n"
+              "  # workers on several machines share one study through a database URL (give each its own --seed)\n"
+              "  bigtransfer search ... --storage postgresql://user:pw@db/bit --seed 1 --no-final\n"
+              "  # demo scale: the digits with the demo's pre-trained model and a space shrunk to its budget\n"
+              "  bigtransfer search --model runs/demo/pretrain --data digits --steps 40 --batch 64 --base-lr 0.03 \\\n"
+              "      --resolution 36/32 --no-flip --space-steps 10,20,40,80,160 --space-resolution 16,24,32,40 \\\n"
+              "      --trials 12 --out runs/search-digits\n"
+              "Re-running resumes the study; a dead worker's trial is retried and resumes from its checkpoint.\n")
+    _add_data_args(p, training=False)
+    g = p.add_argument_group("search")
+    g.add_argument("--trials", type=int, default=40, help="completed trials wanted, over all workers (default 40)")
+    g.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite:///OUT/study.sqlite3)")
+    g.add_argument("--study-name", default="search")
+    g.add_argument("--seed", type=int, default=0, help="the sampler's seed (each worker of a shared study its own)")
+    g.add_argument("--search-val-fraction", type=float, default=0.2,
+                   help="hold out this fraction of the training split for validation (default 0.2)")
+    g.add_argument("--train-size", type=int, default=None, help="with --val-size: a fixed draw, e.g. 800 (VTAB-1k)")
+    g.add_argument("--val-size", type=int, default=None, help="with --train-size: e.g. 200 (VTAB-1k)")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split (default 0)")
+    g.add_argument("--strict", action="store_true", help="unreadable images are an error instead of skipped")
+    g.add_argument("--no-final", action="store_true", help="skip retraining the winner and the HyperRule on train+val")
+    g.add_argument("--heartbeat", type=int, default=60,
+                   help="seconds between a worker's heartbeats; silent for twice this, its trial is retried")
+    sp = p.add_argument_group("search space (default: the paper's)")
+    sp.add_argument("--space-lr", type=_floats, default=None, metavar="MIN,MAX", help="log-uniform (1e-4,1e-1)")
+    sp.add_argument("--space-steps", type=_ints, default=None, metavar="N,...", help="(500,...,16000)")
+    sp.add_argument("--space-dropout", type=_floats, default=None, metavar="MIN,MAX", help="uniform (0,0.7)")
+    sp.add_argument("--space-l2-to-init", type=_floats, default=None, metavar="MIN,MAX", help="log-uniform (1e-6,1e-1)")
+    sp.add_argument("--space-mixup", type=_floats, default=None, metavar="A,...", help="0 = none (0,0.05,0.1,0.2,0.4)")
+    sp.add_argument("--space-resolution", type=_ints, default=None, metavar="PX,...", help="crop (64,...,384)")
+    _add_hyperrule_args(p)
+    g = p.add_argument_group("execution")
+    g.add_argument("--out", type=Path, required=True, help="output directory (re-run the command to resume)")
+    g.add_argument("--workers", type=int, default=None, help="data-loading processes (default: cores - 1, at most 8)")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--no-cache", action="store_true", help="decode images in every trial instead of once per size")
+    g.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(run=_run_search, examples_per_class=None, batch_split=1)
+
+
+def _run_search(args) -> int:
+    from .search import SearchOptions, SearchSpace, run_search
+
+    if args.trials < 1:
+        raise BigTransferError(f"--trials must be at least 1, got {args.trials}")
+    bounds = {"lr": args.space_lr, "steps": args.space_steps, "dropout": args.space_dropout,
+              "l2_to_init": args.space_l2_to_init, "mixup": args.space_mixup, "resolution": args.space_resolution}
+    for name in ("lr", "dropout", "l2_to_init"):
+        if bounds[name] is not None and len(bounds[name]) != 2:
+            raise BigTransferError(f"--space-{name.replace('_', '-')} takes MIN,MAX")
+    space = SearchSpace(**{k: v for k, v in bounds.items() if v is not None})
+    # --seed is the sampler's; every trial fine-tunes with seed 0, so a trial retried by another worker
+    # (another --seed) resumes its own run.
+    finetune = dataclasses.replace(_protocol_finetune_options(args), seed=0)
+    opts = SearchOptions(finetune=finetune, out=args.out, trials=args.trials, space=space,
+                         storage=args.storage, study_name=args.study_name, seed=args.seed,
+                         val_fraction=args.search_val_fraction, train_size=args.train_size, val_size=args.val_size,
+                         split_seed=args.split_seed, final=not args.no_final, cache=not args.no_cache,
+                         heartbeat=args.heartbeat)
+    results = run_search(opts)
+    final = results["final"]
+    print(f"{results['complete']} completed trials; report: {args.out / 'report.html'}")
+    if final:
+        print(f"{'':<28}{'val top-1':>10}{'test top-1':>12}")
+        print(f"{'BiT-HyperRule':<28}{final['hyperrule/val']:>10.2%}{final['hyperrule/test']:>12.2%}")
+        print(f"{'random search (best trial)':<28}{final['best_val_top1']:>10.2%}{final['searched/test']:>12.2%}")
+        print("best: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in final["best_params"].items()))
+    return 0
+
+
+def _add_dedup(sub) -> None:
+    p = _verb(sub, "dedup", "Find near-duplicates of test images in an upstream collection (paper Supp. C).",
+              "  bigtransfer dedup --upstream ~/data/imagenet21k.csv --downstream ~/data/cifar10,~/data/pets \\\n"
+              "      --model BiT-M-R50x1 --out runs/dedup\n"
+              "  bigtransfer pretrain --data runs/dedup/upstream_filtered.csv ...   # pre-train without them\n"
+              "Writes pairs.csv, upstream_filtered.csv, contact_sheet.png/.html and summary.json.\n")
+    p.add_argument("--upstream", required=True, help="upstream image folder or CSV manifest")
+    p.add_argument("--downstream", required=True,
+                   help="comma-separated downstream sources; each one's test split (all its images if it has none)")
+    p.add_argument("--model", default="BiT-M-R50x1", help="embedding model (default %(default)s)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--resolution", type=int, default=128, help="embedding input size (default 128)")
+    p.add_argument("--cosine", type=float, default=0.90, help="cosine a nearest neighbour must reach (default 0.90)")
+    p.add_argument("--margin", type=float, default=0.03, help="... and by which it must beat the second (0.03)")
+    p.add_argument("--identical", type=float, default=0.98, help="cosine that makes a duplicate at any rank (0.98)")
+    p.add_argument("--hash-bits", type=int, default=4, help="pHash Hamming radius of the pre-filter (of 64; 4)")
+    p.add_argument("--hash-cosine", type=float, default=0.95, help="cosine a hash match must still reach (0.95)")
+    p.add_argument("--neighbours", type=int, default=5, help="nearest upstream images per test image")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_dedup)
+
+
+def _run_dedup(args) -> int:
+    from .dedup import DedupOptions, run_dedup
+
+    summary = run_dedup(DedupOptions(
+        upstream=args.upstream, downstream=tuple(d for d in args.downstream.split(",") if d), out=args.out,
+        model=args.model, resolution=args.resolution, cosine=args.cosine, margin=args.margin,
+        identical=args.identical, hash_bits=args.hash_bits,
+        hash_cosine=args.hash_cosine, neighbours=args.neighbours, batch=args.batch, workers=args.workers,
+        device=args.device, progress=not args.quiet))
+    print(f"{summary['pairs']} near-duplicate pairs; {summary['upstream_duplicates']} of {summary['upstream_images']} "
+          f"upstream images removed in {args.out / 'upstream_filtered.csv'} ({summary['seconds']:.0f}s)")
+    return 0
+
+
 VERBS: tuple[Callable, ...] = (
     _add_models, _add_download, _add_convert, _add_info, _add_plan, _add_finetune,
     _add_evaluate, _add_predict, _add_embed, _add_export, _add_pretrain, _add_pack, _add_demo,
     _add_fewshot, _add_vtab, _add_vtab_import, _add_objectnet, _add_ablation,
-    _add_report,
+    _add_search, _add_dedup, _add_report,
 )
 
 

@@ -52,6 +52,9 @@ class FinetuneOptions:
     flip: bool = True
     random_crop: bool = True
     schedule: str = "release"
+    # Supp. A regularisers, off in the HyperRule (the search turns them on)
+    dropout: float = 0.0  # on the pre-logits
+    l2_to_init: float = 0.0  # weight decay towards the initial weights
     # execution
     batch_split: int | str = 1  # or "auto"
     eval_every: int = 0
@@ -134,6 +137,8 @@ def run_finetune(opts: FinetuneOptions, splits: Splits | None = None) -> dict:
         "split_seed": opts.split_seed, "freeze_until": opts.freeze_until, "linear_probe": opts.linear_probe,
         "classes": splits.classes,
     }
+    if opts.dropout or opts.l2_to_init:  # only when used, so earlier runs keep their fingerprints
+        settings["regularisers"] = {"dropout": opts.dropout, "l2_to_init": opts.l2_to_init}
     fingerprint = fingerprint_of(settings)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -158,6 +163,7 @@ def run_finetune(opts: FinetuneOptions, splits: Splits | None = None) -> dict:
             checkpoint_every=opts.checkpoint_every, log_every=opts.log_every, workers=opts.workers,
             eval_batch=2 * (plan.batch // (ctx.world_size * split)),  # no saved activations: 2x a training micro-batch fits
             precision=precision, compile=opts.compile, fsdp=opts.fsdp, progress=opts.progress and ctx.is_main,
+            prelogit_dropout=opts.dropout, l2_to_init=opts.l2_to_init,
         )
         metrics = train(model, train_data, test_data, cfg, out, ctx, fingerprint, frozen_modules=frozen)
     summary = {"final": metrics, "classes": splits.classes, "train_examples": len(splits.train),

@@ -105,7 +105,7 @@ def protocol_settings(opts: SweepOptions) -> dict:
     """What defines the sweep's results (a resumed sweep must match it)."""
     ft = asdict(opts.finetune)
     keep = ("data", "model", "weights", "val_fraction", "split_seed", "batch", "base_lr", "steps", "resolution",
-            "mixup", "flip", "random_crop", "schedule", "freeze_until", "linear_probe")
+            "mixup", "flip", "random_crop", "schedule", "freeze_until", "linear_probe", "dropout", "l2_to_init")
     return {"protocol": "fewshot", "shots": list(opts.shots), "repeats": opts.repeats,
             "linear_probe_baseline": opts.linear_probe, "finetune": {k: ft[k] for k in keep}, **opts.extra}
 

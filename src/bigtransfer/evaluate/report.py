@@ -16,6 +16,8 @@ import json
 import statistics
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import BigTransferError
 from ..train.checkpointing import write_json_atomic
 
@@ -397,6 +399,77 @@ def write_objectnet_report(out: Path, result: dict) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- hyper-parameter search
+def collect_search(out: Path, study=None) -> dict:
+    """Every trial of the study (state, validation top-1, settings) and the final comparison."""
+    import optuna
+
+    from ..search import load_final
+
+    out = Path(out)
+    protocol = read_protocol(out)
+    if study is None:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        url = protocol.get("storage") or f"sqlite:///{(out / 'study.sqlite3').resolve()}"
+        study = optuna.load_study(study_name=protocol["study_name"], storage=url)
+    trials = [{"number": t.number, "state": t.state.name, "val_top1": t.value, **t.params,
+               "run": t.user_attrs.get("run"), "worker": t.user_attrs.get("worker")} for t in study.trials]
+    return {"protocol": protocol, "trials": trials, "final": load_final(out),
+            "complete": sum(t["state"] == "COMPLETE" for t in trials)}
+
+
+def search_figure(results: dict):
+    """Validation top-1 of every completed trial, and the best so far (how fast the search saturates)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [t for t in results["trials"] if t["state"] == "COMPLETE"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    if done:
+        xs = list(range(1, len(done) + 1))
+        ax.scatter(xs, [t["val_top1"] for t in done], color="tab:blue", alpha=0.5, s=18, label="trial")
+        ax.step(xs, np.maximum.accumulate([t["val_top1"] for t in done]), where="post", color="tab:blue",
+                label="best so far")
+    final = results.get("final")
+    if final and final.get("hyperrule/val") is not None:
+        ax.axhline(final["hyperrule/val"], color="tab:gray", linestyle="--", label="BiT-HyperRule")
+    ax.set_xlabel("completed trials")
+    ax.set_ylabel("validation top-1")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    ax.set_title("Random search vs BiT-HyperRule")
+    fig.tight_layout()
+    return fig
+
+
+def write_search_report(out: Path, results: dict) -> Path:
+    out = Path(out)
+    write_json_atomic(out / "results.json", results)
+    names = list(results["protocol"]["space"])
+    params = ["base_lr", "steps", "dropout", "l2_to_init", "mixup", "resolution"]
+    write_csv(out / "results.csv", ["trial", "state", "val_top1", *params],
+              [[t["number"], t["state"], t["val_top1"], *(t.get(p) for p in params)] for t in results["trials"]])
+    sections = [("Trials", figure_html(search_figure(results), "search progress")
+                 + f"<p class='note'>{results['complete']} completed trials; space: "
+                 + html.escape(", ".join(f"{n} {results['protocol']['space'][n]}" for n in names)) + "</p>")]
+    final = results.get("final")
+    if final:
+        rows = [["BiT-HyperRule", _pct(final.get("hyperrule/val")), _pct(final.get("hyperrule/test"))],
+                [f"random search (best of {results['complete']})", _pct(final.get("best_val_top1")),
+                 _pct(final.get("searched/test"))]]
+        best = table_html(["setting", "value"], [[k, f"{v:.4g}" if isinstance(v, float) else v]
+                                                 for k, v in final["best_params"].items()])
+        sections.insert(0, ("HyperRule vs search",
+                            table_html(["", "validation top-1", "test top-1 (retrained on train+val)"], rows)
+                            + f"<h3>Best trial ({final['best_trial']})</h3>" + best))
+    path = out / "report.html"
+    write_text_atomic(path, page("Hyper-parameter search (Supp. A)", sections))
+    return path
+
+
 def rebuild(out: Path) -> Path:
     """Rebuild a protocol directory's results files and report.html from its finished runs."""
     kind = read_protocol(out).get("protocol")
@@ -406,6 +479,8 @@ def rebuild(out: Path) -> Path:
         return write_vtab_report(out, collect_vtab(out))
     if kind == "ablation":
         return write_ablation_report(out, collect_ablation(out))
+    if kind == "search":
+        return write_search_report(out, collect_search(out))
     if kind == "objectnet":
         return write_objectnet_report(out, json.loads((Path(out) / "objectnet.json").read_text()))
     raise BigTransferError(f"{out}: unknown protocol {kind!r} in {PROTOCOL_FILE}")

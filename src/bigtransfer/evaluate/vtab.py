@@ -115,7 +115,8 @@ def all_jobs(opts: VtabOptions) -> list[VtabJob]:
 
 def protocol_settings(opts: VtabOptions) -> dict:
     ft = asdict(opts.finetune)
-    keep = ("model", "weights", "batch", "base_lr", "steps", "resolution", "mixup", "schedule", "flip", "random_crop")
+    keep = ("model", "weights", "batch", "base_lr", "steps", "resolution", "mixup", "schedule", "flip", "random_crop",
+            "dropout", "l2_to_init")
     return {"protocol": "vtab", "root": str(opts.root), "tasks": list(opts.tasks), "runs": opts.runs,
             "split_seed": opts.split_seed, "validate": opts.validate, "train_size": opts.train_size,
             "val_size": opts.val_size, "finetune": {k: ft[k] for k in keep}, **opts.extra}
