@@ -18,16 +18,14 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from train_throughput import loader_only  # benchmarks/ is on sys.path when a script runs
 
 from bigtransfer import create_model
 from bigtransfer.data.dataset import TransformedImages
-from bigtransfer.data.sampler import ChunkSampler, StepBatches
 from bigtransfer.data.sources import ImageSet
 from bigtransfer.data.transforms import upstream_transform
 from bigtransfer.train.distributed import DistContext
@@ -58,16 +56,6 @@ def loop_rate(arch: str, resolution: int, batch: int, steps: int, data, device, 
     return statistics.median(rates)
 
 
-def loader_rate(data, batch: int, steps: int, workers: int) -> float:
-    loader = DataLoader(data, batch_sampler=ChunkSampler(StepBatches(len(data), batch, 0), 0, steps, [0]),
-                        num_workers=workers)
-    it = iter(loader)
-    next(it)
-    start = time.perf_counter()
-    n = sum(len(y) for _, y in it)
-    return n / (time.perf_counter() - start)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -92,7 +80,7 @@ def main() -> None:
                "forward_gflops_per_image": flops / 1e9,
                "images_per_s": loop_rate(arch, res, batch, args.steps, data, device, precision, args.workers,
                                          args.classes),
-               "loader_images_per_s": loader_rate(data, batch, args.steps, args.workers)}
+               "loader_images_per_s": loader_only(data, batch, args.steps, args.workers)}
         if device.type == "cuda":
             row["fp32_eager_images_per_s"] = loop_rate(arch, res, batch, args.steps, data, device, "fp32",
                                                        args.workers, args.classes)

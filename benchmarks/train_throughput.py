@@ -95,13 +95,14 @@ def run_baseline(folder: Path, args, device: torch.device, steps: int) -> list[f
     return rates[1:-1]
 
 
-def loader_only(data, args, steps: int) -> float:
+def loader_only(data, batch: int, steps: int, workers: int) -> float:
+    """Images per second of the data pipeline alone (the same sampler the loop uses), after one batch."""
     from torch.utils.data import DataLoader
 
     from bigtransfer.data.sampler import ChunkSampler, StepBatches
 
-    batches = StepBatches(len(data), args.batch, seed=0)
-    loader = DataLoader(data, batch_sampler=ChunkSampler(batches, 0, steps, [0]), num_workers=args.workers)
+    loader = DataLoader(data, batch_sampler=ChunkSampler(StepBatches(len(data), batch, seed=0), 0, steps, [0]),
+                        num_workers=workers)
     it = iter(loader)
     next(it)
     start = time.perf_counter()
@@ -130,7 +131,7 @@ def main() -> None:
         folder = make_folder(work / "data", args.images, args.classes, args.source_size)
         splits = image_folder(folder, progress=False)
         data = TransformedImages(splits.train, train_transform(args.resize, args.crop))
-        loader_rate = loader_only(data, args, max(args.steps, 8))
+        loader_rate = loader_only(data, args.batch, max(args.steps, 8), args.workers)
         print(f"loader only: {loader_rate:.1f} img/s with {args.workers} worker(s)", flush=True)
         ours, base, ratios = [], [], []
         for r in range(args.rounds):

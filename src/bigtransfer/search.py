@@ -30,6 +30,7 @@ import numpy as np
 from .data.cache import decoded_splits
 from .data.sources import Splits, load_source, stratified_split
 from .errors import BigTransferError
+from .evaluate.report import claim_out
 from .finetune import FinetuneOptions, make_plan, run_finetune
 from .train.checkpointing import write_json_atomic
 
@@ -160,15 +161,13 @@ def run_search(opts: SearchOptions) -> dict:
         raise BigTransferError(f"--data {opts.finetune.data}: no test split for the final comparison "
                                "(pass --val-fraction, or --no-final)")
     parts = search_splits(opts, splits)
-    from .evaluate.fewshot_sweep import claim_out
-
     # A study's space is fixed (Optuna refuses a parameter whose choices change); more trials are fine.
     fixed = ("data", "model", "weights", "batch", "steps", "base_lr", "resolution", "mixup", "flip", "random_crop",
              "schedule")
-    claim_out(out, json.loads(json.dumps({
+    claim_out(out, {
         "protocol": "search", "space": asdict(opts.space), "study_name": opts.study_name, "storage": opts.storage,
         "split": [opts.val_fraction, opts.train_size, opts.val_size, opts.split_seed],
-        "finetune": {k: v for k, v in asdict(opts.finetune).items() if k in fixed}})))
+        "finetune": {k: v for k, v in asdict(opts.finetune).items() if k in fixed}})
     study = open_study(opts)
     worker = f"{socket.gethostname()}:{os.getpid()}"
 

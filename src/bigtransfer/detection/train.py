@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from ..data.sampler import ChunkSampler, StepBatches
 from ..errors import BigTransferError
+from ..inference import resolve_device
 from ..train.checkpointing import (
     fingerprint_of,
     gather_train_state,
@@ -77,12 +78,6 @@ def plan(opts: DetectOptions, train_images: int) -> dict:
             "warmup_steps": opts.warmup_steps, "batch": opts.batch, "resolution": opts.resolution}
 
 
-def _device(name: str) -> torch.device:
-    from ..inference import resolve_device
-
-    return resolve_device(name)
-
-
 def run_detect_train(opts: DetectOptions) -> dict:
     """Train (or resume) a BiT RetinaNet; returns the summary with the validation COCO metrics."""
     from tqdm.auto import tqdm
@@ -98,15 +93,13 @@ def run_detect_train(opts: DetectOptions) -> dict:
                 "jitter": list(opts.jitter), "momentum": opts.momentum, "weight_decay": opts.weight_decay,
                 "fpn_channels": opts.fpn_channels, "grad_clip": opts.grad_clip}
     fingerprint = fingerprint_of(settings)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "config.json", {**settings, "fingerprint": fingerprint,
-                                            "options": {k: str(v) for k, v in asdict(opts).items()}})
-    device = _device(opts.device)
+    device = resolve_device(opts.device)
     torch.manual_seed(opts.seed)  # the new heads' initialisation is part of the run
     model = build_retinanet(opts.model, train_set.num_classes, min_size=opts.resolution, max_size=opts.resolution,
                             fpn_channels=opts.fpn_channels).to(device)
-    write_json_atomic(out / "config.json", {**json.loads((out / "config.json").read_text()),
-                                            "body": model.backbone.body_config})
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "config.json", {**settings, "fingerprint": fingerprint, "body": model.backbone.body_config,
+                                            "options": {k: str(v) for k, v in asdict(opts).items()}})
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.0, momentum=opts.momentum, weight_decay=opts.weight_decay)
     schedule = LRSchedule(p["lr"], p["warmup_steps"], p["decay_steps"], p["steps"])
@@ -156,7 +149,8 @@ def run_detect_train(opts: DetectOptions) -> dict:
               metadata={"format": "bigtransfer-retinanet", "config": json.dumps(settings)})
     metrics = evaluate_detector(model, val_set, device, batch=max(1, opts.batch), out=out,
                                 progress=opts.progress) if val_set else {}
-    logbook.log(p["steps"], "eval", **metrics)
+    if metrics:
+        logbook.log(p["steps"], "eval", **metrics)
     logbook.close()
     summary = {"final": metrics, "steps": p["steps"], "model": str(out / "final.safetensors")}
     write_json_atomic(out / "summary.json", summary)
@@ -221,7 +215,7 @@ def run_detect_eval(run: str | Path, data: str, images: str | None = None, *, de
     if coco.num_classes != config["num_classes"]:
         raise BigTransferError(f"--data {data}: {coco.num_classes - 1} categories, the model has "
                                f"{config['num_classes'] - 1}")
-    dev = _device(device)
+    dev = resolve_device(device)
     res, body = config["plan"]["resolution"], config["body"]
     # The architecture alone (random weights, replaced below): the pre-trained file need not be here.
     model = build_retinanet(body["arch"], config["num_classes"], min_size=res, max_size=res, norm=body["norm"],

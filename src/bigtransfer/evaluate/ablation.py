@@ -19,7 +19,8 @@ from ..demo import DemoConfig
 from ..errors import BigTransferError
 from ..finetune import FinetuneOptions
 from ..pretrain import PretrainOptions, run_pretrain
-from .fewshot_sweep import SweepOptions, claim_out, run_sweep
+from .fewshot_sweep import SweepOptions, run_sweep
+from .report import claim_out
 
 NORMS = ("bn", "bn_ws", "gn", "gn_ws")
 _DEMO = DemoConfig()
@@ -91,7 +92,7 @@ def run_ablation(opts: AblationOptions) -> dict:
     unknown = [n for n in opts.norms if n not in NORMS]
     if unknown:
         raise BigTransferError(f"--norms: unknown normalisation {unknown[0]!r} (choose from {', '.join(NORMS)})")
-    claim_out(Path(opts.out), json.loads(json.dumps(protocol_settings(opts))))
+    claim_out(Path(opts.out), protocol_settings(opts))
     for norm in opts.norms:
         if opts.progress:
             print(f"[{norm}] pre-training {opts.arch} with {norm.upper().replace('_', '+')} on {opts.upstream}",

@@ -32,7 +32,7 @@ from ..data.transforms import eval_transform
 from ..errors import BigTransferError
 from ..finetune import FinetuneOptions, make_plan, prepare_data, run_finetune
 from ..train.checkpointing import write_json_atomic
-from .report import PROTOCOL_FILE, collect_fewshot, write_fewshot_report
+from .report import claim_out, collect_fewshot, write_fewshot_report
 
 FULL = "full"  # a "shot count" meaning the whole training split
 DEFAULT_SHOTS = (1, 5, 10, 25, 100)
@@ -108,21 +108,6 @@ def protocol_settings(opts: SweepOptions) -> dict:
             "mixup", "flip", "random_crop", "schedule", "freeze_until", "linear_probe", "dropout", "l2_to_init")
     return {"protocol": "fewshot", "shots": list(opts.shots), "repeats": opts.repeats,
             "linear_probe_baseline": opts.linear_probe, "finetune": {k: ft[k] for k in keep}, **opts.extra}
-
-
-def claim_out(out: Path, settings: dict) -> None:
-    """Create OUT with its protocol.json, or check that OUT holds the same protocol run."""
-    path = out / PROTOCOL_FILE
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        recorded = {k: previous.get(k) for k in settings}
-        if json.loads(json.dumps(recorded)) != json.loads(json.dumps(settings, default=str)):
-            changed = sorted(k for k in settings if json.dumps(previous.get(k), default=str)
-                             != json.dumps(settings[k], default=str))
-            raise BigTransferError(f"--out {out} holds a {settings['protocol']} run with other settings "
-                                   f"({', '.join(changed)}); use another --out to start a new one")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, settings)
 
 
 def cached_splits(opts: SweepOptions, splits: Splits, todo: list[Job]) -> Splits:

@@ -90,6 +90,21 @@ def read_protocol(out: Path) -> dict:
         raise BigTransferError(f"{path}: not valid JSON ({err})") from None
 
 
+def claim_out(out: Path, settings: dict) -> None:
+    """Create OUT with its protocol.json, or check that OUT holds the same protocol run."""
+    path = out / PROTOCOL_FILE
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        recorded = {k: previous.get(k) for k in settings}
+        if json.loads(json.dumps(recorded)) != json.loads(json.dumps(settings, default=str)):
+            changed = sorted(k for k in settings if json.dumps(previous.get(k), default=str)
+                             != json.dumps(settings[k], default=str))
+            raise BigTransferError(f"--out {out} holds a {settings['protocol']} run with other settings "
+                                   f"({', '.join(changed)}); use another --out to start a new one")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, settings)
+
+
 def _shot_order(shots) -> list:
     return sorted(shots, key=lambda k: float("inf") if k == "full" else int(k))
 

@@ -147,8 +147,7 @@ def run_vtab(opts: VtabOptions) -> dict:
 
     from ..data.cache import decoded_splits
     from ..finetune import make_plan
-    from .fewshot_sweep import claim_out
-    from .report import collect_vtab, write_vtab_report
+    from .report import claim_out, collect_vtab, write_vtab_report
 
     index, count = opts.shard
     if not 0 <= index < count:
