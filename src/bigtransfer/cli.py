@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,14 +19,33 @@ from .errors import BigTransferError
 EXIT_USAGE = 2
 
 
+READS_IMAGES = {"plan", "finetune", "evaluate", "predict", "embed", "pretrain", "pack", "fewshot", "vtab",
+                "objectnet", "ablation", "search", "dedup", "detect-train", "detect-eval"}
+
+
 def _verb(subparsers, name: str, summary: str, examples: str) -> argparse.ArgumentParser:
-    return subparsers.add_parser(
+    p = subparsers.add_parser(
         name,
         help=summary,
         description=summary,
         epilog="examples:\n" + examples,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    if name in READS_IMAGES:
+        p.add_argument("--max-pixels", type=_positive_int, default=None, metavar="N",
+                       help="largest image decoded, width x height (default 100000000: twice a 50-megapixel "
+                            "photo); larger files are skipped as unreadable (an error with --strict)")
+    return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 # --------------------------------------------------------------------------- models
@@ -113,16 +133,19 @@ def _add_convert(sub) -> None:
               "  bigtransfer convert ~/Downloads/BiT-S-R101x1.npz r101.safetensors\n")
     p.add_argument("source", help="a released name (must be cached) or a path to a .npz/.safetensors")
     p.add_argument("dest", type=Path, help="output .safetensors path")
+    p.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
     p.set_defaults(run=_run_convert)
 
 
 def _run_convert(args) -> int:
     from .models import checkpoint, create_model, zoo
+    from .rundir import check_new_file
 
     entry = zoo.lookup(args.source)
     source = zoo.require_cached(entry) if entry else Path(args.source)
     if args.dest.suffix != ".safetensors":
         raise BigTransferError(f"{args.dest}: the output must end in .safetensors")
+    check_new_file(args.dest, "convert DEST", overwrite=args.overwrite)
     summary = checkpoint.summarize(source)
     if summary.num_classes is None:
         raise BigTransferError(f"{source}: the file has no head; nothing to convert it to a classifier with")
@@ -423,21 +446,18 @@ def _add_demo(sub) -> None:
               "Re-running continues where an interrupted demo stopped; --restart starts over.\n")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per shot count (default 3)")
-    p.add_argument("--restart", action="store_true", help="delete OUT first")
+    p.add_argument("--restart", action="store_true",
+                   help="start over: delete what an earlier demo wrote in OUT (only that)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args) -> int:
-    import shutil
-
     from .demo import DemoConfig, run_demo
 
     if args.seeds < 1:
         raise BigTransferError(f"--seeds must be at least 1, got {args.seeds}")
-    if args.restart and args.out.exists():
-        shutil.rmtree(args.out)
-    run_demo(args.out, DemoConfig(seeds=tuple(range(args.seeds))), progress=not args.quiet)
+    run_demo(args.out, DemoConfig(seeds=tuple(range(args.seeds))), progress=not args.quiet, restart=args.restart)
     print(f"wrote {args.out / 'summary.json'} and {args.out / 'accuracy_vs_examples.png'}")
     return 0
 
@@ -515,6 +535,7 @@ def _add_embed(sub) -> None:
     _add_model_arg(p)
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--out", type=Path, required=True, help="output stem: OUT.npy and OUT.csv")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT.npy/OUT.csv if they exist")
     p.set_defaults(run=_run_embed)
 
 
@@ -522,7 +543,7 @@ def _run_embed(args) -> int:
     from .inference import embed
 
     result = embed(args.model, args.images, args.out, batch=args.batch, workers=args.workers, device=args.device,
-                   resolution=args.resolution, progress=not args.quiet)
+                   resolution=args.resolution, progress=not args.quiet, overwrite=args.overwrite)
     print(f"wrote {result['features']} {tuple(result['shape'])} and {result['index']}")
     if result["unreadable"]:
         print(f"bigtransfer: warning: skipped {len(result['unreadable'])} unreadable image(s): "
@@ -540,13 +561,15 @@ def _add_export(sub) -> None:
     p.add_argument("--format", choices=("onnx", "torchscript", "pt2"), default="onnx")
     p.add_argument("--resolution", type=int, default=None, help="input size (default: from the model's metadata)")
     p.add_argument("--no-check", action="store_true", help="skip comparing the export with PyTorch")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (and OUT.json) if it exists")
     p.set_defaults(run=_run_export)
 
 
 def _run_export(args) -> int:
     from .export import export
 
-    report = export(args.model, args.out, args.format, resolution=args.resolution, check=not args.no_check)
+    report = export(args.model, args.out, args.format, resolution=args.resolution, check=not args.no_check,
+                    overwrite=args.overwrite)
     diff = report.get("max_abs_diff_vs_pytorch")
     print(f"wrote {report['path']} ({args.format}; input {report['input']}"
           + (f"; max |diff| vs PyTorch {diff:.2e}" if diff is not None else "") + ")")
@@ -1036,6 +1059,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "max_pixels", None):
+        from .data.images import MAX_PIXELS_ENV
+
+        os.environ[MAX_PIXELS_ENV] = str(args.max_pixels)  # loader processes inherit it
     try:
         return args.run(args)
     except BigTransferError as err:

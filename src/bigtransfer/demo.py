@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import rundir
 from .finetune import FinetuneOptions, run_finetune
 from .pretrain import PretrainOptions, run_pretrain
 from .train.checkpointing import write_json_atomic
@@ -67,8 +68,19 @@ def _finetune(config: DemoConfig, out: Path, model: str, shots, seed: int, progr
     return summary["final"]["top1"]
 
 
-def run_demo(out: Path = Path("runs/demo"), config: DemoConfig = DemoConfig(), progress: bool = True) -> DemoResult:
+def run_demo(out: Path = Path("runs/demo"), config: DemoConfig = DemoConfig(), progress: bool = True,
+             restart: bool = False) -> DemoResult:
+    """Run (or continue) the demo in `out`; `restart` first deletes what an earlier demo wrote there."""
     out = Path(out)
+    with rundir.owned(out, "demo"):
+        if restart:
+            kept = rundir.clear(out, "demo")
+            if kept:
+                print(f"--restart kept {len(kept)} file(s) bigtransfer did not write, e.g. {kept[0]}", flush=True)
+        return _run_demo(out, config, progress)
+
+
+def _run_demo(out: Path, config: DemoConfig, progress: bool) -> DemoResult:
     result = DemoResult()
     start = time.perf_counter()
     print(f"[1/3] pre-training {config.arch} (GN+WS) on procedural glyphs, {config.pretrain_epochs:g} epochs",

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import rundir
 from .errors import BigTransferError
 from .inference import load_model
 
@@ -23,10 +24,12 @@ FORMATS = ("onnx", "torchscript", "pt2")
 
 
 def export(spec: str, out: Path, fmt: str = "onnx", *, resolution: int | None = None, check: bool = True,
-           atol: float = 1e-3) -> dict:
+           atol: float = 1e-3, overwrite: bool = False) -> dict:
     """Write the model in `fmt` to `out` and, if `check`, compare it with PyTorch on random input."""
     if fmt not in FORMATS:
         raise BigTransferError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    for target in (Path(out), Path(f"{out}.json")):
+        rundir.check_new_file(target, overwrite=overwrite)
     loaded = load_model(spec, torch.device("cpu"), resolution)
     model = loaded.model.eval()
     out = Path(out)

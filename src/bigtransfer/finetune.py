@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import hyperrule
+from . import hyperrule, rundir
 from .data.dataset import TransformedImages
 from .data.fewshot import sample_per_class
 from .data.sources import Splits, load_source
@@ -108,8 +108,14 @@ def run_finetune(opts: FinetuneOptions, splits: Splits | None = None) -> dict:
     """Fine-tune as `opts` says; returns the summary (also written to OUT/summary.json).
 
     `splits` hands in data already loaded (e.g. decoded once for a whole few-shot sweep); it must
-    be what `opts.data` names, which the run records."""
+    be what `opts.data` names, which the run records. OUT must be new, empty or a run of ours;
+    another process writing it is an error (`rundir.RunInUse`)."""
     ctx = DistContext.from_env(opts.device)
+    with rundir.owned(Path(opts.out), "finetune", main=ctx.is_main, agree=ctx.agree):
+        return _finetune(opts, splits, ctx)
+
+
+def _finetune(opts: FinetuneOptions, splits: Splits | None, ctx: DistContext) -> dict:
     out = Path(opts.out)
     if opts.restart and ctx.is_main:
         checkpoint = out / "checkpoints" / "latest.safetensors"

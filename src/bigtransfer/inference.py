@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import rundir
 from .data.dataset import TransformedImages
 from .data.images import IMAGE_ERRORS, load_rgb
 from .data.sources import IMAGE_EXTENSIONS, ImageSet, load_source
@@ -58,6 +59,12 @@ def evaluate(spec: str, data: str, *, split: str = "test", val_fraction: float |
              batch: int = 64, workers: int = 0, device: str = "auto", resolution: int | None = None,
              progress: bool = True) -> dict:
     """Top-1, top-5, loss and per-class accuracy of a model on a labelled split; writes reports to `out`."""
+    with rundir.maybe_owned(out, "evaluate"):
+        return _evaluate(spec, data, split=split, val_fraction=val_fraction, out=out, batch=batch, workers=workers,
+                         device=device, resolution=resolution, progress=progress)
+
+
+def _evaluate(spec, data, *, split, val_fraction, out, batch, workers, device, resolution, progress) -> dict:
     from .train.loop import evaluate_model
 
     loaded = load_model(spec, resolve_device(device), resolution)
@@ -207,8 +214,11 @@ def predict(spec: str, inputs: list[str], *, top_k: int = 5, batch: int = 32, wo
 
 
 def embed(spec: str, inputs: list[str], out: Path, *, batch: int = 32, workers: int = 0, device: str = "auto",
-          resolution: int | None = None, progress: bool = True) -> dict:
+          resolution: int | None = None, progress: bool = True, overwrite: bool = False) -> dict:
     """Pre-logit features of every image into OUT.npy, with OUT.csv mapping rows to files."""
+    npy, index_csv = Path(out).with_suffix(".npy"), Path(out).with_suffix(".csv")
+    for target in (npy, index_csv):
+        rundir.check_new_file(target, overwrite=overwrite)
     dev = resolve_device(device)
     path = resolve_weights(spec)
     summary = checkpoint.summarize(path)
@@ -220,9 +230,7 @@ def embed(spec: str, inputs: list[str], out: Path, *, batch: int = 32, workers: 
                                   batch=batch, workers=workers, device=dev, progress=progress)
     order = sorted(rows)
     features = np.stack([rows[i].numpy() for i in order]) if order else np.zeros((0, model.num_features), np.float32)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    npy, index_csv = out.with_suffix(".npy"), out.with_suffix(".csv")
+    npy.parent.mkdir(parents=True, exist_ok=True)
     np.save(npy, features.astype(np.float32))
     with open(index_csv, "w", newline="") as fh:
         writer = csv.writer(fh)

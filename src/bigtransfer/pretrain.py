@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import upstream
+from . import rundir, upstream
 from .data.dataset import TransformedImages
 from .data.shards import ShardSet, ShardStream, is_shard_dir
 from .data.sources import Splits, load_source
@@ -82,8 +82,8 @@ def open_upstream_data(opts: PretrainOptions, resolution: int) -> UpstreamData:
     train_tf, test_tf = upstream_transform(resolution, opts.min_crop_area), eval_transform(resolution)
     if is_shard_dir(Path(opts.data)):
         shards = ShardSet(opts.data)
-        test = ShardStream(shards, "test", test_tf, train=False) if shards.urls("test") else None
-        return UpstreamData(ShardStream(shards, "train", train_tf, train=True, seed=opts.seed), test,
+        test = ShardStream(shards, "test", test_tf, train=False, strict=opts.strict) if shards.urls("test") else None
+        return UpstreamData(ShardStream(shards, "train", train_tf, train=True, seed=opts.seed, strict=opts.strict), test,
                             shards.classes, shards.multilabel, shards.count("train"))
     splits: Splits = load_source(opts.data, val_fraction=opts.val_fraction, strict=opts.strict,
                                  progress=opts.progress, require_test=False)
@@ -120,7 +120,13 @@ def build_upstream_model(opts: PretrainOptions, plan: upstream.UpstreamPlan):
 
 
 def run_pretrain(opts: PretrainOptions) -> dict:
+    """Pre-train as `opts` says; returns the summary (also written to OUT/summary.json)."""
     ctx = DistContext.from_env(opts.device)
+    with rundir.owned(Path(opts.out), "pretrain", main=ctx.is_main, agree=ctx.agree):
+        return _pretrain(opts, ctx)
+
+
+def _pretrain(opts: PretrainOptions, ctx: DistContext) -> dict:
     out = Path(opts.out)
     if opts.restart and ctx.is_main:
         (out / "checkpoints" / "latest.safetensors").unlink(missing_ok=True)

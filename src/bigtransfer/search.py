@@ -32,6 +32,7 @@ from .data.sources import Splits, load_source, stratified_split
 from .errors import BigTransferError
 from .evaluate.report import claim_out
 from .finetune import FinetuneOptions, make_plan, run_finetune
+from .rundir import RunInUse
 from .train.checkpointing import write_json_atomic
 
 RESIZE_RATIO = 160 / 128  # the HyperRule's resize/crop ratio
@@ -177,7 +178,11 @@ def run_search(opts: SearchOptions) -> dict:
         trial.set_user_attr("run", str(run_dir))
         trial.set_user_attr("worker", worker)
         finetune = replace(opts.finetune, out=run_dir, progress=False, **finetune_overrides(params))
-        summary = run_finetune(finetune, splits=_prepared(opts, finetune, parts["search"]))
+        try:
+            summary = run_finetune(finetune, splits=_prepared(opts, finetune, parts["search"]))
+        except RunInUse as err:  # a retried trial whose first worker still trains it: leave it be
+            print(f"trial {trial.number}: {err}", flush=True)
+            raise optuna.TrialPruned(str(err)) from None
         if opts.finetune.progress:
             print(f"trial {trial.number}: val top-1 {summary['final']['top1']:.2%} "
                   + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()),

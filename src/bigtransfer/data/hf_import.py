@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .. import rundir
 from ..errors import BigTransferError
 from .images import to_rgb
 
@@ -25,6 +26,11 @@ def _safe_name(name: str) -> str:
 def import_hf_dataset(source: Path, dest: Path, *, image_column: str = "image", label_column: str = "label",
                       progress: bool = True) -> dict[str, int]:
     """Write the dataset's images as PNG files by split and class; returns images written per split."""
+    with rundir.owned(Path(dest), "import", flag="--root/--task"):
+        return _import(source, Path(dest), image_column, label_column, progress)
+
+
+def _import(source: Path, dest: Path, image_column: str, label_column: str, progress: bool) -> dict[str, int]:
     try:
         import datasets
     except ImportError:

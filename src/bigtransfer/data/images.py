@@ -1,14 +1,50 @@
-"""Reading image files as 8-bit RGB, whatever their mode, and checking them cheaply."""
+"""Reading image files as 8-bit RGB, whatever their mode, and checking them cheaply.
+
+Every image is opened through `open_image`, which refuses one whose header declares more pixels
+than the limit (`--max-pixels`, default 100 million: twice a 50-megapixel photo) before a pixel is
+decoded: a 0.5 MB PNG can declare 13000x13000 pixels and cost gigabytes once decoded. Such a
+file is an unreadable image like any other: skipped with a count, or an error under --strict.
+"""
 
 from __future__ import annotations
 
+import io
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+MAX_PIXELS_ENV = "BIGTRANSFER_MAX_PIXELS"  # set by --max-pixels; inherited by loader processes
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+class ImageTooLarge(Image.DecompressionBombError):
+    """The image declares more pixels than the limit (a decompression bomb, or a huge scan)."""
+
+
 # Everything PIL raises for a file that is not a readable image.
 IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def max_pixels() -> int:
+    """The largest image (width x height) this process decodes."""
+    value = os.environ.get(MAX_PIXELS_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_MAX_PIXELS
+
+
+def open_image(source: str | Path | bytes) -> Image.Image:
+    """`Image.open` of a path or bytes, refused (ImageTooLarge) above the pixel limit before decoding."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit below
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    width, height = image.size
+    limit = max_pixels()
+    if width * height > limit:
+        image.close()
+        raise ImageTooLarge(f"{width}x{height} pixels is more than the limit of {limit:,} (--max-pixels)")
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -31,16 +67,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode a file into an 8-bit RGB image (raises one of IMAGE_ERRORS if it cannot)."""
-    with Image.open(path) as image:
+def load_rgb(source: str | Path | bytes) -> Image.Image:
+    """Decode a file (or its bytes) into an 8-bit RGB image (raises one of IMAGE_ERRORS if it cannot)."""
+    with open_image(source) as image:
         image.load()
         return to_rgb(image)
 
 
 def probe(path: str | Path) -> tuple[int, int]:
-    """(width, height) after checking the file's structure, without decoding the pixels."""
-    with Image.open(path) as image:
+    """(width, height) after checking the file's structure and size, without decoding the pixels."""
+    with open_image(path) as image:
         size = image.size
         image.verify()  # walks the file: catches truncation in PNG and most corrupt headers
     return size

@@ -390,34 +390,68 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_cifar_member(path: Path, name: str) -> dict:
+MAX_CIFAR_MEMBER = 200 << 20  # bytes; CIFAR-100's train batch, the largest, is ~158 MB
+
+
+def _read_cifar_members(path: Path, names: list[str]) -> dict[str, dict]:
+    """The named CIFAR batches (pickles of numpy arrays), read in one pass over the archive.
+
+    A member's size is checked against what a CIFAR batch can be before it is read: a small
+    .tar.gz can inflate to gigabytes."""
+    raw: dict[str, bytes] = {}
     try:
         if path.is_dir():
-            data = (path / name).read_bytes()
+            for name in names:
+                file = path / name
+                _check_member_size(path, name, file.stat().st_size)
+                raw[name] = file.read_bytes()
         else:
             with tarfile.open(path) as tar:
-                member = next(m for m in tar.getmembers() if Path(m.name).name == name)
-                data = tar.extractfile(member).read()
-        return _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except (OSError, StopIteration, tarfile.TarError, pickle.UnpicklingError, EOFError, ValueError) as err:
-        raise BigTransferError(f"{path}: cannot read CIFAR member {name!r} ({err})") from None
+                for member in tar:
+                    name = Path(member.name).name
+                    if member.isfile() and name in names and name not in raw:
+                        _check_member_size(path, name, member.size)
+                        raw[name] = tar.extractfile(member).read()
+    except (OSError, tarfile.TarError, EOFError, ValueError) as err:
+        raise BigTransferError(f"{path}: cannot read the CIFAR archive ({err})") from None
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise BigTransferError(f"{path}: cannot read CIFAR member {missing[0]!r} (not in the archive)")
+    batches = {}
+    for name, data in raw.items():
+        try:
+            batches[name] = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+                KeyError) as err:
+            raise BigTransferError(f"{path}: cannot read CIFAR member {name!r} ({err})") from None
+    return batches
+
+
+def _check_member_size(path: Path, name: str, size: int) -> None:
+    if size > MAX_CIFAR_MEMBER:
+        raise BigTransferError(f"{path}: CIFAR member {name!r} is {size:,} bytes, more than a CIFAR batch can be "
+                               f"({MAX_CIFAR_MEMBER:,}); not a CIFAR archive")
 
 
 def cifar(path: Path) -> Splits:
     """CIFAR-10/100 from the python version: the .tar.gz or its extracted folder."""
     kind = _cifar_kind(path)
     train_files, test_files, meta_file, label_key, names_key = _CIFAR_FILES[kind]
-    meta = _read_cifar_member(path, meta_file)
-    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[names_key]]
+    members = _read_cifar_members(path, [meta_file, *train_files, *test_files])
+    try:
+        classes = [n.decode() if isinstance(n, bytes) else str(n) for n in members[meta_file][names_key]]
 
-    def load(files):
-        batches = [_read_cifar_member(path, f) for f in files]
-        pixels = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
-        labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
-        return ImageSet(classes, labels, pixels=pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(),
-                        origin=f"{kind}:{path.name}")
+        def load(files):
+            pixels = np.concatenate([np.asarray(members[f][b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+                                     for f in files])
+            labels = np.concatenate([np.asarray(members[f][label_key], dtype=np.int64) for f in files])
+            if len(labels) != len(pixels) or labels.min() < 0 or labels.max() >= len(classes):
+                raise ValueError("labels do not match the images or the class list")
+            return ImageSet(classes, labels, pixels=pixels.transpose(0, 2, 3, 1).copy(), origin=f"{kind}:{path.name}")
 
-    return Splits(load(train_files), load(test_files))
+        return Splits(load(train_files), load(test_files))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise BigTransferError(f"{path}: not a CIFAR python archive ({err})") from None
 
 
 # --------------------------------------------------------------------------- built-ins

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from .. import rundir
 from ..data.sampler import ChunkSampler, StepBatches
 from ..errors import BigTransferError
 from ..inference import resolve_device
@@ -80,6 +81,11 @@ def plan(opts: DetectOptions, train_images: int) -> dict:
 
 def run_detect_train(opts: DetectOptions) -> dict:
     """Train (or resume) a BiT RetinaNet; returns the summary with the validation COCO metrics."""
+    with rundir.owned(Path(opts.out), "detect-train"):
+        return _detect_train(opts)
+
+
+def _detect_train(opts: DetectOptions) -> dict:
     from tqdm.auto import tqdm
 
     train_set = read_coco(opts.data, opts.images)
@@ -202,6 +208,11 @@ def evaluate_detector(model, coco: CocoSet, device: torch.device, *, batch: int 
 def run_detect_eval(run: str | Path, data: str, images: str | None = None, *, device: str = "auto",
                     batch: int = 8, out: Path | None = None, progress: bool = True) -> dict:
     """COCO metrics of a trained detection run (its final.safetensors) on a COCO json."""
+    with rundir.maybe_owned(out, "detect-eval"):
+        return _detect_eval(run, data, images, device=device, batch=batch, out=out, progress=progress)
+
+
+def _detect_eval(run, data, images, *, device, batch, out, progress) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

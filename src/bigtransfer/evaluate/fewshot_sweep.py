@@ -31,6 +31,7 @@ from ..data.sources import Splits, load_source
 from ..data.transforms import eval_transform
 from ..errors import BigTransferError
 from ..finetune import FinetuneOptions, make_plan, prepare_data, run_finetune
+from ..rundir import RunInUse
 from ..train.checkpointing import write_json_atomic
 from .report import claim_out, collect_fewshot, write_fewshot_report
 
@@ -146,7 +147,11 @@ def run_sweep(opts: SweepOptions) -> dict:
                disable=not opts.finetune.progress)
     for job in todo:
         start = time.perf_counter()
-        summary = run_finetune(job_options(opts, job), splits=data)
+        try:
+            summary = run_finetune(job_options(opts, job), splits=data)
+        except RunInUse as err:  # another worker of this sweep is training it: never both at once
+            bar.write(f"{job.name}: skipped, {err}")
+            continue
         bar.update()
         if opts.finetune.progress:
             bar.write(f"{job.name}: top-1 {summary['final']['top1']:.2%} ({time.perf_counter() - start:.0f}s)")

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .. import rundir
 from ..data.dataset import TransformedImages
 from ..data.images import probe
 from ..data.sources import ImageSet, load_source
@@ -266,6 +267,14 @@ def evaluate_objectnet(model_spec: str | Path, data: str, mapping: str | Path, *
                        batch: int = 32, workers: int = 0, device: str = "auto", out: str | Path | None = None,
                        progress: bool = True) -> dict:
     """ObjectNet top-1/top-5 and per-class top-1 of an ILSVRC model; writes reports to `out` if given."""
+    with rundir.maybe_owned(out, "objectnet"):
+        return _evaluate_objectnet(model_spec, data, mapping, boxes=boxes, restrict=restrict,
+                                   skip_unmapped=skip_unmapped, resize=resize, crop=crop, batch=batch,
+                                   workers=workers, device=device, out=out, progress=progress)
+
+
+def _evaluate_objectnet(model_spec, data, mapping, *, boxes, restrict, skip_unmapped, resize, crop, batch, workers,
+                        device, out, progress) -> dict:
     from ..inference import load_model, resolve_device
 
     dev = resolve_device(device)

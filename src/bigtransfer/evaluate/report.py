@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import html
 import io
 import json
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import rundir
+from ..atomic import write_atomically, write_text
 from ..errors import BigTransferError
 from ..train.checkpointing import write_json_atomic
 
@@ -34,6 +37,11 @@ def figure_html(fig, alt: str) -> str:
     plt.close(fig)
     data = base64.b64encode(buffer.getvalue()).decode()
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _e(value) -> str:
+    """Any value as HTML text: results files can be edited by hand, so nothing goes in unescaped."""
+    return html.escape(str(value))
 
 
 def table_html(header: list[str], rows: list[list]) -> str:
@@ -57,18 +65,17 @@ def page(title: str, sections: list[tuple[str, str]]) -> str:
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            writer.writerows(rows)
+
+    write_atomically(path, write)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text(path, text)
 
 
 def _pct(value: float | None) -> str:
@@ -80,28 +87,52 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
+def read_json(path: Path):
+    """A results file's JSON; one clear error if it was damaged or edited into something else."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BigTransferError(f"{path}: not a readable JSON file ({err})") from None
+
+
+def tolerant(fn):
+    """Results files can be edited by hand: a missing field or a value of the wrong type becomes one
+    clear error naming the folder, not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(out, *args, **kwargs):
+        try:
+            return fn(out, *args, **kwargs)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            raise BigTransferError(f"{out}: a results file there is damaged or was edited "
+                                   f"({type(err).__name__}: {err}); re-run the command that wrote it") from None
+    return wrapper
+
+
 def read_protocol(out: Path) -> dict:
     path = Path(out) / PROTOCOL_FILE
     if not path.is_file():
         raise BigTransferError(f"{out}: not a protocol output directory (no {PROTOCOL_FILE})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise BigTransferError(f"{path}: not valid JSON ({err})") from None
+    protocol = read_json(path)
+    if not isinstance(protocol, dict) or not isinstance(protocol.get("protocol"), str):
+        raise BigTransferError(f"{path}: not a bigtransfer protocol file")
+    return protocol
 
 
 def claim_out(out: Path, settings: dict) -> None:
-    """Create OUT with its protocol.json, or check that OUT holds the same protocol run."""
+    """Create OUT with its protocol.json, or check that OUT holds the same protocol run.
+
+    OUT must be new, empty or one of our `settings["protocol"]` folders (rundir.claim)."""
+    rundir.check_claim(out, settings["protocol"])
     path = out / PROTOCOL_FILE
     if path.is_file():
-        previous = json.loads(path.read_text())
+        previous = read_protocol(out)
         recorded = {k: previous.get(k) for k in settings}
         if json.loads(json.dumps(recorded)) != json.loads(json.dumps(settings, default=str)):
             changed = sorted(k for k in settings if json.dumps(previous.get(k), default=str)
                              != json.dumps(settings[k], default=str))
             raise BigTransferError(f"--out {out} holds a {settings['protocol']} run with other settings "
                                    f"({', '.join(changed)}); use another --out to start a new one")
-    out.mkdir(parents=True, exist_ok=True)
+    rundir.claim(out, settings["protocol"])
     write_json_atomic(path, settings)
 
 
@@ -110,6 +141,7 @@ def _shot_order(shots) -> list:
 
 
 # --------------------------------------------------------------------------- few-shot
+@tolerant
 def collect_fewshot(out: Path) -> dict:
     """Every finished run of a few-shot sweep, and min/median/max per K for each method."""
     out = Path(out)
@@ -119,12 +151,12 @@ def collect_fewshot(out: Path) -> dict:
         for seed in range(protocol["repeats"]):
             summary_path = out / f"{k}shot" / f"seed{seed}" / "summary.json"
             if summary_path.is_file():
-                final = json.loads(summary_path.read_text())["final"]
+                final = read_json(summary_path)["final"]
                 runs.append({"method": "finetune", "shots": k, "seed": seed, "top1": final["top1"],
                              "top5": final.get("top5"), "run": str(summary_path.parent)})
     probe_path = out / "linear_probe.json"
     if probe_path.is_file():
-        for record in json.loads(probe_path.read_text()).values():
+        for record in read_json(probe_path).values():
             if record["shots"] in protocol["shots"]:
                 runs.append({"method": "linear_probe", **record, "run": str(probe_path)})
     summary: dict = {}
@@ -186,6 +218,7 @@ def fewshot_figure(results: dict, title: str = ""):
     return fig
 
 
+@tolerant
 def write_fewshot_report(out: Path, results: dict) -> Path:
     out = Path(out)
     write_json_atomic(out / "results.json", results)
@@ -193,8 +226,8 @@ def write_fewshot_report(out: Path, results: dict) -> Path:
               [[r["method"], r["shots"], r["seed"], r["top1"], r.get("top5")] for r in results["runs"]])
     ft = results["protocol"]["finetune"]
     header, rows = fewshot_table(results)
-    note = (f"<p class='note'>model {html.escape(str(ft['model']))}, data {html.escape(str(ft['data']))}; "
-            f"{results['finished']} of {results['expected']} fine-tuning runs finished. The linear probe is a "
+    note = (f"<p class='note'>model {_e(ft['model'])}, data {_e(ft['data'])}; "
+            f"{_e(results['finished'])} of {_e(results['expected'])} fine-tuning runs finished. The linear probe is a "
             "logistic regression on the frozen pre-logits of the same draws.</p>")
     fig = fewshot_figure(results, f"{ft['model']} on {Path(str(ft['data'])).name}")
     path = out / "report.html"
@@ -206,6 +239,7 @@ def write_fewshot_report(out: Path, results: dict) -> Path:
 
 
 # --------------------------------------------------------------------------- VTAB-1k
+@tolerant
 def collect_vtab(out: Path) -> dict:
     """Every finished VTAB-1k run; per task the mean test top-1 over runs, per group, overall."""
     from .vtab import GROUP_OF, aggregate
@@ -218,7 +252,7 @@ def collect_vtab(out: Path) -> dict:
             for seed in range(protocol["runs"]):
                 path = out / task / variant / f"seed{seed}" / "summary.json"
                 if path.is_file():
-                    final = json.loads(path.read_text())["final"]
+                    final = read_json(path)["final"]
                     runs.append({"task": task, "group": GROUP_OF[task], "split": variant, "seed": seed,
                                  "top1": final["top1"], "scored_on": "test" if variant == "train800val200" else
                                  "val200", "run": str(path.parent)})
@@ -266,6 +300,7 @@ def vtab_figure(results: dict):
     return fig
 
 
+@tolerant
 def write_vtab_report(out: Path, results: dict) -> Path:
     from .vtab import GROUP_OF
 
@@ -277,8 +312,8 @@ def write_vtab_report(out: Path, results: dict) -> Path:
     rows = [[t, GROUP_OF[t], _pct(v), _pct(results["val200"].get(t))] for t, v in test["tasks"].items()]
     rows += [[f"{g} (mean)", g, _pct(v), ""] for g, v in test["groups"].items()]
     rows.append(["VTAB-1k (mean over tasks)", "all", _pct(test["mean"]), ""])
-    note = (f"<p class='note'>model {html.escape(str(results['protocol']['finetune']['model']))}; "
-            f"{results['finished']} of {results['expected']} runs finished; "
+    note = (f"<p class='note'>model {_e(results['protocol']['finetune']['model'])}; "
+            f"{_e(results['finished'])} of {_e(results['expected'])} runs finished; "
             + ("all 19 tasks." if test["complete"] else "<b>not all 19 tasks: the mean is not the VTAB score.</b>")
             + " Test top-1 after fine-tuning on train800val200 with BiT-HyperRule (mean over runs).</p>")
     sections = [("Scores", table_html(["task", "group", "test top-1", "val200 top-1"], rows) + note)]
@@ -293,6 +328,7 @@ def write_vtab_report(out: Path, results: dict) -> Path:
 NORM_GRID = (("BatchNorm", ("bn", "bn_ws")), ("GroupNorm", ("gn", "gn_ws")))
 
 
+@tolerant
 def collect_ablation(out: Path) -> dict:
     """Upstream top-1 per normalisation (Table 4) and transfer medians per task and K (Table 5)."""
     from .ablation import transfer_dir
@@ -303,7 +339,7 @@ def collect_ablation(out: Path) -> dict:
     for norm in protocol["norms"]:
         path = out / "upstream" / norm / "summary.json"
         if path.is_file():
-            upstream[norm] = json.loads(path.read_text())["final"].get("top1")
+            upstream[norm] = read_json(path)["final"].get("top1")
         for task in protocol["downstream"]:
             sweep = transfer_dir(out, task, norm)
             if (sweep / PROTOCOL_FILE).is_file():
@@ -348,6 +384,7 @@ def ablation_figure(results: dict, task: str):
     return fig
 
 
+@tolerant
 def write_ablation_report(out: Path, results: dict) -> Path:
     out = Path(out)
     write_json_atomic(out / "results.json", results)
@@ -358,8 +395,8 @@ def write_ablation_report(out: Path, results: dict) -> Path:
     p = results["protocol"]
     sections = [("Table 4: upstream validation top-1",
                  table_html(*norm_grid(results["upstream_top1"]))
-                 + f"<p class='note'>{html.escape(p['arch'])} pre-trained on {html.escape(p['upstream'])}, "
-                   f"{p['upstream_epochs']:g} epochs at batch {p['upstream_batch']}.</p>")]
+                 + f"<p class='note'>{_e(p['arch'])} pre-trained on {_e(p['upstream'])}, "
+                   f"{_e(p['upstream_epochs'])} epochs at batch {_e(p['upstream_batch'])}.</p>")]
     for task, by_norm in results["transfer_top1"].items():
         shots = _shot_order({k for medians in by_norm.values() for k in medians})
         ranges = results.get("transfer_range", {}).get(task, {})
@@ -397,16 +434,17 @@ def objectnet_figure(result: dict):
     return fig
 
 
+@tolerant
 def write_objectnet_report(out: Path, result: dict) -> Path:
     settings = result["settings"]
     rows = [[c, _pct(result["per_class_accuracy"][c]), _pct(result["per_class_top5"][c]), n]
             for c, n in result["per_class_images"].items()]
     summary = table_html(["", "top-1", "top-5", "images"],
                          [["all classes", _pct(result["top1"]), _pct(result["top5"]), result["images"]]])
-    note = (f"<p class='note'>model {html.escape(settings['model'])}; resize {settings['resize']}, centre crop "
-            f"{settings['crop']}; {settings['cropped_images']} images cropped to boxes; logits "
+    note = (f"<p class='note'>model {_e(settings['model'])}; resize {_e(settings['resize'])}, centre crop "
+            f"{_e(settings['crop'])}; {_e(settings['cropped_images'])} images cropped to boxes; logits "
             + ("restricted to the mapped ILSVRC classes" if settings["restrict"] else "over all classes")
-            + f" ({settings['mapped_ilsvrc_classes']} mapped onto {settings['objectnet_classes']}).</p>")
+            + f" ({_e(settings['mapped_ilsvrc_classes'])} mapped onto {_e(settings['objectnet_classes'])}).</p>")
     path = Path(out) / "report.html"
     write_text_atomic(path, page("ObjectNet evaluation", [
         ("Summary", summary + note), ("Per class", figure_html(objectnet_figure(result), "ObjectNet per class")
@@ -415,6 +453,7 @@ def write_objectnet_report(out: Path, result: dict) -> Path:
 
 
 # --------------------------------------------------------------------------- hyper-parameter search
+@tolerant
 def collect_search(out: Path, study=None) -> dict:
     """Every trial of the study (state, validation top-1, settings) and the final comparison."""
     import optuna
@@ -460,6 +499,7 @@ def search_figure(results: dict):
     return fig
 
 
+@tolerant
 def write_search_report(out: Path, results: dict) -> Path:
     out = Path(out)
     write_json_atomic(out / "results.json", results)
@@ -468,7 +508,7 @@ def write_search_report(out: Path, results: dict) -> Path:
     write_csv(out / "results.csv", ["trial", "state", "val_top1", *params],
               [[t["number"], t["state"], t["val_top1"], *(t.get(p) for p in params)] for t in results["trials"]])
     sections = [("Trials", figure_html(search_figure(results), "search progress")
-                 + f"<p class='note'>{results['complete']} completed trials; space: "
+                 + f"<p class='note'>{_e(results['complete'])} completed trials; space: "
                  + html.escape(", ".join(f"{n} {results['protocol']['space'][n]}" for n in names)) + "</p>")]
     final = results.get("final")
     if final:
@@ -479,7 +519,7 @@ def write_search_report(out: Path, results: dict) -> Path:
                                                  for k, v in final["best_params"].items()])
         sections.insert(0, ("HyperRule vs search",
                             table_html(["", "validation top-1", "test top-1 (retrained on train+val)"], rows)
-                            + f"<h3>Best trial ({final['best_trial']})</h3>" + best))
+                            + f"<h3>Best trial ({_e(final['best_trial'])})</h3>" + best))
     path = out / "report.html"
     write_text_atomic(path, page("Hyper-parameter search (Supp. A)", sections))
     return path
@@ -497,5 +537,5 @@ def rebuild(out: Path) -> Path:
     if kind == "search":
         return write_search_report(out, collect_search(out))
     if kind == "objectnet":
-        return write_objectnet_report(out, json.loads((Path(out) / "objectnet.json").read_text()))
+        return write_objectnet_report(out, read_json(Path(out) / "objectnet.json"))
     raise BigTransferError(f"{out}: unknown protocol {kind!r} in {PROTOCOL_FILE}")

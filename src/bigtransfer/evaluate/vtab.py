@@ -23,6 +23,7 @@ import numpy as np
 from ..data.sources import Splits, load_source
 from ..errors import BigTransferError
 from ..finetune import FinetuneOptions, run_finetune
+from ..rundir import RunInUse
 
 GROUPS = {
     "natural": ("caltech101", "cifar100", "dtd", "oxford_flowers102", "oxford_iiit_pet", "sun397", "svhn"),
@@ -172,7 +173,11 @@ def run_vtab(opts: VtabOptions) -> dict:
                 data = decoded_splits(data, plan.train_side, plan.crop, cache_dir=out / "cache" / task,
                                       strict=opts.finetune.strict, progress=opts.finetune.progress)
             for job in runs:
-                summary = run_finetune(job_options(opts, job), splits=data)
+                try:
+                    summary = run_finetune(job_options(opts, job), splits=data)
+                except RunInUse as err:  # another worker is training this job: never both at once
+                    bar.write(f"{job.name}: skipped, {err}")
+                    continue
                 bar.update()
                 if opts.finetune.progress:
                     bar.write(f"{job.name}: top-1 {summary['final']['top1']:.2%}")

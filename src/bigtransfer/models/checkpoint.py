@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import re
 import struct
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -25,8 +23,9 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..atomic import write_atomically
 from ..errors import BigTransferError
-from .resnetv2 import ArchSpec, ModelConfig, ResNetV2
+from .resnetv2 import NORMS, ArchSpec, ModelConfig, ResNetV2
 
 FORMAT_TAG = "bigtransfer"
 DEFAULT_VALUE_RANGE = (-1.0, 1.0)
@@ -74,18 +73,63 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
 
 
 # --------------------------------------------------------------------------- reading files
-def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """All arrays of a `.npz` as a dict (no pickle), with clear errors for damaged files."""
+@dataclass(frozen=True)
+class _NpyHeader:
+    """What a `.npz` member declares, read from its header alone."""
+
+    member: str  # the zip member's name
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+
+
+MAX_ARRAYS = 10_000  # the largest released file (R152x4) has about 500
+
+
+def npz_headers(path: Path) -> dict[str, _NpyHeader]:
+    """Name -> declared shape and dtype of every array in a `.npz`, decompressing only the headers.
+
+    Nothing is allocated from what a file declares until the names and shapes have been checked
+    against the model: a 14 MB file can hold a deflated 3 GiB array, or declare a 4 TB shape."""
     sniff_format(path)
-    arrays: dict[str, np.ndarray] = {}
+    headers: dict[str, _NpyHeader] = {}
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            for key in npz.files:
-                arrays[key] = npz[key]
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.infolist() if m.filename.endswith(".npy")]
+            if len(members) > MAX_ARRAYS:
+                raise BigTransferError(f"{path}: {len(members)} arrays, more than any BiT checkpoint holds")
+            for info in members:
+                with archive.open(info) as fh:
+                    shape, fortran, dtype = _read_npy_header(fh)
+                if dtype.hasobject or dtype.kind not in "fiu":
+                    raise BigTransferError(f"{path}: array {info.filename!r} holds {dtype}, not numbers")
+                headers[info.filename[: -len(".npy")]] = _NpyHeader(info.filename, shape, dtype, fortran)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as err:
         raise BigTransferError(f"{path}: truncated or corrupt .npz ({err})") from None
-    if not arrays:
+    if not headers:
         raise BigTransferError(f"{path}: the .npz holds no arrays")
+    return headers
+
+
+def _read_npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fh)
+    if version in ((2, 0), (3, 0)):
+        return np.lib.format.read_array_header_2_0(fh)
+    raise ValueError(f"unsupported .npy format version {version}")
+
+
+def read_npz_arrays(path: Path, headers: dict[str, _NpyHeader], names: list[str]) -> dict[str, np.ndarray]:
+    """The named arrays (whose headers the caller has checked), each read up to its declared size."""
+    arrays = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in names:
+                with archive.open(headers[name].member) as fh:
+                    arrays[name] = np.lib.format.read_array(fh, allow_pickle=False)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as err:
+        raise BigTransferError(f"{path}: truncated or corrupt .npz ({err})") from None
     return arrays
 
 
@@ -119,14 +163,13 @@ def read_safetensors(path: Path, keys: list[str] | None = None) -> dict[str, tor
 _CONV_SUFFIX_RE = re.compile(r"/standardized_conv2d_\d+/")
 
 
-def _normalise_keys(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _normalised_name(key: str) -> str:
     """Undo naming quirks: some released files say `standardized_conv2d_N`; some nest under `params/`."""
-    out = {}
-    for key, value in arrays.items():
-        key = _CONV_SUFFIX_RE.sub("/standardized_conv2d/", key)
-        key = key.removeprefix("params/")
-        out[key] = value
-    return out
+    return _CONV_SUFFIX_RE.sub("/standardized_conv2d/", key).removeprefix("params/")
+
+
+def _normalise_keys(headers: dict[str, _NpyHeader]) -> dict[str, _NpyHeader]:
+    return {_normalised_name(key): value for key, value in headers.items()}
 
 
 @dataclass
@@ -185,9 +228,9 @@ _LAYOUTS = {
 }
 
 
-def _detect_layout(arrays: dict[str, np.ndarray], path: Path) -> str:
+def _detect_layout(headers: dict[str, _NpyHeader], path: Path) -> str:
     for name, (_, root_key, _) in _LAYOUTS.items():
-        if root_key in arrays:
+        if root_key in headers:
             return name
     raise BigTransferError(
         f"{path}: not a BiT checkpoint: expected the authors' layout "
@@ -210,24 +253,30 @@ class FileSummary:
         return f"{self.arch.name} ({head})"
 
 
-def _infer_from_npz(arrays: dict[str, np.ndarray], layout: str, path: Path) -> FileSummary:
-    """Architecture from the tensors alone: units counted per block, width from the root conv."""
+MAX_UNITS = 100  # per stage (R152 has 36)
+MAX_WIDTH = 64  # times 64 root channels (R152x4 has 4)
+
+
+def _infer_from_npz(headers: dict[str, _NpyHeader], layout: str, path: Path) -> FileSummary:
+    """Architecture from the declared shapes alone: units counted per block, width from the root conv."""
     _, root_key, head_bias_key = _LAYOUTS[layout]
-    root = arrays[root_key]
-    if root.ndim != 4:
-        raise BigTransferError(f"{path}: tensor {root_key!r} has shape {root.shape}, expected a 4-d HWIO kernel")
-    width = root.shape[3] / 64
+    root = headers[root_key].shape
+    if len(root) != 4 or root[:3] != (7, 7, 3) or not 0 < root[3] <= 64 * MAX_WIDTH:
+        raise BigTransferError(f"{path}: tensor {root_key!r} has shape {root}, expected a 7x7x3xC HWIO kernel")
     unit_re = re.compile(r"block(\d)/unit(\d+)/")
     units = [0, 0, 0, 0]
-    for key in arrays:
+    for key in headers:
         match = unit_re.search(key)
         if match and 1 <= int(match.group(1)) <= 4:
             block = int(match.group(1)) - 1
             units[block] = max(units[block], int(match.group(2)))
     if min(units) < 1:
         raise BigTransferError(f"{path}: a stage has no units ({units}); the file is incomplete")
-    num_classes = int(arrays[head_bias_key].size) if head_bias_key in arrays else None
-    return FileSummary(ArchSpec(tuple(units), width), num_classes)  # type: ignore[arg-type]
+    if max(units) > MAX_UNITS:
+        raise BigTransferError(f"{path}: a stage has {max(units)} units, more than any BiT model")
+    head = headers.get(head_bias_key)
+    num_classes = int(np.prod(head.shape, dtype=object)) if head is not None else None
+    return FileSummary(ArchSpec(tuple(units), root[3] / 64), num_classes)  # type: ignore[arg-type]
 
 
 def _file_shape_candidates(entry: _Entry, target: torch.Size) -> list[tuple[int, ...]]:
@@ -264,25 +313,80 @@ def summarize(path: Path) -> FileSummary:
     """Inspect a weights file (architecture, head size, norm) without building a model."""
     path = Path(path)
     if sniff_format(path) == "npz":
-        arrays = _normalise_keys(read_npz(path))
-        return _infer_from_npz(arrays, _detect_layout(arrays, path), path)
+        headers = _normalise_keys(npz_headers(path))
+        layout = _detect_layout(headers, path)
+        summary = _infer_from_npz(headers, layout, path)
+        _check_npz_shapes(path, headers, layout, summary.arch, _expected_shapes(summary))
+        return summary
     shapes, metadata = read_safetensors_header(path)
     return _summary_from_safetensors(shapes, metadata, path)
 
 
+MAX_RESOLUTION = 16384
+
+
 def _summary_from_safetensors(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], path: Path) -> FileSummary:
+    """The architecture from our metadata, each field checked against sane bounds and the tensors."""
     if metadata.get("format") != FORMAT_TAG:
         raise BigTransferError(
             f"{path}: a .safetensors file without bigtransfer metadata; "
             f"save models with bigtransfer.save_checkpoint so the architecture is recorded"
         )
+
+    def damaged(what: str) -> BigTransferError:
+        return BigTransferError(f"{path}: damaged bigtransfer metadata ({what})")
+
     try:
         units = tuple(int(u) for u in metadata["units"].split(","))
-        arch = ArchSpec(units, float(metadata["width"]))  # type: ignore[arg-type]
-        num_classes = int(metadata["num_classes"]) if "head.bias" in shapes else None
-        return FileSummary(arch, num_classes, metadata["norm"], int(metadata["groups"]), metadata)
+        width = float(metadata["width"])
+        norm, groups = metadata["norm"], int(metadata["groups"])
+        declared_classes = int(metadata["num_classes"])
     except (KeyError, ValueError) as err:
-        raise BigTransferError(f"{path}: damaged bigtransfer metadata ({err})") from None
+        raise damaged(str(err)) from None
+    if len(units) != 4 or not all(1 <= u <= MAX_UNITS for u in units):
+        raise damaged(f"units {metadata['units']!r}")
+    if not 0 < width <= MAX_WIDTH or (64 * width) % 1:
+        raise damaged(f"width {metadata['width']!r}")
+    if norm not in NORMS or not 1 <= groups <= 64 * width:
+        raise damaged(f"norm {norm!r}, groups {groups}")
+    root = shapes.get("root.conv.weight")
+    if root != (round(64 * width), 3, 7, 7):
+        raise damaged(f"width {width:g} but root.conv.weight has shape {root}")
+    head = shapes.get("head.bias")
+    num_classes = head[0] if head is not None and len(head) == 1 else None
+    if head is not None and declared_classes != num_classes:
+        raise damaged(f"num_classes {declared_classes} but head.bias has shape {head}")
+    summary = FileSummary(ArchSpec(units, width), num_classes, norm, groups, metadata)  # type: ignore[arg-type]
+    _decoded_metadata(summary, path)  # every JSON field must parse and fit the tensors
+    return summary
+
+
+def _decoded_metadata(summary: FileSummary, path: Path) -> dict:
+    """class_names, resolution, value_range and provenance, each checked (absent ones left out)."""
+    decoded = {}
+    for key in ("class_names", "resolution", "value_range", "provenance"):
+        if key not in summary.metadata:
+            continue
+        try:
+            value = json.loads(summary.metadata[key])
+        except ValueError:
+            raise BigTransferError(f"{path}: damaged bigtransfer metadata ({key} is not JSON)") from None
+        if not _valid_field(key, value, summary.num_classes):
+            raise BigTransferError(f"{path}: damaged bigtransfer metadata ({key}: {summary.metadata[key][:80]!r})")
+        decoded[key] = value
+    return decoded
+
+
+def _valid_field(key: str, value, num_classes: int | None) -> bool:
+    if value is None:
+        return True
+    if key == "class_names":
+        return isinstance(value, list) and len(value) == num_classes and all(isinstance(n, str) for n in value)
+    if key == "resolution":
+        return isinstance(value, int) and 1 <= value <= MAX_RESOLUTION
+    if key == "value_range":
+        return isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+    return isinstance(value, dict)  # provenance
 
 
 def load_state_dict(path: Path, model: ResNetV2, load_head: bool) -> dict[str, torch.Tensor]:
@@ -294,11 +398,11 @@ def load_state_dict(path: Path, model: ResNetV2, load_head: bool) -> dict[str, t
     """
     path = Path(path)
     if sniff_format(path) == "npz":
-        arrays = _normalise_keys(read_npz(path))
-        layout = _detect_layout(arrays, path)
-        summary = _infer_from_npz(arrays, layout, path)
+        headers = _normalise_keys(npz_headers(path))
+        layout = _detect_layout(headers, path)
+        summary = _infer_from_npz(headers, layout, path)
         _check_same_architecture(summary, model, path)
-        return _npz_state_dict(arrays, layout, summary.arch, _expected(model, load_head), path)
+        return _npz_state_dict(path, headers, layout, summary.arch, _expected(model, load_head))
     shapes, metadata = read_safetensors_header(path)
     summary = _summary_from_safetensors(shapes, metadata, path)
     _check_same_architecture(summary, model, path)
@@ -322,19 +426,35 @@ def _check_same_architecture(summary: FileSummary, model: ResNetV2, path: Path) 
         )
 
 
-def _npz_state_dict(
-    arrays: dict[str, np.ndarray], layout: str, arch: ArchSpec, expected: dict[str, torch.Size], path: Path
-) -> dict[str, torch.Tensor]:
-    """Check every name and shape first; then convert, releasing each source array as we go."""
+def _expected_shapes(summary: FileSummary) -> dict[str, torch.Size]:
+    """Every tensor a model of this summary holds (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = ResNetV2(ModelConfig(summary.arch, summary.num_classes or 1, summary.norm, summary.groups))
+    return _expected(model, load_head=summary.num_classes is not None)
+
+
+def _check_npz_shapes(path: Path, headers: dict[str, _NpyHeader], layout: str, arch: ArchSpec,
+                      expected: dict[str, torch.Size]) -> dict[str, _Entry]:
+    """Every tensor the model needs is in the file with the right declared shape, or one clear error."""
     table = _LAYOUTS[layout][0](arch, "head.weight" in expected)
     for name, entry in table.items():
-        if entry.file_key not in arrays:
+        if entry.file_key not in headers:
             raise BigTransferError(f"{path}: missing tensor {entry.file_key!r} (needed for {name})")
-        if not _shape_fits(arrays[entry.file_key].shape, entry, expected[name]):
+        if not _shape_fits(headers[entry.file_key].shape, entry, expected[name]):
             raise BigTransferError(
-                f"{path}: tensor {entry.file_key!r} has shape {tuple(arrays[entry.file_key].shape)}, "
+                f"{path}: tensor {entry.file_key!r} has shape {headers[entry.file_key].shape}, "
                 f"expected {_expected_file_shape(entry, expected[name])}"
             )
+    return table
+
+
+def _npz_state_dict(path: Path, headers: dict[str, _NpyHeader], layout: str, arch: ArchSpec,
+                    expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Check every name and declared shape first; then read and convert only those arrays."""
+    table = _check_npz_shapes(path, headers, layout, arch, expected)
+    members = {headers[e.file_key].member[: -len(".npy")]: e.file_key for e in table.values()}
+    raw = read_npz_arrays(path, {k: headers[v] for k, v in members.items()}, list(members))
+    arrays = {members[k]: v for k, v in raw.items()}
     converted: dict[str, torch.Tensor] = {}
     for name, entry in table.items():
         array = _convert(arrays.pop(entry.file_key), entry, expected[name])
@@ -391,27 +511,15 @@ def save_checkpoint(
     }
     source = model.state_dict() if state_dict is None else state_dict
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in source.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), what="weights file",
+                            durable=True)
 
 
 def read_metadata(path: Path) -> dict:
-    """Decoded bigtransfer metadata of a weights file (class names, resolution, ...)."""
+    """Decoded bigtransfer metadata of a weights file (class names, resolution, ...), each field checked."""
     summary = summarize(path)
-    meta = summary.metadata
     decoded: dict = {"architecture": summary.arch.name, "norm": summary.norm, "num_classes": summary.num_classes}
-    for key in ("class_names", "resolution", "value_range", "provenance"):
-        if key in meta:
-            decoded[key] = json.loads(meta[key])
-    return decoded
+    return {**decoded, **_decoded_metadata(summary, Path(path))}
 
 
 def build_from_summary(summary: FileSummary, num_classes: int, zero_head: bool = True) -> ResNetV2:

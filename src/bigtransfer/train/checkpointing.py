@@ -8,14 +8,13 @@ differs, so a changed command cannot silently continue someone else's run.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..atomic import RESUME_HINT, write_atomically, write_json
 from ..errors import BigTransferError
 
 FORMAT = "bigtransfer-train-state"
@@ -58,17 +57,8 @@ def save_train_state(path: Path, model_state: dict[str, torch.Tensor], momentum:
     tensors = {f"model/{k}": v.contiguous() for k, v in model_state.items()}
     tensors.update({f"optimizer/{k}": v.contiguous() for k, v in momentum.items()})
     meta = {"format": FORMAT, "step": str(step), "fingerprint": fingerprint, "extra": json.dumps(extra or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), what=f"checkpoint of step {step}",
+                     hint=RESUME_HINT, durable=True)
 
 
 def read_train_state(path: Path, fingerprint: str) -> tuple[dict, dict, int, dict]:
@@ -123,6 +113,4 @@ def fingerprint_of(settings: dict) -> str:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """JSON via a temporary file and a rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json(path, data)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
+
+from ..atomic import RESUME_HINT, write_text
+from ..errors import BigTransferError
 
 
 class Logbook:
@@ -34,7 +36,10 @@ class Logbook:
         if not self.enabled:
             return
         record = {"step": step, "kind": kind, "time": round(time.time(), 3), **values}
-        self._file.write(json.dumps(record) + "\n")
+        try:
+            self._file.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk: stop with the reason; the last checkpoint stays resumable
+            raise BigTransferError(f"{self._file.name}: cannot write metrics ({err.strerror}); {RESUME_HINT}") from None
         if self._writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
@@ -47,17 +52,28 @@ class Logbook:
             self._writer.close()
 
 
+def _records(path: Path) -> list[dict]:
+    """The records of a metrics file; a line that is not a record (half written when the process
+    was killed, or edited by hand) is dropped."""
+    records = []
+    with open(path, errors="replace") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+    return records
+
+
 def _truncate_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    kept = [r for r in _records(path) if r["step"] <= step]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in kept), what="metrics file")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _records(path) if path.is_file() else []
