@@ -246,3 +246,36 @@ def test_auto_precision_follows_device_and_workload(monkeypatch):
     assert loop.resolve_precision("fp32", cpu, 1e12) == "fp32" and loop.resolve_precision("bf16", cpu, 1) == "bf16"
     monkeypatch.setattr(loop, "native_bf16", lambda device: False)
     assert loop.resolve_precision("auto", cpu, 1e12) == "fp32"
+
+
+def test_finetuning_starts_from_a_zero_head_even_when_the_class_count_matches(tmp_path, capsys):
+    """The release always starts from an all-zero head: the first step's loss is exactly ln(K).
+    A file whose head already has K classes (a 10-class checkpoint, the digits' 10 classes) used
+    to keep its head; --keep-head still does, on purpose."""
+    import math
+
+    torch.manual_seed(1)
+    model = create_model(TINY, num_classes=10)
+    with torch.no_grad():
+        model.head.weight.normal_(0.0, 0.5)
+        model.head.bias.normal_(0.0, 1.0)
+    weights = tmp_path / "ten_classes.safetensors"
+    save_checkpoint(model, weights)
+
+    def first_loss(*extra):
+        out = tmp_path / ("kept" if extra else "zeroed")
+        assert main(["finetune", "--data", "digits", "--model", str(weights), "--batch", "16", "--steps", "1",
+                     "--resolution", "20/16", "--precision", "fp32", "--log-every", "1", "--workers", "0",
+                     "--quiet", "--out", str(out), *extra]) == 0
+        return next(r["loss"] for r in read_metrics(out) if r["kind"] == "train")
+
+    assert first_loss() == pytest.approx(math.log(10), abs=1e-6)
+    assert abs(first_loss("--keep-head") - math.log(10)) > 0.1
+
+    assert main(["plan", "--data", "digits", "--model", str(weights)]) == 0
+    assert "zero-initialised: a new all-zero head" in capsys.readouterr().out
+    assert main(["plan", "--data", "digits", "--model", str(weights), "--keep-head"]) == 0
+    assert "kept from the weights file" in capsys.readouterr().out
+    code = main(["finetune", "--data", "digits", "--model", TINY, "--keep-head", "--steps", "1",
+                 "--out", str(tmp_path / "nohead"), "--quiet"])
+    assert code == 2 and "--keep-head" in capsys.readouterr().err

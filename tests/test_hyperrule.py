@@ -121,3 +121,16 @@ def test_single_class_is_refused():
 def test_schedule_rejects_decreasing_boundaries():
     with pytest.raises(ValueError):
         LRSchedule(base_lr=0.1, warmup_steps=10, decay_steps=(5,), total_steps=20)
+
+
+def test_describe_names_the_release_resolution_for_large_images():
+    """The paper's 448/384 is the default; the plan says how to get the release's 512/480, which
+    --resolution 512/480 then reproduces (and only the resolution changes)."""
+    paper = hyperrule.plan(5_000, 300 * 300, 37, "R50x1")
+    assert (paper.resize, paper.crop) == (448, 384)
+    assert "--resolution 512/480" in hyperrule.describe(paper)
+    release = hyperrule.plan(5_000, 300 * 300, 37, "R50x1", resolution_override=(512, 480))
+    assert (release.resize, release.crop) == (512, 480) and release.schedule == paper.schedule
+    assert "--resolution 512/480" not in hyperrule.describe(release)
+    small = hyperrule.plan(5_000, 32 * 32, 10, "R50x1")
+    assert "512/480" not in hyperrule.describe(small)

@@ -201,6 +201,8 @@ def _add_hyperrule_args(p) -> None:
     g.add_argument("--no-crop", action="store_true", help="no random crop (counting, distance, location tasks)")
     g.add_argument("--schedule", choices=("release", "paper"), default="release",
                    help="release: warm-up + the authors' step boundaries (default); paper: /10 at 30/60/90%%")
+    g.add_argument("--keep-head", action="store_true",
+                   help="keep the weights file's head instead of a new all-zero one (continuing on the same classes)")
     g.add_argument("--dropout", type=float, default=0.0, help="dropout on the pre-logits (not in the rule; default 0)")
     g.add_argument("--l2-to-init", type=float, default=0.0,
                    help="weight decay towards the initial weights (not in the rule; default 0)")
@@ -236,21 +238,23 @@ def _finetune_options(args, **extra):
         data=args.data, model=args.model, weights=args.weights, val_fraction=args.val_fraction,
         split_seed=args.split_seed, strict=args.strict, examples_per_class=args.examples_per_class, seed=args.seed,
         batch=args.batch, base_lr=args.base_lr, steps=args.steps, resolution=args.resolution, mixup=args.mixup,
-        flip=not args.no_flip, random_crop=not args.no_crop, schedule=args.schedule, dropout=args.dropout,
+        flip=not args.no_flip, random_crop=not args.no_crop, schedule=args.schedule, keep_head=args.keep_head,
+        dropout=args.dropout,
         l2_to_init=args.l2_to_init, **extra)
 
 
 def _run_plan(args) -> int:
     from . import hyperrule
     from .finetune import make_plan, prepare_data
-    from .models.factory import resolve_arch_name
+    from .models.factory import model_source, resolve_arch_name
     from .models.resnetv2 import ModelConfig, parse_arch
     from .train import memory
 
     opts = _finetune_options(args, progress=not args.json)
     splits = prepare_data(opts)
     plan = make_plan(opts, splits)
-    config = ModelConfig(parse_arch(resolve_arch_name(args.model)), len(splits.classes))
+    name, _ = model_source(args.model, args.weights)  # --model may be a run directory or a weights file
+    config = ModelConfig(parse_arch(resolve_arch_name(name)), len(splits.classes))
     estimate = memory.report(config, plan.crop, plan.batch, args.memory_for)
     if args.json:
         print(json.dumps({"plan": plan.to_dict(), "classes": splits.classes, "memory": estimate}, indent=2))

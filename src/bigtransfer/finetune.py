@@ -52,6 +52,7 @@ class FinetuneOptions:
     flip: bool = True
     random_crop: bool = True
     schedule: str = "release"
+    keep_head: bool = False  # start from the weights file's head instead of an all-zero one
     # Supp. A regularisers, off in the HyperRule (the search turns them on)
     dropout: float = 0.0  # on the pre-logits
     l2_to_init: float = 0.0  # weight decay towards the initial weights
@@ -89,7 +90,20 @@ def make_plan(opts: FinetuneOptions, splits: Splits) -> hyperrule.Plan:
         len(splits.train), splits.train.median_area(), len(splits.classes), resolve_arch_name(name),
         batch=opts.batch, base_lr=opts.base_lr, steps=opts.steps, resolution_override=opts.resolution,
         mixup=opts.mixup, flip=opts.flip, random_crop=opts.random_crop, schedule_variant=opts.schedule,
+        keep_head=opts.keep_head,
     )
+
+
+def _check_kept_head(model, name: str, weights: str | None, classes: int) -> None:
+    """--keep-head needs a weights file whose head has the data's class count."""
+    from .models import checkpoint, zoo
+
+    entry = zoo.lookup(name)
+    source = weights or (zoo.cached_path(entry) if entry else None)
+    head = checkpoint.summarize(Path(source)).num_classes if source else None
+    if head != classes:
+        raise BigTransferError(f"--keep-head: the weights' head has {head or 'no'} classes, the data has {classes}; "
+                               "it can only continue on the same label set")
 
 
 def _freeze(model, until: str | None) -> list[torch.nn.Module]:
@@ -131,6 +145,10 @@ def _finetune(opts: FinetuneOptions, splits: Splits | None, ctx: DistContext) ->
     torch.manual_seed(opts.seed)  # a from-scratch model's init is part of the run's reproducible state
     name, weights = model_source(opts.model, opts.weights)
     model = create_model(name, num_classes=len(splits.classes), weights=weights)
+    if opts.keep_head:
+        _check_kept_head(model, name, weights, len(splits.classes))
+    else:  # the release always starts from an all-zero head, even when the file's has the same classes
+        model.reset_head(len(splits.classes), zero_init=True)
     precision = resolve_precision(opts.precision, ctx.device, forward_flops_per_image(model.config, plan.crop))
     bf16 = precision == "bf16"
     frozen = _freeze(model, "stage4" if opts.linear_probe else opts.freeze_until)

@@ -15,6 +15,8 @@ reproduces the paper's numbers, so it is the default here; `schedule="paper"` gi
 Resolution. The release resizes every large-image task to 512/480, for every architecture;
 the paper says 448/384 and keeps 512/480 for R152x4. We follow the paper here (pass
 `resolution=(512, 480)` for the release's behaviour).
+Head. Fine-tuning starts from an all-zero head (weights and bias), whatever head the weights
+file has; `keep_head=True` keeps the file's head instead (continuing on the same label set).
 """
 
 from __future__ import annotations
@@ -136,6 +138,7 @@ def plan(
     flip: bool = True,
     random_crop: bool = True,
     schedule_variant: str = "release",
+    keep_head: bool = False,
 ) -> Plan:
     """The BiT-HyperRule plan; every keyword left at None takes the rule's value.
 
@@ -151,6 +154,8 @@ def plan(
         overrides["random_crop"] = False
     if schedule_variant != "release":
         overrides["schedule"] = schedule_variant
+    if keep_head:
+        overrides["keep_head"] = True
     resize, crop = resolution_override or resolution(image_area, arch)
     if not 0 < crop <= resize:
         raise BigTransferError(f"--resolution: crop must be positive and at most the resize, got {resize}/{crop}")
@@ -190,8 +195,12 @@ def describe(p: Plan) -> str:
         (f"schedule       {p.steps} steps ({p.schedule_variant}): warm-up to step {sched.warmup_steps}, "
          f"lr /10 after steps {', '.join(map(str, sched.decay_steps))}"),
         f"mixup          {'alpha ' + format(p.mixup_alpha, 'g') if p.mixup_alpha > 0 else 'off'}",
-        "head           zero-initialised",
+        ("head           kept from the weights file (--keep-head)" if p.overrides.get("keep_head")
+         else "head           zero-initialised: a new all-zero head (weights and bias), whatever the file's head"),
     ]
+    if p.image_area >= SMALL_IMAGE_AREA and "resolution" not in p.overrides and p.resize != 512:
+        lines.append("               (the paper's 448/384; the authors' release uses 512/480 for every "
+                     "architecture: --resolution 512/480)")
     if p.overrides:
         lines.append("overrides      " + ", ".join(f"{k}={v}" for k, v in sorted(p.overrides.items())))
     return "\n".join(lines)

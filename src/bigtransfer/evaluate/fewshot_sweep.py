@@ -107,8 +107,11 @@ def protocol_settings(opts: SweepOptions) -> dict:
     ft = asdict(opts.finetune)
     keep = ("data", "model", "weights", "val_fraction", "split_seed", "batch", "base_lr", "steps", "resolution",
             "mixup", "flip", "random_crop", "schedule", "freeze_until", "linear_probe", "dropout", "l2_to_init")
+    finetune = {k: ft[k] for k in keep}
+    if ft["keep_head"]:  # recorded only when set, so sweeps written before the option still resume
+        finetune["keep_head"] = True
     return {"protocol": "fewshot", "shots": list(opts.shots), "repeats": opts.repeats,
-            "linear_probe_baseline": opts.linear_probe, "finetune": {k: ft[k] for k in keep}, **opts.extra}
+            "linear_probe_baseline": opts.linear_probe, "finetune": finetune, **opts.extra}
 
 
 def cached_splits(opts: SweepOptions, splits: Splits, todo: list[Job]) -> Splits:

@@ -118,9 +118,12 @@ def protocol_settings(opts: VtabOptions) -> dict:
     ft = asdict(opts.finetune)
     keep = ("model", "weights", "batch", "base_lr", "steps", "resolution", "mixup", "schedule", "flip", "random_crop",
             "dropout", "l2_to_init")
+    finetune = {k: ft[k] for k in keep}
+    if ft["keep_head"]:  # recorded only when set, so runs written before the option still resume
+        finetune["keep_head"] = True
     return {"protocol": "vtab", "root": str(opts.root), "tasks": list(opts.tasks), "runs": opts.runs,
             "split_seed": opts.split_seed, "validate": opts.validate, "train_size": opts.train_size,
-            "val_size": opts.val_size, "finetune": {k: ft[k] for k in keep}, **opts.extra}
+            "val_size": opts.val_size, "finetune": finetune, **opts.extra}
 
 
 def job_splits(opts: VtabOptions, splits: Splits, job: VtabJob) -> Splits:
