@@ -89,7 +89,7 @@ def test_multilabel_manifest_uses_sigmoid_and_precision_at_1(tmp_path):
 def test_upstream_model_head_bias_follows_the_plan():
     opts = PretrainOptions(data="unused", model=TINY)
     sigmoid = build_upstream_model(opts, upstream.upstream_plan(100, 7, multilabel=True))
-    softmax = build_upstream_model(opts, upstream.upstream_plan(100, 7))
+    softmax = build_upstream_model(opts, upstream.upstream_plan(100, 7, loss="softmax"))
     assert torch.all(sigmoid.head.bias == -10.0) and torch.all(softmax.head.bias == 0.0)
     assert sigmoid.head.weight.abs().sum() == 0  # zero head either way
     same = build_upstream_model(opts, upstream.upstream_plan(100, 7))
@@ -123,7 +123,9 @@ def _close(a, b):
 def test_two_processes_match_one_and_resume_on_a_different_count(tmp_path):
     """The global batch is the same for any process count, so 2 gloo processes reproduce 1
     (fp32), and a run killed under 2 processes finishes under 1 with the same weights."""
-    args = ["--data", GLYPHS, *BASE, "--epochs", "4", "--precision", "fp32", "--log-every", "1"]
+    # softmax, as before the recipe's loss became a flag: with the sigmoid's summed per-class terms,
+    # fp32 reduction order alone drifts the two runs apart by ~4e-4 after 20 steps
+    args = ["--data", GLYPHS, *BASE, "--epochs", "4", "--precision", "fp32", "--log-every", "1", "--loss", "softmax"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single"
     assert pretrain(*args, "--out", str(single)) == 0
@@ -198,3 +200,29 @@ def test_fsdp_matches_one_process_and_its_checkpoint_loads_anywhere(tmp_path):
 def test_fsdp_needs_several_processes(tmp_path, capsys):
     assert pretrain("--data", GLYPHS, *BASE, "--epochs", "1", "--fsdp", "--out", str(tmp_path / "x")) == 2
     assert "torchrun" in capsys.readouterr().err
+
+
+def test_pretrain_plan_shows_loss_and_decay_and_trains_with_them(tmp_path, capsys, monkeypatch):
+    assert main(["pretrain", "--data", GLYPHS, *BASE, "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "sigmoid cross-entropy, head bias -10" in out and "kernels only" in out
+    assert main(["pretrain", "--data", GLYPHS, *BASE, "--plan", "--recipe", "bit-s", "--decay", "all"]) == 0
+    out = capsys.readouterr().out
+    assert "softmax cross-entropy" in out and "on every parameter" in out
+
+    groups = []
+    real_sgd = torch.optim.SGD
+
+    class RecordingSGD(real_sgd):
+        def __init__(self, params, **kwargs):
+            groups.append([(g["weight_decay"], [p.ndim for p in g["params"]]) for g in params])
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "SGD", RecordingSGD)
+    run = tmp_path / "run"
+    assert pretrain("--data", GLYPHS, *BASE, "--epochs", "1", "--weight-decay", "0.001", "--out", str(run)) == 0
+    (decayed, kept), = groups
+    assert decayed[0] == 0.001 and all(d == 4 for d in decayed[1])
+    assert kept[0] == 0.0 and all(d == 1 for d in kept[1])
+    plan = json.loads((run / "config.json").read_text())["plan"]
+    assert plan["loss"] == "sigmoid" and plan["decayed"] == "kernels"

@@ -98,3 +98,50 @@ def test_precision_at_one():
     targets = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 1, 1]])
     meter.update(logits, targets)
     assert meter.result()["precision_at_1"] == pytest.approx(2 / 3)
+
+
+def test_the_loss_is_the_recipes_whatever_the_data_layout():
+    """ImageNet-21k in one-folder-per-class layout is single-label on disk, and BiT-M still trains it
+    with a sigmoid: the loss comes from the recipe (or --loss), not from how labels are stored."""
+    bit_m = upstream.upstream_plan(1000, 10)  # single-label data, the default bit-m recipe
+    assert bit_m.loss == "sigmoid" and bit_m.head_bias_init == -10.0
+    assert "sigmoid cross-entropy, head bias -10 (one-hot targets)" in upstream.describe(bit_m)
+    bit_s = upstream.upstream_plan(1000, 10, recipe="bit-s")
+    assert bit_s.loss == "softmax" and bit_s.head_bias_init == 0.0
+    assert upstream.upstream_plan(1000, 10, recipe="bit-l").loss == "sigmoid"
+    chosen = upstream.upstream_plan(1000, 10, recipe="bit-m", loss="softmax")
+    assert chosen.loss == "softmax" and chosen.overrides["loss"] == "softmax"
+    with pytest.raises(BigTransferError, match="--loss softmax needs one label per image"):
+        upstream.upstream_plan(1000, 10, multilabel=True, loss="softmax")
+    with pytest.raises(BigTransferError, match="--loss"):
+        upstream.upstream_plan(1000, 10, loss="hinge")
+
+
+def test_sigmoid_loss_takes_class_indices_as_one_hot():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+    as_indices = sigmoid_cross_entropy(logits, torch.tensor([0, 1]))
+    as_one_hot = sigmoid_cross_entropy(logits, torch.tensor([[1, 0, 0], [0, 1, 0]]))
+    assert as_indices.item() == pytest.approx(as_one_hot.item())
+
+
+def test_weight_decay_applies_to_kernels_only():
+    """The recipe decays convolution and head kernels; GroupNorm scales/shifts and the head bias
+    (whose -10 start a decay would pull back towards 0) are left alone."""
+    from bigtransfer import create_model
+    from bigtransfer.train.loop import decay_groups
+
+    model = create_model("R[1,1,1,1]x0.5", num_classes=7)
+    plan = upstream.upstream_plan(1000, 7)
+    assert plan.decayed == "kernels" and "on convolution and head kernels only" in upstream.describe(plan)
+    decayed, kept = decay_groups(model, plan.weight_decay, plan.decayed)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    kept_names = {names[id(p)] for p in kept["params"]}
+    assert decayed["weight_decay"] == 1e-4 and kept["weight_decay"] == 0.0
+    assert decayed_names == {n for n in names.values() if n.endswith(("conv.weight", "conv1.weight",
+                                                                      "conv2.weight", "conv3.weight",
+                                                                      "downsample.weight", "head.weight"))}
+    assert "head.bias" in kept_names and "norm.weight" in kept_names and "stages.0.0.norm1.bias" in kept_names
+    assert decayed_names | kept_names == set(names.values()) and not decayed_names & kept_names
+    (everything,) = decay_groups(model, 1e-4, upstream.upstream_plan(1000, 7, decayed="all").decayed)
+    assert len(everything["params"]) == len(names)

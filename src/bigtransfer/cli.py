@@ -356,6 +356,12 @@ def _add_pretrain(sub) -> None:
     g = p.add_argument_group("recipe overrides (default: the paper's upstream recipe)")
     g.add_argument("--recipe", choices=("bit-s", "bit-m", "bit-l"), default="bit-m",
                    help="bit-s/bit-m: 90 epochs, decays at 30/60/80; bit-l: 40 epochs, decays at 10/23/30/37")
+    g.add_argument("--loss", choices=("softmax", "sigmoid"), default=None,
+                   help="recipe: bit-s softmax; bit-m, bit-l sigmoid with head bias -10 (as for ImageNet-21k), "
+                        "whatever the data's layout")
+    g.add_argument("--decay", choices=("kernels", "all"), default="kernels",
+                   help="weight decay on convolution and head kernels only (default, as the authors' successor "
+                        "code) or on every parameter")
     g.add_argument("--batch", type=int, default=None, help="global batch (recipe: 4096)")
     g.add_argument("--base-lr", type=float, default=None, help="lr at batch 256, scaled linearly (recipe: 0.03)")
     g.add_argument("--epochs", type=float, default=None, help="decays stay at the same fractions of training")
@@ -363,12 +369,14 @@ def _add_pretrain(sub) -> None:
     g.add_argument("--weight-decay", type=float, default=None, help="recipe: 1e-4")
     g.add_argument("--resolution", type=int, default=None, help="recipe: 224")
     g.add_argument("--min-crop-area", type=float, default=0.08, help="random-resized crop's smallest area fraction")
+    g.add_argument("--plan", action="store_true", help="print the plan (schedule, loss, decayed parameters) and stop")
     g = p.add_argument_group("transfer probe")
     g.add_argument("--probe-data", default=None, help="downstream data for few-shot ridge probes at each evaluation")
     g.add_argument("--probe-shots", default="1,5,10", help="examples per class (default: 1,5,10)")
     g.add_argument("--probe-resolution", type=int, default=None)
     g = p.add_argument_group("run")
-    g.add_argument("--out", type=Path, required=True, help="run directory (resumed if it holds a run)")
+    g.add_argument("--out", type=Path, default=None, help="run directory (resumed if it holds a run); "
+                                                           "required unless --plan")
     g.add_argument("--batch-split", type=int, default=1, help="micro-batches per step (gradient accumulation)")
     g.add_argument("--eval-every", type=int, default=0)
     g.add_argument("--checkpoint-every", type=int, default=0,
@@ -397,14 +405,23 @@ def _run_pretrain(args) -> int:
     if args.batch_split < 1:
         raise BigTransferError(f"--batch-split must be at least 1, got {args.batch_split}")
     opts = PretrainOptions(
-        data=args.data, model=args.model, out=args.out, norm=args.norm, groups=args.groups,
-        val_fraction=args.val_fraction, strict=args.strict, seed=args.seed, recipe=args.recipe, batch=args.batch,
+        data=args.data, model=args.model, out=args.out or Path("."), norm=args.norm, groups=args.groups,
+        val_fraction=args.val_fraction, strict=args.strict, seed=args.seed, recipe=args.recipe, loss=args.loss,
+        decayed=args.decay, batch=args.batch,
         base_lr=args.base_lr, epochs=args.epochs, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         resolution=args.resolution, min_crop_area=args.min_crop_area, probe_data=args.probe_data,
         probe_shots=shots, probe_resolution=args.probe_resolution, batch_split=args.batch_split,
         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
         workers=default_workers() if args.workers is None else args.workers, precision=args.precision,
         compile=args.compile, fsdp=args.fsdp, device=args.device, restart=args.restart, progress=not args.quiet)
+    if args.out is None and not args.plan:
+        raise BigTransferError("pretrain: --out is required (the run directory), unless --plan")
+    if args.plan:
+        from .pretrain import plan_only
+        from .upstream import describe
+
+        print(describe(plan_only(opts)))
+        return 0
     summary = run_pretrain(opts)
     final = summary["final"]
     if final:

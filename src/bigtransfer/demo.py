@@ -34,6 +34,7 @@ FULL = "full"
 @dataclass(frozen=True)
 class DemoConfig:
     upstream_data: str = "glyphs"  # 100 classes x 200 images, 32 px
+    recipe: str = "bit-s"  # single-label upstream data, like ILSVRC-2012: softmax cross-entropy
     arch: str = "R14x0.5"  # units [1,1,1,1]: the smallest member that keeps GroupNorm(32)
     upstream_resolution: int = 32
     pretrain_epochs: float = 3.0
@@ -86,7 +87,8 @@ def _run_demo(out: Path, config: DemoConfig, progress: bool) -> DemoResult:
     print(f"[1/3] pre-training {config.arch} (GN+WS) on procedural glyphs, {config.pretrain_epochs:g} epochs",
           flush=True)
     pre = run_pretrain(PretrainOptions(
-        data=config.upstream_data, model=config.arch, out=out / "pretrain", resolution=config.upstream_resolution,
+        data=config.upstream_data, model=config.arch, out=out / "pretrain", recipe=config.recipe,
+        resolution=config.upstream_resolution,
         batch=config.pretrain_batch, epochs=config.pretrain_epochs, base_lr=config.pretrain_base_lr,
         min_crop_area=config.min_crop_area, probe_data="digits", probe_resolution=config.finetune_resolution[1],
         workers=config.workers, precision=config.precision, progress=progress, log_every=50))

@@ -44,6 +44,8 @@ class PretrainOptions:
     seed: int = 0
     # recipe overrides (None: the recipe decides)
     recipe: str = "bit-m"
+    loss: str | None = None  # None: the recipe's (bit-s softmax; bit-m, bit-l sigmoid)
+    decayed: str = "kernels"  # weight decay on the kernels only, or "all" parameters
     batch: int | None = None
     base_lr: float | None = None
     epochs: float | None = None
@@ -110,6 +112,19 @@ class TransferProbe:
         return fewshot_accuracy(train_x, train_y, test_x, test_y, self.num_classes, self.shots)
 
 
+def make_plan(opts: PretrainOptions, data: UpstreamData) -> upstream.UpstreamPlan:
+    """The recipe's plan for this data, with the options' overrides."""
+    return upstream.upstream_plan(
+        data.size, len(data.classes), multilabel=data.multilabel, recipe=opts.recipe, batch=opts.batch,
+        base_lr=opts.base_lr, epochs=opts.epochs, warmup_steps=opts.warmup_steps, weight_decay=opts.weight_decay,
+        resolution=opts.resolution, loss=opts.loss, decayed=opts.decayed)
+
+
+def plan_only(opts: PretrainOptions) -> upstream.UpstreamPlan:
+    """The plan `run_pretrain` would follow (reads the data's size and labels; trains nothing)."""
+    return make_plan(opts, open_upstream_data(opts, opts.resolution or upstream.RESOLUTION))
+
+
 def build_upstream_model(opts: PretrainOptions, plan: upstream.UpstreamPlan):
     """A from-scratch BiT model with a zero head whose bias is the plan's (-10 for sigmoid)."""
     torch.manual_seed(opts.seed)
@@ -136,10 +151,7 @@ def _pretrain(opts: PretrainOptions, ctx: DistContext) -> dict:
         if not ctx.is_main:
             warnings.simplefilter("ignore")
         data = open_upstream_data(opts, resolution)
-    plan = upstream.upstream_plan(
-        data.size, len(data.classes), multilabel=data.multilabel, recipe=opts.recipe, batch=opts.batch,
-        base_lr=opts.base_lr, epochs=opts.epochs, warmup_steps=opts.warmup_steps, weight_decay=opts.weight_decay,
-        resolution=opts.resolution)
+    plan = make_plan(opts, data)
     model = build_upstream_model(opts, plan)
     precision = resolve_precision(opts.precision, ctx.device, forward_flops_per_image(model.config, resolution))
     bf16 = precision == "bf16"
@@ -169,11 +181,11 @@ def _pretrain(opts: PretrainOptions, ctx: DistContext) -> dict:
 
     cfg = LoopConfig(
         schedule=plan.schedule, batch=plan.batch, momentum=plan.momentum, weight_decay=plan.weight_decay,
-        seed=opts.seed, batch_split=opts.batch_split, eval_every=opts.eval_every,
+        decayed=plan.decayed, seed=opts.seed, batch_split=opts.batch_split, eval_every=opts.eval_every,
         checkpoint_every=opts.checkpoint_every, log_every=opts.log_every, workers=opts.workers,
         eval_batch=2 * (plan.batch // (ctx.world_size * opts.batch_split)), precision=precision,
         compile=opts.compile, fsdp=opts.fsdp, progress=opts.progress and ctx.is_main, multilabel=data.multilabel)
-    loss_fn = sigmoid_cross_entropy if data.multilabel else softmax_cross_entropy
+    loss_fn = sigmoid_cross_entropy if plan.loss == "sigmoid" else softmax_cross_entropy
     metrics = train(model, data.train, data.test, cfg, out, ctx, fingerprint, loss_fn=loss_fn, on_eval=on_eval)
     summary = {"final": metrics, "fewshot": probes.get(plan.steps, {}), "classes": len(data.classes),
                "train_images": data.size, "steps": plan.steps, "model": str(out / "final.safetensors")}

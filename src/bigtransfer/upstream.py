@@ -5,9 +5,13 @@ Paper section 3.3 and the lecture summary:
   * linear warm-up over 5000 steps; /10 decays at epochs 30, 60, 80 of 90 (BiT-S, BiT-M) or
     10, 23, 30, 37 of 40 (BiT-L);
   * Inception-style random-resized crop and horizontal flip at 224 px; no MixUp;
-  * softmax cross-entropy for single-label data; sigmoid cross-entropy for multi-label data
-    (ImageNet-21k, JFT), with the head's bias initialised to -10 as in the authors' later
-    public BiT-on-ImageNet-21k config.
+  * the loss is part of the recipe, whatever the data's layout: BiT-S (ILSVRC-2012) uses softmax
+    cross-entropy; BiT-M and BiT-L (ImageNet-21k, JFT: multi-label) a sigmoid cross-entropy, with
+    the head's bias initialised to -10 as in the authors' later public BiT-on-ImageNet-21k config
+    (single-label data then trains on one-hot targets);
+  * weight decay on the convolution and head kernels only, as the authors' successor codebase
+    does (big_vision's default `.*/kernel$`): decaying GroupNorm's scales and shifts, or the
+    sigmoid head's -10 bias, would pull them towards 0 for no benefit.
 Shorter runs (other --epochs or a small dataset) keep the decays at the same fractions of
 training, and scale the warm-up down in proportion: 5000 steps belong to the full BiT-S run,
 90 epochs of ILSVRC-2012 at batch 4096 (28,170 steps). Every value can be overridden.
@@ -35,6 +39,9 @@ WARMUP_STEPS = 5000
 FULL_SCALE_STEPS = 90 * math.ceil(1_281_167 / GLOBAL_BATCH)  # BiT-S: ILSVRC-2012, 90 epochs
 RESOLUTION = 224
 SIGMOID_HEAD_BIAS = -10.0
+LOSSES = ("softmax", "sigmoid")
+RECIPE_LOSS = {"bit-s": "softmax", "bit-m": "sigmoid", "bit-l": "sigmoid"}
+DECAYED = ("kernels", "all")  # which parameters weight decay applies to
 
 
 @dataclass(frozen=True)
@@ -53,14 +60,12 @@ class UpstreamPlan:
     resolution: int
     head_bias_init: float
     overrides: dict = field(default_factory=dict)
+    loss: str = "softmax"
+    decayed: str = "kernels"
 
     @property
     def steps(self) -> int:
         return self.schedule.total_steps
-
-    @property
-    def loss(self) -> str:
-        return "sigmoid" if self.multilabel else "softmax"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -82,15 +87,26 @@ def upstream_plan(
     warmup_steps: int | None = None,
     weight_decay: float | None = None,
     resolution: int | None = None,
+    loss: str | None = None,
+    decayed: str = "kernels",
 ) -> UpstreamPlan:
     """The upstream plan for a dataset; keywords left at None take the recipe's value."""
     if recipe not in RECIPES:
         raise BigTransferError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    if loss is not None and loss not in LOSSES:
+        raise BigTransferError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if loss == "softmax" and multilabel:
+        raise BigTransferError("--loss softmax needs one label per image; this data has several (use sigmoid)")
+    if decayed not in DECAYED:
+        raise BigTransferError(f"--decay must be one of {', '.join(DECAYED)}, got {decayed!r}")
     if dataset_size < 1 or num_classes < 2:
         raise BigTransferError(f"pre-training needs images of at least 2 classes (got {dataset_size}, {num_classes})")
     overrides = {k: v for k, v in (("batch", batch), ("base_lr", base_lr), ("epochs", epochs),
                                    ("warmup_steps", warmup_steps), ("weight_decay", weight_decay),
-                                   ("resolution", resolution)) if v is not None}
+                                   ("resolution", resolution), ("loss", loss)) if v is not None}
+    if decayed != "kernels":
+        overrides["decayed"] = decayed
+    loss = loss or RECIPE_LOSS[recipe]
     batch = GLOBAL_BATCH if batch is None else batch
     if batch < 1:
         raise BigTransferError(f"--batch must be at least 1, got {batch}")
@@ -112,18 +128,24 @@ def upstream_plan(
         schedule=LRSchedule(base_lr=lr, warmup_steps=warmup_steps, decay_steps=decays, total_steps=total),
         momentum=MOMENTUM, weight_decay=WEIGHT_DECAY if weight_decay is None else weight_decay,
         resolution=RESOLUTION if resolution is None else resolution,
-        head_bias_init=SIGMOID_HEAD_BIAS if multilabel else 0.0, overrides=overrides,
+        head_bias_init=SIGMOID_HEAD_BIAS if loss == "sigmoid" else 0.0, overrides=overrides, loss=loss,
+        decayed=decayed,
     )
 
 
 def describe(p: UpstreamPlan) -> str:
     s = p.schedule
+    loss = ("sigmoid cross-entropy, head bias -10" + ("" if p.multilabel else " (one-hot targets)")
+            if p.loss == "sigmoid" else "softmax cross-entropy")
+    decayed = ("convolution and head kernels only (not GroupNorm scales/shifts or biases)"
+               if p.decayed == "kernels" else "every parameter")
     lines = [
         (f"dataset        {p.dataset_size} images, {p.num_classes} classes"
-         f" ({'multi-label: sigmoid cross-entropy, head bias -10' if p.multilabel else 'single-label: softmax'})"),
+         f" ({'multi-label' if p.multilabel else 'single-label'})"),
         f"recipe         {p.recipe}: {p.epochs:g} epochs x {p.steps_per_epoch} steps = {p.steps} steps, batch {p.batch}",
+        f"loss           {loss}" + ("" if "loss" in p.overrides else f" (the {p.recipe} recipe's; --loss to change)"),
         (f"optimizer      SGD lr {s.base_lr:g} ({s.base_lr * 256 / p.batch:g} x batch/256), momentum {p.momentum:g}, "
-         f"weight decay {p.weight_decay:g}"),
+         f"weight decay {p.weight_decay:g} on {decayed}"),
         (f"schedule       linear warm-up {s.warmup_steps} steps; lr /10 at epochs "
          f"{', '.join(f'{e:g}' for e in p.decay_epochs)} (steps {', '.join(map(str, s.decay_steps))})"),
         f"augmentation   random-resized crop + horizontal flip at {p.resolution} px; no MixUp",

@@ -59,7 +59,8 @@ def _pretrain(opts: AblationOptions, norm: str) -> dict:
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
     return run_pretrain(PretrainOptions(
-        data=opts.upstream, model=opts.arch, norm=norm, out=out, resolution=opts.upstream_resolution,
+        data=opts.upstream, model=opts.arch, norm=norm, out=out, recipe=_DEMO.recipe,  # Table 4 is BiT-S-style
+        resolution=opts.upstream_resolution,
         batch=opts.upstream_batch, epochs=opts.upstream_epochs, base_lr=opts.upstream_base_lr,
         min_crop_area=opts.min_crop_area, workers=opts.workers, precision=opts.precision, device=opts.device,
         progress=opts.progress, log_every=50))

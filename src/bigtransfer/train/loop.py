@@ -46,6 +46,7 @@ class LoopConfig:
     batch: int
     momentum: float = 0.9
     weight_decay: float = 0.0
+    decayed: str = "all"  # which parameters weight decay applies to: "all", or "kernels" (see decay_groups)
     mixup_alpha: float = 0.0
     seed: int = 0
     batch_split: int = 1
@@ -125,6 +126,23 @@ def _loader(dataset, batch_sampler, workers: int, device: torch.device) -> DataL
                       prefetch_factor=4 if workers else None)
 
 
+def is_kernel(name: str, param: torch.nn.Parameter) -> bool:
+    """Convolution and head kernels: every weight of more than one dimension (GroupNorm scales and
+    shifts and the biases are vectors)."""
+    return param.ndim > 1
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float, decayed: str = "all") -> list[dict]:
+    """SGD parameter groups: weight decay on every trainable parameter, or on the kernels only."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if decayed == "all":
+        return [{"params": [p for _, p in named], "weight_decay": weight_decay}]
+    if decayed != "kernels":
+        raise BigTransferError(f"weight decay applies to 'all' or 'kernels', got {decayed!r}")
+    return [{"params": [p for n, p in named if is_kernel(n, p)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if not is_kernel(n, p)], "weight_decay": 0.0}]
+
+
 def _initial_weights(params: list[torch.nn.Parameter], cfg: LoopConfig) -> list[torch.Tensor]:
     """Copies of the starting weights when decaying towards them (else nothing)."""
     if cfg.l2_to_init < 0 or not 0 <= cfg.prelogit_dropout < 1:
@@ -168,7 +186,7 @@ def train(
     wrapped = wrap_for_training(model, ctx, cfg.fsdp)  # DDP, FSDP, or the model itself
     net = torch.compile(wrapped) if cfg.compile else wrapped
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(decay_groups(model, cfg.weight_decay, cfg.decayed), lr=0.0, momentum=cfg.momentum)
     anchors = _initial_weights(params, cfg)  # taken before a resume: w0 is the run's start, not the checkpoint
     if hasattr(model, "pre_logits_dropout"):
         model.pre_logits_dropout.p = cfg.prelogit_dropout

@@ -17,11 +17,14 @@ def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, perm: torc
 
 def sigmoid_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, perm: torch.Tensor | None = None,
                           lam: float = 1.0) -> torch.Tensor:
-    """Multi-label: binary cross-entropy of every class, summed over classes, mean over the batch.
+    """Binary cross-entropy of every class, summed over classes, mean over the batch.
 
-    `targets` is multi-hot [N, K]. Summing over classes (not averaging) follows the authors'
-    sigmoid cross-entropy, so the loss does not shrink with the number of classes.
+    `targets` is multi-hot [N, K], or class indices [N] (single-label data under a sigmoid recipe:
+    one-hot). Summing over classes (not averaging) follows the authors' sigmoid cross-entropy, so
+    the loss does not shrink with the number of classes.
     """
+    if targets.ndim == 1:
+        targets = F.one_hot(targets.long(), logits.shape[1])
     targets = targets.to(logits.dtype)
     if perm is not None and lam < 1.0:
         targets = lam * targets + (1.0 - lam) * targets[perm]
