@@ -175,3 +175,59 @@ def test_user_switches_add_to_the_task_exceptions(tmp_path):
     assert (natural.flip, natural.random_crop) == (False, True)
     assert (counting.flip, counting.random_crop, counting.seed) == (False, False, 1)
     assert counting.out == tmp_path / "o" / "clevr-count" / "train800" / "seed1"
+
+
+def write_given_splits(root, task, train=4, val=2, test=3, train_name="train", val_name="validation"):
+    """A VTAB-1k export: the task's fixed train800 and val200 (scaled down) beside its test split."""
+    rng = np.random.default_rng(7)
+    for split, n in ((train_name, train), (val_name, val), ("test", test)):
+        for c in range(2):
+            folder = root / task / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 60, (12, 12, 3), dtype=np.uint8)
+                pixels[c * 6:c * 6 + 6] = 230
+                Image.fromarray(pixels).save(folder / f"{split}{i}.png")
+
+
+@pytest.mark.parametrize("train_name, val_name", [("train", "validation"), ("train800", "val200")])
+def test_given_vtab_splits_are_used_as_given(tmp_path, train_name, val_name):
+    """A standard VTAB-1k export (train800 + val200 + test) used to fail the 1000-image check (its
+    validation folder was read as the test split); its splits are now used as they are."""
+    root = tmp_path / "vtab"
+    write_given_splits(root, "dtd", train_name=train_name, val_name=val_name)
+    out = tmp_path / "runs"
+    results = run_vtab(options(root, out, ("dtd",), validate=True))
+    assert results["finished"] == 1
+    train800 = json.loads((out / "dtd" / "train800" / "seed0" / "summary.json").read_text())
+    full = json.loads((out / "dtd" / "train800val200" / "seed0" / "summary.json").read_text())
+    assert (train800["train_examples"], train800["test_examples"]) == (8, 4)  # train800 -> val200
+    assert (full["train_examples"], full["test_examples"]) == (12, 6)  # train800val200 -> test
+    assert results["splits"]["dtd"] == {"source": "given", "train800": 8, "val200": 4, "test": 6}
+    assert "given (8/4)" in (out / "report.html").read_text()
+
+
+def test_drawn_splits_are_reported_as_drawn(tmp_path):
+    root = tmp_path / "vtab"
+    write_task(root, "dtd")
+    results = run_vtab(options(root, tmp_path / "runs", ("dtd",)))
+    assert results["splits"]["dtd"] == {"source": "drawn", "train800": 8, "val200": 4, "test": 6, "split_seed": 0}
+    assert "drawn from train, seed 0 (8/4)" in (tmp_path / "runs" / "report.html").read_text()
+
+
+def test_hf_import_keeps_a_validation_split_beside_test(tmp_path, capsys):
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        images = [Image.fromarray(rng.integers(0, 255, (9, 11, 3), dtype=np.uint8)) for _ in range(n)]
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+        return datasets.Dataset.from_dict({"image": images, "label": [i % 2 for i in range(n)]}, features=features)
+
+    hf = tmp_path / "hf"
+    datasets.DatasetDict({"train": split(8), "validation": split(4), "test": split(6)}).save_to_disk(str(hf))
+    root = tmp_path / "vtab"
+    assert main(["vtab-import", "--hf", str(hf), "--root", str(root), "--task", "dtd", "--quiet"]) == 0
+    assert "8 train images, 4 validation images, 6 test images" in capsys.readouterr().out
+    splits = load_source(str(root / "dtd"), progress=False, separate_val=True)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (8, 4, 6)

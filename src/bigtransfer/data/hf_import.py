@@ -2,7 +2,9 @@
 
 The `datasets` library reads the Arrow files; we write DEST/train/<class>/*.png and
 DEST/test/<class>/*.png, the layout every bigtransfer command reads (VTAB-1k tasks included).
-A `validation` split becomes the test split only when there is no `test` split.
+A `validation` split becomes the test split when there is no `test` split; beside one, it is
+kept as DEST/validation/ (VTAB-1k's given val200). VTAB-1k's `train800`/`val200` splits keep
+their names; `train800val200` (their union) is not written again.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from .. import rundir
 from ..errors import BigTransferError
 from .images import to_rgb
 
-SPLIT_TARGETS = {"train": "train", "test": "test", "validation": "test", "val": "test"}
+SPLIT_TARGETS = {"train": "train", "test": "test", "validation": "test", "val": "test",
+                 "train800": "train800", "val200": "val200"}
+DUPLICATES = ("train800val200",)  # the union of two other splits
 
 
 def _safe_name(name: str) -> str:
@@ -46,12 +50,14 @@ def _import(source: Path, dest: Path, image_column: str, label_column: str, prog
     chosen = {}
     for name, split in splits.items():
         target = SPLIT_TARGETS.get(name)
-        if target == "test" and name != "test" and "test" in splits:
+        if name in DUPLICATES:
             continue
+        if target == "test" and name != "test" and "test" in splits:
+            target = "validation"  # kept apart from the test split, not dropped
         if target is None:
             raise BigTransferError(f"{source}: unknown split {name!r} (expected train, validation or test)")
         chosen[target] = split
-    if "train" not in chosen:
+    if "train" not in chosen and "train800" not in chosen:
         raise BigTransferError(f"{source}: no 'train' split")
     written = {}
     for target, split in chosen.items():

@@ -89,6 +89,15 @@ class ImageSet:
             label_sets=[self.label_sets[i] for i in idx] if self.label_sets is not None else None,
         )
 
+    def concat(self, other: ImageSet) -> ImageSet:
+        """These images followed by `other`'s (file-backed sets of the same classes)."""
+        if self.paths is None or other.paths is None or self.classes != other.classes:
+            raise BigTransferError(f"{self.origin}: only file-backed splits of the same classes can be joined")
+        sizes = self.sizes + other.sizes if self.sizes is not None and other.sizes is not None else None
+        sets = self.label_sets + other.label_sets if self.multilabel and other.multilabel else None
+        return ImageSet(self.classes, np.concatenate([self.labels, other.labels]), paths=self.paths + other.paths,
+                        sizes=sizes, origin=self.origin, label_sets=sets)
+
     def relabeled(self, classes: Sequence[str], labels: Sequence[int]) -> ImageSet:
         """The same images under another class list (e.g. a model's), with labels in its order."""
         if self.multilabel:
@@ -117,6 +126,7 @@ class Splits:
     train: ImageSet
     test: ImageSet | None
     skipped: list[str] = field(default_factory=list)
+    val: ImageSet | None = None  # a validation split beside the test split (only with separate_val)
 
     @property
     def classes(self) -> list[str]:
@@ -125,10 +135,13 @@ class Splits:
 
 # --------------------------------------------------------------------------- entry point
 def load_source(spec: str, *, val_fraction: float | None = None, seed: int = 0, strict: bool = False,
-                progress: bool = True, require_test: bool = True) -> Splits:
+                progress: bool = True, require_test: bool = True, separate_val: bool = False) -> Splits:
     """Open a data source named by `spec`: a folder, a .csv manifest, a CIFAR archive, or a
     built-in (`digits`: scikit-learn's handwritten digits; `glyphs[:classes=N,per_class=N,
-    test_per_class=N,size=N,seed=N]`: the procedural upstream set)."""
+    test_per_class=N,size=N,seed=N]`: the procedural upstream set).
+
+    A validation split (val/, validation/, val200/ folders or manifest rows) is the test split
+    unless `separate_val`, which keeps it apart as `Splits.val` (VTAB-1k's given 800/200)."""
     path = Path(spec).expanduser()
     name, _, params = spec.partition(":")
     if name in BUILTINS and not path.exists():
@@ -145,11 +158,11 @@ def load_source(spec: str, *, val_fraction: float | None = None, seed: int = 0, 
             f"--data {spec}: no such file or folder (built-in sources: {', '.join(BUILTINS)})"
         )
     if path.suffix.lower() == ".csv":
-        splits = manifest(path, strict=strict, progress=progress)
+        splits = manifest(path, strict=strict, progress=progress, separate_val=separate_val)
     elif _cifar_kind(path):
         splits = cifar(path)
     elif path.is_dir():
-        splits = image_folder(path, strict=strict, progress=progress)
+        splits = image_folder(path, strict=strict, progress=progress, separate_val=separate_val)
     else:
         raise BigTransferError(f"--data {spec}: expected an image folder, a .csv manifest or a CIFAR archive")
     _check_classes(splits.train, spec)
@@ -198,22 +211,33 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 
 # --------------------------------------------------------------------------- image folders
-def image_folder(root: Path, *, strict: bool = False, progress: bool = True) -> Splits:
-    """`root/train/<class>/*` with optional `root/val|test/<class>/*`, or just `root/<class>/*`."""
-    train_dir = root / "train"
-    if train_dir.is_dir():
-        test_dir = next((root / n for n in ("val", "valid", "validation", "test") if (root / n).is_dir()), None)
-    else:
+VAL_FOLDERS = ("val", "valid", "validation", "val200")
+
+
+def image_folder(root: Path, *, strict: bool = False, progress: bool = True, separate_val: bool = False) -> Splits:
+    """`root/train/<class>/*` with optional `root/val|test/<class>/*`, or just `root/<class>/*`.
+
+    `separate_val`: `root/val|validation|val200/` is kept apart from `root/test/`, and
+    `root/train800/` may stand for `root/train/` (VTAB-1k's splits)."""
+    present = lambda *names: next((root / n for n in names if (root / n).is_dir()), None)  # noqa: E731
+    train_dir = present("train", "train800") if separate_val else present("train")
+    val_dir = present(*VAL_FOLDERS) if separate_val and train_dir is not None else None
+    if train_dir is None:
         train_dir, test_dir = root, None
+    else:
+        test_dir = present("test") if separate_val else present("val", "valid", "validation", "test")
     classes, paths, labels = _scan_class_folders(train_dir)
     skipped: list[str] = []
     train = _checked_files(classes, paths, labels, skipped, strict, progress, origin=str(train_dir))
-    test = None
-    if test_dir is not None:
-        _, t_paths, t_labels = _scan_class_folders(test_dir, known=classes)
-        test = _checked_files(classes, t_paths, t_labels, skipped, strict, progress, origin=str(test_dir))
+    held = []
+    for folder in (test_dir, val_dir):
+        if folder is not None:
+            _, h_paths, h_labels = _scan_class_folders(folder, known=classes)
+            held.append(_checked_files(classes, h_paths, h_labels, skipped, strict, progress, origin=str(folder)))
+        else:
+            held.append(None)
     _warn_skipped(skipped, root)
-    return Splits(train, test, skipped)
+    return Splits(train, held[0], skipped, val=held[1])
 
 
 def _scan_class_folders(folder: Path, known: list[str] | None = None) -> tuple[list[str], list[str], list[int]]:
@@ -278,10 +302,11 @@ def _warn_skipped(skipped: list[str], where) -> None:
 
 
 # --------------------------------------------------------------------------- CSV manifests
-def manifest(csv_path: Path, *, strict: bool = False, progress: bool = True) -> Splits:
+def manifest(csv_path: Path, *, strict: bool = False, progress: bool = True, separate_val: bool = False) -> Splits:
     """A CSV with a header `path,label[,split]`; paths are relative to the CSV's folder.
 
     Multi-label data has a `labels` column instead, several labels separated by `;`.
+    `separate_val` keeps val/validation/val200 rows apart from test rows (`Splits.val`).
     """
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets write a BOM
@@ -307,7 +332,11 @@ def manifest(csv_path: Path, *, strict: bool = False, progress: bool = True) -> 
 
     classes = _sorted_labels({name for row, _ in rows for name in names_of(row)})
     index = {name: i for i, name in enumerate(classes)}
-    parts: dict[str, tuple[list[str], list[int], list[tuple[int, ...]]]] = {"train": ([], [], []), "test": ([], [], [])}
+    parts: dict[str, tuple[list[str], list[int], list[tuple[int, ...]]]] = {
+        "train": ([], [], []), "test": ([], [], []), "val": ([], [], [])}
+    split_names = {**SPLIT_NAMES, "train800": "train", "val200": "test"}
+    if separate_val:
+        split_names.update({name: "val" for name in VAL_FOLDERS})
     has_split = "split" in columns
     for row, line in rows:
         names = names_of(row)
@@ -316,7 +345,7 @@ def manifest(csv_path: Path, *, strict: bool = False, progress: bool = True) -> 
         file = (csv_path.parent / row["path"]).expanduser()
         if not file.is_file():
             raise BigTransferError(f"{csv_path} line {line}: no such file {row['path']!r}")
-        split = SPLIT_NAMES.get(row.get("split", "train").lower() or "train") if has_split else "train"
+        split = split_names.get(row.get("split", "train").lower() or "train") if has_split else "train"
         if split is None:
             raise BigTransferError(f"{csv_path} line {line}: unknown split {row['split']!r} (use train, val or test)")
         parts[split][0].append(str(file))
@@ -331,7 +360,7 @@ def manifest(csv_path: Path, *, strict: bool = False, progress: bool = True) -> 
     _warn_skipped(skipped, csv_path)
     if "train" not in splits:
         raise BigTransferError(f"{csv_path}: no training rows")
-    return Splits(splits["train"], splits.get("test"), skipped)
+    return Splits(splits["train"], splits.get("test"), skipped, val=splits.get("val"))
 
 
 def _sorted_labels(labels: set[str]) -> list[str]:

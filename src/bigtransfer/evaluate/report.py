@@ -265,10 +265,21 @@ def collect_vtab(out: Path) -> dict:
                 scores[task] = statistics.mean(accs)
         return scores
 
+    splits = {task: read_json(out / task / "splits.json") for task in protocol["tasks"]
+              if (out / task / "splits.json").is_file()}
     return {"protocol": protocol, "test": aggregate(per_task("train800val200")),
             "val200": per_task("train800") if protocol.get("validate") else {}, "runs": runs,
             "finished": sum(r["split"] == "train800val200" for r in runs),
-            "expected": len(protocol["tasks"]) * protocol["runs"]}
+            "expected": len(protocol["tasks"]) * protocol["runs"], "splits": splits}
+
+
+def _splits_text(record: dict | None) -> str:
+    """How a task's 800/200 came about, for the report."""
+    if not record:
+        return ""
+    if record["source"] == "given":
+        return f"given ({record['train800']}/{record['val200']})"
+    return f"drawn from train, seed {record.get('split_seed')} ({record['train800']}/{record['val200']})"
 
 
 def vtab_figure(results: dict):
@@ -309,14 +320,17 @@ def write_vtab_report(out: Path, results: dict) -> Path:
     write_csv(out / "results.csv", ["task", "group", "split", "seed", "scored_on", "top1"],
               [[r["task"], r["group"], r["split"], r["seed"], r["scored_on"], r["top1"]] for r in results["runs"]])
     test = results["test"]
-    rows = [[t, GROUP_OF[t], _pct(v), _pct(results["val200"].get(t))] for t, v in test["tasks"].items()]
-    rows += [[f"{g} (mean)", g, _pct(v), ""] for g, v in test["groups"].items()]
-    rows.append(["VTAB-1k (mean over tasks)", "all", _pct(test["mean"]), ""])
+    splits = results.get("splits", {})
+    rows = [[t, GROUP_OF[t], _pct(v), _pct(results["val200"].get(t)), _splits_text(splits.get(t))]
+            for t, v in test["tasks"].items()]
+    rows += [[f"{g} (mean)", g, _pct(v), "", ""] for g, v in test["groups"].items()]
+    rows.append(["VTAB-1k (mean over tasks)", "all", _pct(test["mean"]), "", ""])
     note = (f"<p class='note'>model {_e(results['protocol']['finetune']['model'])}; "
             f"{_e(results['finished'])} of {_e(results['expected'])} runs finished; "
             + ("all 19 tasks." if test["complete"] else "<b>not all 19 tasks: the mean is not the VTAB score.</b>")
             + " Test top-1 after fine-tuning on train800val200 with BiT-HyperRule (mean over runs).</p>")
-    sections = [("Scores", table_html(["task", "group", "test top-1", "val200 top-1"], rows) + note)]
+    sections = [("Scores", table_html(["task", "group", "test top-1", "val200 top-1", "train800/val200"], rows)
+                 + note)]
     if test["tasks"]:
         sections.insert(0, ("Per task and group", figure_html(vtab_figure(results), "VTAB-1k scores")))
     path = out / "report.html"

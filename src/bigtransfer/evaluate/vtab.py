@@ -3,10 +3,13 @@
 Layout: ROOT/<task>/ is any labelled source the data loader reads, holding the task's train and
 test splits: `train/<class>/*` + `test/<class>/*` folders, or a `manifest.csv` with a split
 column (`bigtransfer vtab-import` writes this layout from a Hugging Face dataset saved to disk).
-Task names are the release's (below). From a task's train split, a fixed-seed permutation gives
-the 1000 VTAB-1k images: the first 800 are `train800`, the next 200 `val200`, all of them
-`train800val200`. The score is the test top-1 after fine-tuning on train800val200; `validate`
-also fine-tunes on train800 and scores val200 (what hyper-parameter selection uses).
+Task names are the release's (below). VTAB-1k is defined by fixed splits: when the task folder
+has them (`train/` or `train800/` beside `validation/`, `val/` or `val200/`; or manifest rows of
+those splits), they are used as given: `train800` is the training split, `val200` the
+validation split, `train800val200` both. Only without them is the 1000 drawn from the train
+split with a fixed seed (the first 800 of a permutation are `train800`, the next 200 `val200`),
+and the report says which. The score is the test top-1 after fine-tuning on train800val200;
+`validate` also fine-tunes on train800 and scores val200 (what hyper-parameter selection uses).
 
 Per task the HyperRule decides everything, except the paper's Supp. F exceptions: no flip where
 mirroring changes the label, no random crop where cropping does.
@@ -126,14 +129,36 @@ def protocol_settings(opts: VtabOptions) -> dict:
             "val_size": opts.val_size, "finetune": finetune, **opts.extra}
 
 
+def task_splits(opts: VtabOptions, splits: Splits) -> dict:
+    """train800, val200 and train800val200 of a task: as given in its folder, else drawn from train."""
+    if splits.val is not None:
+        return {"train800": splits.train, "val200": splits.val, "train800val200": splits.train.concat(splits.val),
+                "source": "given"}
+    parts = vtab_1k_split(len(splits.train), opts.split_seed, opts.train_size, opts.val_size)
+    return {**{name: splits.train.subset(rows) for name, rows in parts.items()}, "source": "drawn"}
+
+
 def job_splits(opts: VtabOptions, splits: Splits, job: VtabJob) -> Splits:
     """The job's training images and what it is scored on (test, or val200 for train800)."""
-    parts = vtab_1k_split(len(splits.train), opts.split_seed, opts.train_size, opts.val_size)
+    parts = task_splits(opts, splits)
     if job.variant == "train800":
-        return Splits(splits.train.subset(parts["train800"]), splits.train.subset(parts["val200"]), splits.skipped)
+        return Splits(parts["train800"], parts["val200"], splits.skipped)
     if splits.test is None:
         raise BigTransferError(f"{opts.root}/{job.task}: no test split (expected {job.task}/test/ or a split column)")
-    return Splits(splits.train.subset(parts["train800val200"]), splits.test, splits.skipped)
+    return Splits(parts["train800val200"], splits.test, splits.skipped)
+
+
+def write_split_record(opts: VtabOptions, task: str, splits: Splits) -> None:
+    """OUT/<task>/splits.json: whether the 800/200 came from the folder or a seeded draw, and sizes."""
+    from ..train.checkpointing import write_json_atomic
+
+    parts = task_splits(opts, splits)
+    record = {"source": parts["source"], "train800": len(parts["train800"]), "val200": len(parts["val200"]),
+              "test": len(splits.test) if splits.test is not None else 0}
+    if parts["source"] == "drawn":
+        record["split_seed"] = opts.split_seed
+    (Path(opts.out) / task).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(opts.out) / task / "splits.json", record)
 
 
 def job_options(opts: VtabOptions, job: VtabJob) -> FinetuneOptions:
@@ -166,7 +191,8 @@ def run_vtab(opts: VtabOptions) -> dict:
                disable=not opts.finetune.progress)
     for task in dict.fromkeys(job.task for job in todo):
         splits = load_source(str(task_data(opts, task)), strict=opts.finetune.strict,
-                             progress=opts.finetune.progress, require_test=False)
+                             progress=opts.finetune.progress, require_test=False, separate_val=True)
+        write_split_record(opts, task, splits)
         task_jobs = [job for job in todo if job.task == task]
         for variant in dict.fromkeys(job.variant for job in task_jobs):
             runs = [job for job in task_jobs if job.variant == variant]
