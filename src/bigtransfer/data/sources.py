@@ -219,7 +219,9 @@ def image_folder(root: Path, *, strict: bool = False, progress: bool = True, sep
 
     `separate_val`: `root/val|validation|val200/` is kept apart from `root/test/`, and
     `root/train800/` may stand for `root/train/` (VTAB-1k's splits)."""
-    present = lambda *names: next((root / n for n in names if (root / n).is_dir()), None)  # noqa: E731
+    def present(*names: str) -> Path | None:
+        return next((root / n for n in names if (root / n).is_dir()), None)
+
     train_dir = present("train", "train800") if separate_val else present("train")
     val_dir = present(*VAL_FOLDERS) if separate_val and train_dir is not None else None
     if train_dir is None:
