@@ -17,7 +17,6 @@ import sys
 import tarfile
 import tempfile
 import textwrap
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -39,21 +38,32 @@ GIB = 1 << 30
 MEMORY_BOUND = 1.5 * GIB  # the issue's bound for refusing a crafted file
 
 
+# Runs the CLI and records its own peak RSS (VmHWM) at exit. The rusage of a child is no use: a
+# child forked from a large pytest process starts with the parent's pages counted as its own.
+PEAK_RSS = textwrap.dedent("""
+    import atexit, runpy, sys
+    record, sys.argv = sys.argv[1], ["bigtransfer", *sys.argv[2:]]
+
+    def peak():
+        with open("/proc/self/status") as fh:
+            kib = next(line.split()[1] for line in fh if line.startswith("VmHWM:"))
+        with open(record, "w") as fh:
+            fh.write(kib)
+
+    atexit.register(peak)
+    runpy.run_module("bigtransfer", run_name="__main__", alter_sys=True)
+""")
+
+
 def run_cli(*argv, timeout=300, env=None, limits=None):
-    """`bigtransfer ARGV` in a child process: (exit code, stdout, stderr, the child's peak RSS in bytes)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, "-m", "bigtransfer", *map(str, argv)], stdout=out, stderr=err,
-                                env={**os.environ, **(env or {})}, preexec_fn=limits)  # noqa: PLW1509
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own resource usage
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return proc.returncode, out.read().decode(), err.read().decode(), usage.ru_maxrss * 1024
+    """`bigtransfer ARGV` in a child process: (exit code, stdout, stderr, its peak RSS in bytes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        record = Path(tmp) / "peak"
+        result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(record), *map(str, argv)], capture_output=True,
+                                text=True, env={**os.environ, **(env or {})}, preexec_fn=limits,
+                                timeout=timeout, check=False)
+        peak = int(record.read_text()) * 1024 if record.is_file() else float("inf")  # no record: it died
+    return result.returncode, result.stdout, result.stderr, peak
 
 
 def one_line_error(err: str) -> bool:

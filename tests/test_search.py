@@ -71,7 +71,7 @@ def options(out, **kw):
                          **kw)
 
 
-def test_search_then_final_comparison_and_report(tmp_path):
+def test_search_then_final_comparison_and_report(tmp_path, capsys):
     out = tmp_path / "s"
     results = run_search(options(out, trials=3, train_size=300, val_size=100))
     assert results["complete"] == 3
@@ -90,8 +90,18 @@ def test_search_then_final_comparison_and_report(tmp_path):
     rebuild(out)
     assert (out / "report.html").is_file()
     assert len((out / "results.csv").read_text().splitlines()) == 1 + 3
-    # Asking again for the same number of trials runs nothing new.
-    assert run_search(options(out, trials=3, train_size=300, val_size=100))["complete"] == 3
+    # Asking again for the same number of trials runs nothing new, and the finished final runs are
+    # only reported: not evaluated again, nothing rewritten. The CLI names the winning trial.
+    def written():  # every file of the final runs but the lock, which each process rewrites with its own pid
+        return {p: p.stat().st_mtime_ns for p in (out / "final").rglob("*") if p.is_file() and p.suffix != ".lock"}
+
+    finished = written()
+    assert main(["search", "--data", "digits", "--model", TINY, "--batch", "16", "--steps", "4", "--resolution",
+                 "20/16", "--no-flip", "--workers", "0", "--precision", "fp32", "--trials", "3", "--train-size", "300",
+                 "--val-size", "100", "--space-steps", "3,6", "--space-resolution", "16,24", "--quiet",
+                 "--out", str(out)]) == 0
+    assert f"random search (trial {final['best_trial']})" in capsys.readouterr().out
+    assert written() == finished
     # A study's space is fixed: another space in the same directory is refused up front.
     with pytest.raises(BigTransferError, match=r"other settings \(space\)"):
         run_search(options(out, trials=3, train_size=300, val_size=100, space=SearchSpace(steps=(3,))))

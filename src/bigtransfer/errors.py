@@ -1,4 +1,5 @@
-"""The one exception type for problems a user can fix (bad file, bad flag, missing download)."""
+"""The one exception type for problems a user can fix (bad file, bad flag, missing download),
+and the one warning type for things a user should know (skipped images, ...)."""
 
 
 class BigTransferError(Exception):
@@ -6,3 +7,8 @@ class BigTransferError(Exception):
 
     The CLI prints it as one line and exits with code 2, without a traceback.
     """
+
+
+class BigTransferWarning(UserWarning):
+    """Something the user should know that does not stop the work; the CLI prints it as one line
+    (`bigtransfer: warning: ...`)."""

@@ -7,7 +7,6 @@ summary.json. Re-running the same command on the same --out resumes from the las
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,13 +15,21 @@ import torch
 from . import hyperrule, rundir
 from .data.dataset import TransformedImages
 from .data.fewshot import sample_per_class
-from .data.sources import Splits, load_source
+from .data.sources import Splits, load_source, report_skipped
 from .data.transforms import eval_transform, train_transform
 from .errors import BigTransferError
 from .models import create_model, save_checkpoint
 from .models.factory import model_source, resolve_arch_name
-from .train.checkpointing import fingerprint_of, gather_train_state, write_json_atomic
+from .models.resnetv2 import parse_arch
+from .train.checkpointing import (
+    check_resumable,
+    fingerprint_of,
+    finished_summary,
+    gather_train_state,
+    write_json_atomic,
+)
 from .train.distributed import DistContext
+from .train.execution import ExecutionOptions
 from .train.linear_probe import extract_features, fit_logistic_regression
 from .train.logbook import Logbook
 from .train.loop import LoopConfig, evaluate_model, resolve_precision, train
@@ -32,7 +39,7 @@ FREEZE_POINTS = ("root", "stage1", "stage2", "stage3", "stage4")
 
 
 @dataclass
-class FinetuneOptions:
+class FinetuneOptions(ExecutionOptions):
     data: str
     model: str = "BiT-M-R50x1"
     weights: str | None = None
@@ -56,28 +63,17 @@ class FinetuneOptions:
     # Supp. A regularisers, off in the HyperRule (the search turns them on)
     dropout: float = 0.0  # on the pre-logits
     l2_to_init: float = 0.0  # weight decay towards the initial weights
-    # execution
-    batch_split: int | str = 1  # or "auto"
-    eval_every: int = 0
-    checkpoint_every: int = 0
-    log_every: int = 10
-    workers: int = 0
-    precision: str = "auto"
-    compile: bool = False
-    fsdp: bool = False
-    device: str = "auto"
+    # which layers train (execution options: the base class)
     freeze_until: str | None = None
     linear_probe: bool = False
-    restart: bool = False
-    progress: bool = True
     extra: dict = field(default_factory=dict)
 
 
-def prepare_data(opts: FinetuneOptions, splits: Splits | None = None) -> Splits:
+def prepare_data(opts: FinetuneOptions, splits: Splits | None = None, warn: bool = True) -> Splits:
     """The source's splits (loaded unless given), the training split cut to a few-shot subset if asked."""
     if splits is None:
         splits = load_source(opts.data, val_fraction=opts.val_fraction, seed=opts.split_seed, strict=opts.strict,
-                             progress=opts.progress)
+                             progress=opts.progress, warn=warn)
     if opts.examples_per_class:
         chosen = sample_per_class(splits.train.labels, opts.examples_per_class, opts.seed, splits.classes)
         splits = Splits(splits.train.subset(chosen), splits.test, splits.skipped)
@@ -118,12 +114,52 @@ def _freeze(model, until: str | None) -> list[torch.nn.Module]:
     return frozen
 
 
+def check_options(opts: FinetuneOptions, check_out: bool = True) -> None:
+    """Every check that needs no data, run first: a mistyped flag costs a second, not a data scan.
+    (`check_out=False` for a protocol's template options, whose jobs each check their own folder.)"""
+    from .models import checkpoint, zoo
+
+    def at_least(flag: str, value, low, inclusive: bool = True) -> None:
+        if value is not None and (value < low if inclusive else value <= low):
+            raise BigTransferError(f"--{flag} must be {'at least' if inclusive else 'more than'} {low}, got {value}")
+
+    name, weights = model_source(opts.model, opts.weights)  # a run or weights file: its header is read
+    arch = resolve_arch_name(name)  # an unknown architecture or released name fails here
+    entry = zoo.lookup(name)
+    if weights is None and entry is not None:
+        zoo.require_cached(entry)
+    if weights is not None:
+        summary = checkpoint.summarize(Path(weights))
+        if summary.arch != parse_arch(arch):
+            raise BigTransferError(f"--weights {weights}: this file is {summary.describe()}, --model is {arch}")
+    opts.check_execution()
+    for flag, value, low in (("batch", opts.batch, 1), ("steps", opts.steps, 1),
+                             ("examples-per-class", opts.examples_per_class, 1), ("mixup", opts.mixup, 0),
+                             ("l2-to-init", opts.l2_to_init, 0)):
+        at_least(flag, value, low)
+    at_least("base-lr", opts.base_lr, 0, inclusive=False)
+    if not 0 <= opts.dropout < 1:
+        raise BigTransferError(f"--dropout must be in [0, 1), got {opts.dropout}")
+    if opts.val_fraction is not None and not 0 < opts.val_fraction < 1:
+        raise BigTransferError(f"--val-fraction must be between 0 and 1, got {opts.val_fraction}")
+    if opts.resolution is not None and not 0 < opts.resolution[1] <= opts.resolution[0]:
+        raise BigTransferError(f"--resolution: crop must be positive and at most the resize, got "
+                               f"{opts.resolution[0]}/{opts.resolution[1]}")
+    if opts.schedule not in hyperrule.SCHEDULES:
+        raise BigTransferError(f"--schedule must be one of {', '.join(hyperrule.SCHEDULES)}, got {opts.schedule!r}")
+    if opts.freeze_until is not None and opts.freeze_until not in FREEZE_POINTS:
+        raise BigTransferError(f"--freeze-until must be one of {', '.join(FREEZE_POINTS)}, got {opts.freeze_until!r}")
+    if check_out:
+        rundir.check_claim(Path(opts.out), "finetune")
+
+
 def run_finetune(opts: FinetuneOptions, splits: Splits | None = None) -> dict:
     """Fine-tune as `opts` says; returns the summary (also written to OUT/summary.json).
 
     `splits` hands in data already loaded (e.g. decoded once for a whole few-shot sweep); it must
     be what `opts.data` names, which the run records. OUT must be new, empty or a run of ours;
     another process writing it is an error (`rundir.RunInUse`)."""
+    check_options(opts)
     ctx = DistContext.from_env(opts.device)
     with rundir.owned(Path(opts.out), "finetune", main=ctx.is_main, agree=ctx.agree):
         return _finetune(opts, splits, ctx)
@@ -135,13 +171,25 @@ def _finetune(opts: FinetuneOptions, splits: Splits | None, ctx: DistContext) ->
         checkpoint = out / "checkpoints" / "latest.safetensors"
         checkpoint.unlink(missing_ok=True)
     ctx.barrier()
-    with warnings.catch_warnings():
-        if not ctx.is_main:
-            warnings.simplefilter("ignore")  # say "skipped N images" once, not once per process
-        splits = prepare_data(opts, splits)
+    loaded_here = splits is None  # data handed in was loaded (and its skipped images reported) by the caller
+    splits = prepare_data(opts, splits, warn=False)
     if splits.test is None:
         raise BigTransferError(f"--data {opts.data}: nothing to evaluate on (no val/test split)")
     plan = make_plan(opts, splits)
+    settings = {
+        "plan": plan.to_dict(), "model": opts.model, "weights": str(opts.weights) if opts.weights else None,
+        "data": opts.data, "examples_per_class": opts.examples_per_class, "seed": opts.seed,
+        "split_seed": opts.split_seed, "freeze_until": opts.freeze_until, "linear_probe": opts.linear_probe,
+        "classes": splits.classes,
+    }
+    if opts.dropout or opts.l2_to_init:  # only when used, so earlier runs keep their fingerprints
+        settings["regularisers"] = {"dropout": opts.dropout, "l2_to_init": opts.l2_to_init}
+    fingerprint = fingerprint_of(settings)
+    finished = None if opts.restart else finished_summary(out, fingerprint)
+    if finished is not None:  # the same run, done: report it, change nothing
+        ctx.shutdown()
+        return finished
+    check_resumable(out / "checkpoints" / "latest.safetensors", fingerprint)  # before config.json is replaced
     torch.manual_seed(opts.seed)  # a from-scratch model's init is part of the run's reproducible state
     name, weights = model_source(opts.model, opts.weights)
     model = create_model(name, num_classes=len(splits.classes), weights=weights)
@@ -155,15 +203,6 @@ def _finetune(opts: FinetuneOptions, splits: Splits | None, ctx: DistContext) ->
     split = opts.batch_split
     if split == "auto":
         split = auto_batch_split(model.config, plan.crop, plan.batch // ctx.world_size, ctx.device, bf16)
-    settings = {
-        "plan": plan.to_dict(), "model": opts.model, "weights": str(opts.weights) if opts.weights else None,
-        "data": opts.data, "examples_per_class": opts.examples_per_class, "seed": opts.seed,
-        "split_seed": opts.split_seed, "freeze_until": opts.freeze_until, "linear_probe": opts.linear_probe,
-        "classes": splits.classes,
-    }
-    if opts.dropout or opts.l2_to_init:  # only when used, so earlier runs keep their fingerprints
-        settings["regularisers"] = {"dropout": opts.dropout, "l2_to_init": opts.l2_to_init}
-    fingerprint = fingerprint_of(settings)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         config = {**settings, "fingerprint": fingerprint, "batch_split": split, "world_size": ctx.world_size,
@@ -171,6 +210,7 @@ def _finetune(opts: FinetuneOptions, splits: Splits | None, ctx: DistContext) ->
                   "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
                   "skipped_images": splits.skipped}
         write_json_atomic(out / "config.json", config)
+        report_skipped(out, splits.skipped, opts.data, warn=loaded_here)
         if opts.progress:  # quiet runs (--quiet, sweeps, the demo) keep the plan to config.json
             print(hyperrule.describe(plan), flush=True)
 

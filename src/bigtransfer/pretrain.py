@@ -9,8 +9,7 @@ The final model (`OUT/final.safetensors`) loads directly in `bigtransfer finetun
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,13 +17,20 @@ import torch
 from . import rundir, upstream
 from .data.dataset import TransformedImages
 from .data.shards import ShardSet, ShardStream, is_shard_dir
-from .data.sources import Splits, load_source
+from .data.sources import Splits, load_source, report_skipped
 from .data.transforms import eval_transform, upstream_transform
 from .errors import BigTransferError
 from .evaluate.fewshot_probe import DEFAULT_SHOTS, fewshot_accuracy
 from .models import create_model, save_checkpoint
-from .train.checkpointing import fingerprint_of, gather_train_state, write_json_atomic
+from .train.checkpointing import (
+    check_resumable,
+    fingerprint_of,
+    finished_summary,
+    gather_train_state,
+    write_json_atomic,
+)
 from .train.distributed import DistContext
+from .train.execution import ExecutionOptions
 from .train.linear_probe import extract_features
 from .train.logbook import Logbook
 from .train.loop import LoopConfig, resolve_precision, train
@@ -33,7 +39,7 @@ from .train.memory import forward_flops_per_image
 
 
 @dataclass
-class PretrainOptions:
+class PretrainOptions(ExecutionOptions):
     data: str
     model: str = "R50x1"
     out: Path = Path("runs/pretrain")
@@ -57,18 +63,6 @@ class PretrainOptions:
     probe_data: str | None = None
     probe_shots: tuple[int, ...] = DEFAULT_SHOTS
     probe_resolution: int | None = None
-    # execution
-    batch_split: int = 1
-    eval_every: int = 0
-    checkpoint_every: int = 0
-    log_every: int = 10
-    workers: int = 0
-    precision: str = "auto"
-    compile: bool = False
-    fsdp: bool = False
-    device: str = "auto"
-    restart: bool = False
-    progress: bool = True
 
 
 @dataclass
@@ -78,6 +72,7 @@ class UpstreamData:
     classes: list[str]
     multilabel: bool
     size: int
+    skipped: list[str] = field(default_factory=list)  # unreadable files of a folder or manifest
 
 
 def open_upstream_data(opts: PretrainOptions, resolution: int) -> UpstreamData:
@@ -88,10 +83,10 @@ def open_upstream_data(opts: PretrainOptions, resolution: int) -> UpstreamData:
         return UpstreamData(ShardStream(shards, "train", train_tf, train=True, seed=opts.seed, strict=opts.strict), test,
                             shards.classes, shards.multilabel, shards.count("train"))
     splits: Splits = load_source(opts.data, val_fraction=opts.val_fraction, strict=opts.strict,
-                                 progress=opts.progress, require_test=False)
+                                 progress=opts.progress, require_test=False, warn=False)
     test = TransformedImages(splits.test, test_tf, strict=opts.strict) if splits.test is not None else None
     return UpstreamData(TransformedImages(splits.train, train_tf, strict=opts.strict), test, splits.classes,
-                        splits.train.multilabel, len(splits.train))
+                        splits.train.multilabel, len(splits.train), splits.skipped)
 
 
 class TransferProbe:
@@ -122,6 +117,7 @@ def make_plan(opts: PretrainOptions, data: UpstreamData) -> upstream.UpstreamPla
 
 def plan_only(opts: PretrainOptions) -> upstream.UpstreamPlan:
     """The plan `run_pretrain` would follow (reads the data's size and labels; trains nothing)."""
+    check_options(opts, check_out=False)
     return make_plan(opts, open_upstream_data(opts, opts.resolution or upstream.RESOLUTION))
 
 
@@ -134,8 +130,29 @@ def build_upstream_model(opts: PretrainOptions, plan: upstream.UpstreamPlan):
     return model
 
 
+def check_options(opts: PretrainOptions, check_out: bool = True) -> None:
+    """Every check that needs no data, run first (a mistyped flag costs a second, not a data scan)."""
+    from .models.factory import resolve_arch_name
+    from .models.resnetv2 import NORMS, parse_arch
+
+    width = parse_arch(resolve_arch_name(opts.model)).width
+    if opts.norm not in NORMS:
+        raise BigTransferError(f"--norm must be one of {', '.join(NORMS)}, got {opts.norm!r}")
+    if opts.groups < 1 or (64 * width) % opts.groups:
+        raise BigTransferError(f"--groups {opts.groups} does not divide the {64 * width:g} channels of {opts.model}")
+    opts.check_execution(auto_split=False)
+    upstream.upstream_plan(1, 2, recipe=opts.recipe, batch=opts.batch, base_lr=opts.base_lr, epochs=opts.epochs,
+                           warmup_steps=opts.warmup_steps, weight_decay=opts.weight_decay,
+                           resolution=opts.resolution, loss=opts.loss, decayed=opts.decayed)  # the recipe's checks
+    if not 0 < opts.min_crop_area <= 1:
+        raise BigTransferError(f"--min-crop-area must be in (0, 1], got {opts.min_crop_area}")
+    if check_out:
+        rundir.check_claim(Path(opts.out), "pretrain")
+
+
 def run_pretrain(opts: PretrainOptions) -> dict:
     """Pre-train as `opts` says; returns the summary (also written to OUT/summary.json)."""
+    check_options(opts)
     ctx = DistContext.from_env(opts.device)
     with rundir.owned(Path(opts.out), "pretrain", main=ctx.is_main, agree=ctx.agree):
         return _pretrain(opts, ctx)
@@ -147,11 +164,16 @@ def _pretrain(opts: PretrainOptions, ctx: DistContext) -> dict:
         (out / "checkpoints" / "latest.safetensors").unlink(missing_ok=True)
     ctx.barrier()
     resolution = opts.resolution or upstream.RESOLUTION
-    with warnings.catch_warnings():
-        if not ctx.is_main:
-            warnings.simplefilter("ignore")
-        data = open_upstream_data(opts, resolution)
+    data = open_upstream_data(opts, resolution)
     plan = make_plan(opts, data)
+    settings = {"plan": plan.to_dict(), "model": opts.model, "norm": opts.norm, "groups": opts.groups,
+                "data": opts.data, "seed": opts.seed, "min_crop_area": opts.min_crop_area, "classes": data.classes}
+    fingerprint = fingerprint_of(settings)
+    finished = None if opts.restart else finished_summary(out, fingerprint)
+    if finished is not None:  # the same run, done: report it, change nothing
+        ctx.shutdown()
+        return finished
+    check_resumable(out / "checkpoints" / "latest.safetensors", fingerprint)  # before config.json is replaced
     model = build_upstream_model(opts, plan)
     precision = resolve_precision(opts.precision, ctx.device, forward_flops_per_image(model.config, resolution))
     bf16 = precision == "bf16"
@@ -159,15 +181,13 @@ def _pretrain(opts: PretrainOptions, ctx: DistContext) -> dict:
     # would only wait at the barrier); the main process logs.
     probe = (TransferProbe(opts.probe_data, opts.probe_resolution or resolution, opts.probe_shots, ctx.device, bf16)
              if opts.probe_data else None)
-    settings = {"plan": plan.to_dict(), "model": opts.model, "norm": opts.norm, "groups": opts.groups,
-                "data": opts.data, "seed": opts.seed, "min_crop_area": opts.min_crop_area, "classes": data.classes}
-    fingerprint = fingerprint_of(settings)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "config.json", {
             **settings, "fingerprint": fingerprint, "world_size": ctx.world_size, "device": str(ctx.device),
             "precision": precision,
             "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}})
+        report_skipped(out, data.skipped, opts.data, warn=True)
         if opts.progress:
             print(upstream.describe(plan), flush=True)
 

@@ -18,7 +18,6 @@ resumes from its checkpoint instead of starting over.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import warnings
@@ -27,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import rundir
 from .data.cache import decoded_splits
 from .data.sources import Splits, load_source, stratified_split
 from .errors import BigTransferError
 from .evaluate.report import claim_out
-from .finetune import FinetuneOptions, make_plan, run_finetune
+from .finetune import FinetuneOptions, check_options, make_plan, run_finetune
 from .rundir import RunInUse
 from .train.checkpointing import write_json_atomic
 
@@ -156,6 +156,8 @@ def run_search(opts: SearchOptions) -> dict:
     comparison; returns the collected results (also written as results.json/csv and report.html)."""
     optuna = _optuna()
     out = Path(opts.out)
+    check_options(opts.finetune, check_out=False)
+    rundir.check_claim(out, "search")
     splits = load_source(opts.finetune.data, val_fraction=opts.finetune.val_fraction, seed=opts.finetune.split_seed,
                          strict=opts.finetune.strict, progress=opts.finetune.progress)
     if opts.final and splits.test is None:
@@ -216,8 +218,3 @@ def _final_comparison(opts: SearchOptions, study, parts: dict[str, Splits]) -> N
     for name, (finetune, data) in runs.items():
         summary[name] = run_finetune(finetune, splits=_prepared(opts, finetune, data))["final"]["top1"]
     write_json_atomic(Path(opts.out) / "final.json", summary)
-
-
-def load_final(out: Path) -> dict | None:
-    path = Path(out) / "final.json"
-    return json.loads(path.read_text()) if path.is_file() else None

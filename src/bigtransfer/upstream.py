@@ -99,6 +99,11 @@ def upstream_plan(
         raise BigTransferError("--loss softmax needs one label per image; this data has several (use sigmoid)")
     if decayed not in DECAYED:
         raise BigTransferError(f"--decay must be one of {', '.join(DECAYED)}, got {decayed!r}")
+    for flag, value, low in (("base-lr", base_lr, 0.0), ("weight-decay", weight_decay, 0.0),
+                             ("warmup-steps", warmup_steps, 0), ("resolution", resolution, 1)):
+        if value is not None and (value <= low if flag == "base-lr" else value < low):
+            raise BigTransferError(f"--{flag} must be {'more than' if flag == 'base-lr' else 'at least'} {low}, "
+                                   f"got {value}")
     if dataset_size < 1 or num_classes < 2:
         raise BigTransferError(f"pre-training needs images of at least 2 classes (got {dataset_size}, {num_classes})")
     overrides = {k: v for k, v in (("batch", batch), ("base_lr", base_lr), ("epochs", epochs),

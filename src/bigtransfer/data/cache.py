@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from torchvision.transforms import v2
 
-from ..errors import BigTransferError
+from ..errors import BigTransferError, BigTransferWarning
 from .images import IMAGE_ERRORS
 from .sources import ImageSet, Splits
 
@@ -80,7 +80,7 @@ def _decode(images: ImageSet, needed: np.ndarray, side: int, strict: bool, progr
     if failed:
         # As the on-the-fly path does: an undecodable image is replaced by the next one that decoded.
         warnings.warn(f"{len(failed)} image(s) failed to decode and were replaced by the next image, "
-                      f"e.g. {images.describe_item(int(needed[failed[0]]))}", stacklevel=3)
+                      f"e.g. {images.describe_item(int(needed[failed[0]]))}", BigTransferWarning, stacklevel=3)
         good = [row for row, size in enumerate(sizes) if size is not None]
         for row in failed:
             source = next((g for g in good if g > row), good[0])

@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import BigTransferError
+from ..errors import BigTransferError, BigTransferWarning
 from .images import IMAGE_ERRORS
 from .sources import ImageSet
 
@@ -73,5 +73,5 @@ class TransformedImages(Dataset):
                 where = self.images.describe_item(i)
                 if self.strict:
                     raise BigTransferError(f"{where}: cannot decode image ({err})") from None
-                warnings.warn(f"{where}: cannot decode image ({err}); using the next image instead", stacklevel=2)
+                warnings.warn(f"{where}: cannot decode image ({err}); using the next image instead", BigTransferWarning, stacklevel=2)
         raise BigTransferError(f"{self.images.origin}: {tries} images in a row failed to decode")

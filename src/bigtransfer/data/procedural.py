@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import BigTransferError
-from .sources import ImageSet, Splits
+from .imageset import ImageSet, Splits
 
 FAMILIES = ("strokes", "shapes", "textures")
 SUPERSAMPLE = 4

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .. import rundir
 from ..atomic import write_atomically, write_json
-from ..errors import BigTransferError
+from ..errors import BigTransferError, BigTransferWarning
 from .dataset import seeded_cpu_rng
 from .images import IMAGE_ERRORS, load_rgb
 from .sources import ImageSet, Splits
@@ -254,7 +254,7 @@ class ShardStream(IterableDataset):
                 raise BigTransferError(f"{where}: cannot decode image ({err})") from None
             self.undecodable += 1
             if self.undecodable <= NAMED_FIRST:
-                warnings.warn(f"{where}: cannot decode image ({err}); skipped", stacklevel=2)
+                warnings.warn(f"{where}: cannot decode image ({err}); skipped", BigTransferWarning, stacklevel=2)
             return None
 
     def loader(self, start_step: int, rank: int, world: int, micro_batch: int, chunks_per_step: int,

@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import pickle
-import statistics
 import tarfile
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from ..errors import BigTransferError
-from .images import IMAGE_ERRORS, load_rgb, probe
+from ..errors import BigTransferError, BigTransferWarning
+from .images import IMAGE_ERRORS, probe
+from .imageset import ImageSet, Splits
+
+__all__ = ["ImageSet", "Splits", "load_source", "stratified_split"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 SPLIT_NAMES = {"train": "train", "val": "test", "valid": "test", "validation": "test", "test": "test"}
@@ -31,117 +32,17 @@ BUILTINS = ("digits", "glyphs")
 NAMED_FIRST = 5  # how many skipped files a warning names
 
 
-class ImageSet:
-    """Images with integer labels; `classes[label]` is the class name.
-
-    Backed by file paths or by a uint8 array [N, H, W, 3]; `subset` shares the backing store.
-    Multi-label data also carries `label_sets` (every label of every image); `labels` then holds
-    each image's first label, which few-shot draws and stratified splits use.
-    """
-
-    def __init__(self, classes: Sequence[str], labels: Sequence[int], *, paths: Sequence[str] | None = None,
-                 pixels: np.ndarray | None = None, rows: np.ndarray | None = None,
-                 sizes: Sequence[tuple[int, int]] | None = None, origin: str = "",
-                 label_sets: Sequence[tuple[int, ...]] | None = None):
-        if (paths is None) == (pixels is None):
-            raise ValueError("an ImageSet is backed by paths or by pixels")
-        self.classes = list(classes)
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.paths = list(paths) if paths is not None else None
-        self.pixels = pixels
-        self.rows = np.arange(len(self.labels)) if rows is None else np.asarray(rows)
-        self.sizes = list(sizes) if sizes is not None else None  # (w, h) per item, when known
-        self.origin = origin
-        self.label_sets = [tuple(ls) for ls in label_sets] if label_sets is not None else None
-
-    @property
-    def multilabel(self) -> bool:
-        return self.label_sets is not None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def load(self, i: int) -> Image.Image:
-        """Item `i` as an 8-bit RGB PIL image."""
-        if self.paths is not None:
-            return load_rgb(self.paths[i])
-        return Image.fromarray(self.pixels[self.rows[i]])
-
-    def load_for_transform(self, i: int):
-        """What the transforms take: a PIL image for files; for in-memory pixels a uint8 CHW tensor
-        (torchvision's transforms run ~40% faster on small tensors than on PIL images)."""
-        if self.paths is not None:
-            return load_rgb(self.paths[i])
-        import torch
-
-        return torch.from_numpy(self.pixels[self.rows[i]]).permute(2, 0, 1)
-
-    def describe_item(self, i: int) -> str:
-        return self.paths[i] if self.paths is not None else f"{self.origin}[{int(self.rows[i])}]"
-
-    def subset(self, indices: Sequence[int]) -> ImageSet:
-        idx = np.asarray(indices, dtype=np.int64)
-        return ImageSet(
-            self.classes, self.labels[idx],
-            paths=[self.paths[i] for i in idx] if self.paths is not None else None,
-            pixels=self.pixels, rows=self.rows[idx] if self.pixels is not None else None,
-            sizes=[self.sizes[i] for i in idx] if self.sizes is not None else None, origin=self.origin,
-            label_sets=[self.label_sets[i] for i in idx] if self.label_sets is not None else None,
-        )
-
-    def concat(self, other: ImageSet) -> ImageSet:
-        """These images followed by `other`'s (file-backed sets of the same classes)."""
-        if self.paths is None or other.paths is None or self.classes != other.classes:
-            raise BigTransferError(f"{self.origin}: only file-backed splits of the same classes can be joined")
-        sizes = self.sizes + other.sizes if self.sizes is not None and other.sizes is not None else None
-        sets = self.label_sets + other.label_sets if self.multilabel and other.multilabel else None
-        return ImageSet(self.classes, np.concatenate([self.labels, other.labels]), paths=self.paths + other.paths,
-                        sizes=sizes, origin=self.origin, label_sets=sets)
-
-    def relabeled(self, classes: Sequence[str], labels: Sequence[int]) -> ImageSet:
-        """The same images under another class list (e.g. a model's), with labels in its order."""
-        if self.multilabel:
-            raise BigTransferError(f"{self.origin}: relabeling multi-label data is not supported")
-        return ImageSet(classes, labels, paths=self.paths, pixels=self.pixels,
-                        rows=self.rows if self.pixels is not None else None, sizes=self.sizes, origin=self.origin)
-
-    def median_area(self, sample: int = 1000, seed: int = 0) -> float:
-        """Median pixel area over (a sample of) the images: what the HyperRule's resolution uses."""
-        if self.sizes is not None:  # known sizes first: decoded caches keep the originals here
-            sizes = self.sizes
-        elif self.pixels is not None:
-            h, w = self.pixels.shape[1:3]
-            return float(h * w)
-        else:
-            chosen = np.random.default_rng(seed).permutation(len(self))[:sample]
-            sizes = [probe(self.paths[i]) for i in chosen]
-        return float(statistics.median(w * h for w, h in sizes))
-
-    def class_counts(self) -> np.ndarray:
-        return np.bincount(self.labels, minlength=len(self.classes))
-
-
-@dataclass
-class Splits:
-    train: ImageSet
-    test: ImageSet | None
-    skipped: list[str] = field(default_factory=list)
-    val: ImageSet | None = None  # a validation split beside the test split (only with separate_val)
-
-    @property
-    def classes(self) -> list[str]:
-        return self.train.classes
-
-
 # --------------------------------------------------------------------------- entry point
 def load_source(spec: str, *, val_fraction: float | None = None, seed: int = 0, strict: bool = False,
-                progress: bool = True, require_test: bool = True, separate_val: bool = False) -> Splits:
+                progress: bool = True, require_test: bool = True, separate_val: bool = False,
+                warn: bool = True) -> Splits:
     """Open a data source named by `spec`: a folder, a .csv manifest, a CIFAR archive, or a
     built-in (`digits`: scikit-learn's handwritten digits; `glyphs[:classes=N,per_class=N,
     test_per_class=N,size=N,seed=N]`: the procedural upstream set).
 
     A validation split (val/, validation/, val200/ folders or manifest rows) is the test split
-    unless `separate_val`, which keeps it apart as `Splits.val` (VTAB-1k's given 800/200)."""
+    unless `separate_val`, which keeps it apart as `Splits.val` (VTAB-1k's given 800/200).
+    Unreadable images are skipped with one warning (`warn=False`: the caller reports `skipped`)."""
     path = Path(spec).expanduser()
     name, _, params = spec.partition(":")
     if name in BUILTINS and not path.exists():
@@ -165,6 +66,8 @@ def load_source(spec: str, *, val_fraction: float | None = None, seed: int = 0, 
         splits = image_folder(path, strict=strict, progress=progress, separate_val=separate_val)
     else:
         raise BigTransferError(f"--data {spec}: expected an image folder, a .csv manifest or a CIFAR archive")
+    if warn:
+        warn_skipped(splits.skipped, path)
     _check_classes(splits.train, spec)
     if splits.test is None and (val_fraction or require_test):
         if not val_fraction:
@@ -238,17 +141,23 @@ def image_folder(root: Path, *, strict: bool = False, progress: bool = True, sep
             held.append(_checked_files(classes, h_paths, h_labels, skipped, strict, progress, origin=str(folder)))
         else:
             held.append(None)
-    _warn_skipped(skipped, root)
     return Splits(train, held[0], skipped, val=held[1])
 
 
-def _scan_class_folders(folder: Path, known: list[str] | None = None) -> tuple[list[str], list[str], list[int]]:
-    from torchvision.datasets.folder import find_classes
-
+def _class_folders(folder: Path) -> list[str]:
+    """The class folders of `folder`, sorted (hidden ones left out), as torchvision's ImageFolder
+    finds them; without importing torchvision, which costs seconds before any image is read."""
     try:
-        classes, _ = find_classes(str(folder))
-    except FileNotFoundError as err:
-        raise BigTransferError(f"{folder}: {err}") from None
+        classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    except OSError as err:
+        raise BigTransferError(f"{folder}: cannot list the folder ({err.strerror})") from None
+    if not classes:
+        raise BigTransferError(f"{folder}: Couldn't find any class folder in {folder}.")
+    return classes
+
+
+def _scan_class_folders(folder: Path, known: list[str] | None = None) -> tuple[list[str], list[str], list[int]]:
+    classes = _class_folders(folder)
     if known is not None:
         unknown = sorted(set(classes) - set(known))
         if unknown:
@@ -297,10 +206,28 @@ def _probe_all(paths: Sequence[str], progress: bool) -> list[tuple[int, int] | N
                          disable=not progress or len(paths) < 2000))
 
 
-def _warn_skipped(skipped: list[str], where) -> None:
+def warn_skipped(skipped: list[str], where, listed_in: Path | None = None) -> None:
+    """One warning for all the unreadable images of a source: the count and the first few names
+    (and where the whole list was written, if it was)."""
     if skipped:
         named = ", ".join(skipped[:NAMED_FIRST]) + (", ..." if len(skipped) > NAMED_FIRST else "")
-        warnings.warn(f"{where}: skipped {len(skipped)} unreadable image(s): {named}", stacklevel=3)
+        where_all = f" (all {len(skipped)}: {listed_in})" if listed_in else ""
+        warnings.warn(f"{where}: skipped {len(skipped)} unreadable image(s): {named}{where_all}", BigTransferWarning,
+                      stacklevel=3)
+
+
+SKIPPED_LIST = "skipped_images.txt"  # a run's unreadable images, one per line
+
+
+def report_skipped(run_dir: Path, skipped: list[str], where, warn: bool = True) -> None:
+    """The whole list of a run's unreadable images into its folder; one warning line that points there."""
+    from ..atomic import write_text
+
+    if skipped:
+        listed = write_text(Path(run_dir) / SKIPPED_LIST, "".join(f"{path}\n" for path in skipped),
+                            what="list of skipped images")
+        if warn:
+            warn_skipped(skipped, where, listed_in=listed)
 
 
 # --------------------------------------------------------------------------- CSV manifests
@@ -359,7 +286,6 @@ def manifest(csv_path: Path, *, strict: bool = False, progress: bool = True, sep
         if paths:
             splits[name] = _checked_files(classes, paths, labels, skipped, strict, progress, origin=str(csv_path),
                                           label_sets=label_sets if multilabel else None)
-    _warn_skipped(skipped, csv_path)
     if "train" not in splits:
         raise BigTransferError(f"{csv_path}: no training rows")
     return Splits(splits["train"], splits.get("test"), skipped, val=splits.get("val"))

@@ -20,7 +20,7 @@ from ..errors import BigTransferError
 from ..finetune import FinetuneOptions
 from ..pretrain import PretrainOptions, run_pretrain
 from .fewshot_sweep import SweepOptions, run_sweep
-from .report import claim_out
+from .report import claim_out, transfer_dir
 
 NORMS = ("bn", "bn_ws", "gn", "gn_ws")
 _DEMO = DemoConfig()
@@ -73,10 +73,6 @@ def _transfer(opts: AblationOptions, norm: str, task: str) -> dict:
         precision=opts.precision, device=opts.device, progress=opts.progress)
     return run_sweep(SweepOptions(finetune=finetune, out=transfer_dir(opts.out, task, norm), shots=opts.shots,
                                   repeats=opts.repeats, linear_probe=False))
-
-
-def transfer_dir(out: Path, task: str, norm: str) -> Path:
-    return Path(out) / "transfer" / Path(task).name.replace(":", "_") / norm
 
 
 def protocol_settings(opts: AblationOptions) -> dict:

@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import rundir
 from ..data.cache import decoded, decoded_splits
 from ..data.dataset import TransformedImages
 from ..data.fewshot import sample_per_class
 from ..data.sources import Splits, load_source
 from ..data.transforms import eval_transform
 from ..errors import BigTransferError
-from ..finetune import FinetuneOptions, make_plan, prepare_data, run_finetune
+from ..finetune import FinetuneOptions, check_options, make_plan, prepare_data, run_finetune
 from ..rundir import RunInUse
 from ..train.checkpointing import write_json_atomic
 from .report import claim_out, collect_fewshot, write_fewshot_report
@@ -134,6 +135,8 @@ def run_sweep(opts: SweepOptions) -> dict:
         raise BigTransferError(f"--shard must be I/N with 0 <= I < N, got {index}/{count}")
     out = Path(opts.out)
     all_jobs = jobs(opts.shots, opts.repeats)
+    check_options(opts.finetune, check_out=False)
+    rundir.check_claim(out, "fewshot")
     splits = load_source(opts.finetune.data, val_fraction=opts.finetune.val_fraction, seed=opts.finetune.split_seed,
                          strict=opts.finetune.strict, progress=opts.finetune.progress)
     if splits.test is None:

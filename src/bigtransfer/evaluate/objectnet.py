@@ -44,7 +44,7 @@ from ..data.dataset import TransformedImages
 from ..data.images import probe
 from ..data.sources import ImageSet, load_source
 from ..data.transforms import objectnet_transform
-from ..errors import BigTransferError
+from ..errors import BigTransferError, BigTransferWarning
 
 Box = tuple[int, int, int, int]
 TOP_K = 5
@@ -195,7 +195,7 @@ def load_boxes(path: str | Path, images: ImageSet, root: str | Path) -> list[Box
         raise BigTransferError(f"{path}: cannot read the boxes ({err})") from None
     if unmatched:
         warnings.warn(f"{path}: {len(unmatched)} box row(s) name no image of the data (first: {unmatched[0]!r}); "
-                      f"paths are relative to {root}", stacklevel=2)
+                      f"paths are relative to {root}", BigTransferWarning, stacklevel=2)
     return boxes
 
 
@@ -337,7 +337,7 @@ def _to_objectnet_labels(images: ImageSet, boxes: list[Box | None], mapping: Res
         mapped_labels = [i for i, c in enumerate(images.classes) if c in column]
         keep = np.flatnonzero(np.isin(images.labels, mapped_labels))
         warnings.warn(f"--data {data}: dropped {len(images) - len(keep)} image(s) of {len(unmapped)} class(es) "
-                      f"not in the mapping (first: {unmapped[0]!r})", stacklevel=3)
+                      f"not in the mapping (first: {unmapped[0]!r})", BigTransferWarning, stacklevel=3)
     if not len(keep):
         raise BigTransferError(f"--data {data}: no images to evaluate" + (" of mapped classes" if unmapped else ""))
     to_column = np.array([column.get(c, -1) for c in images.classes], dtype=np.int64)

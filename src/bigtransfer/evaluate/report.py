@@ -140,6 +140,19 @@ def _shot_order(shots) -> list:
     return sorted(shots, key=lambda k: float("inf") if k == "full" else int(k))
 
 
+# --------------------------------------------------------------------------- where protocols keep results
+# (layout facts the protocols and their reports share; reports read files, never protocol code)
+def transfer_dir(out: Path, task: str, norm: str) -> Path:
+    """The ablation's few-shot sweep of one normalisation's model on one task."""
+    return Path(out) / "transfer" / Path(task).name.replace(":", "_") / norm
+
+
+def load_final(out: Path) -> dict | None:
+    """A search's final comparison (final.json), if it has run."""
+    path = Path(out) / "final.json"
+    return read_json(path) if path.is_file() else None
+
+
 # --------------------------------------------------------------------------- few-shot
 @tolerant
 def collect_fewshot(out: Path) -> dict:
@@ -242,7 +255,7 @@ def write_fewshot_report(out: Path, results: dict) -> Path:
 @tolerant
 def collect_vtab(out: Path) -> dict:
     """Every finished VTAB-1k run; per task the mean test top-1 over runs, per group, overall."""
-    from .vtab import GROUP_OF, aggregate
+    from .vtab_tasks import GROUP_OF, aggregate
 
     out = Path(out)
     protocol = read_protocol(out)
@@ -289,7 +302,7 @@ def vtab_figure(results: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .vtab import GROUP_OF, GROUPS
+    from .vtab_tasks import GROUP_OF, GROUPS
 
     colours = {"natural": "tab:green", "specialized": "tab:purple", "structured": "tab:orange"}
     scores = results["test"]["tasks"]
@@ -313,7 +326,7 @@ def vtab_figure(results: dict):
 
 @tolerant
 def write_vtab_report(out: Path, results: dict) -> Path:
-    from .vtab import GROUP_OF
+    from .vtab_tasks import GROUP_OF
 
     out = Path(out)
     write_json_atomic(out / "results.json", results)
@@ -345,8 +358,6 @@ NORM_GRID = (("BatchNorm", ("bn", "bn_ws")), ("GroupNorm", ("gn", "gn_ws")))
 @tolerant
 def collect_ablation(out: Path) -> dict:
     """Upstream top-1 per normalisation (Table 4) and transfer medians per task and K (Table 5)."""
-    from .ablation import transfer_dir
-
     out = Path(out)
     protocol = read_protocol(out)
     upstream, transfer, ranges = {}, {}, {}
@@ -471,8 +482,6 @@ def write_objectnet_report(out: Path, result: dict) -> Path:
 def collect_search(out: Path, study=None) -> dict:
     """Every trial of the study (state, validation top-1, settings) and the final comparison."""
     import optuna
-
-    from ..search import load_final
 
     out = Path(out)
     protocol = read_protocol(out)

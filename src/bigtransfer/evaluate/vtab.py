@@ -17,7 +17,6 @@ mirroring changes the label, no random crop where cropping does.
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -25,28 +24,22 @@ import numpy as np
 
 from ..data.sources import Splits, load_source
 from ..errors import BigTransferError
-from ..finetune import FinetuneOptions, run_finetune
+from ..finetune import FinetuneOptions, check_options, run_finetune
 from ..rundir import RunInUse
+from .vtab_tasks import (
+    GROUP_OF,
+    GROUPS,
+    NO_CROP,
+    NO_FLIP,
+    TASKS,
+    TRAIN_SIZE,
+    VAL_SIZE,
+    aggregate,
+    augmentation,
+)
 
-GROUPS = {
-    "natural": ("caltech101", "cifar100", "dtd", "oxford_flowers102", "oxford_iiit_pet", "sun397", "svhn"),
-    "specialized": ("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"),
-    "structured": ("clevr-count", "clevr-distance", "dmlab", "kitti-distance", "dsprites-xpos",
-                   "dsprites-orientation", "smallnorb-azimuth", "smallnorb-elevation"),
-}
-TASKS = tuple(task for tasks in GROUPS.values() for task in tasks)
-GROUP_OF = {task: group for group, tasks in GROUPS.items() for task in tasks}
-# Supp. F: orientation/azimuth and x-position labels change under a mirror; counts, distances and
-# locations change under a crop (dsprites-xpos is the paper's "dSprites-location").
-NO_FLIP = frozenset({"dsprites-orientation", "smallnorb-azimuth", "dsprites-xpos"})
-NO_CROP = frozenset({"clevr-count", "clevr-distance", "dmlab", "kitti-distance", "dsprites-xpos"})
-TRAIN_SIZE, VAL_SIZE = 800, 200
-
-
-def augmentation(task: str) -> dict[str, bool]:
-    """The flip/crop switches the paper uses for `task`."""
-    return {"flip": task not in NO_FLIP, "random_crop": task not in NO_CROP}
-
+__all__ = ["GROUPS", "GROUP_OF", "NO_CROP", "NO_FLIP", "TASKS", "aggregate", "augmentation", "run_vtab",
+           "vtab_1k_split"]
 
 def vtab_1k_split(train_size_available: int, seed: int = 0, train: int = TRAIN_SIZE,
                   val: int = VAL_SIZE) -> dict[str, np.ndarray]:
@@ -56,18 +49,6 @@ def vtab_1k_split(train_size_available: int, seed: int = 0, train: int = TRAIN_S
     order = np.random.default_rng(seed).permutation(train_size_available)
     return {"train800": np.sort(order[:train]), "val200": np.sort(order[train:train + val]),
             "train800val200": np.sort(order[:train + val])}
-
-
-def aggregate(task_scores: dict[str, float]) -> dict:
-    """Per-group means and the overall mean over the tasks present (VTAB: the mean over all 19)."""
-    unknown = sorted(set(task_scores) - set(TASKS))
-    if unknown:
-        raise BigTransferError(f"unknown VTAB task {unknown[0]!r}")
-    groups = {g: statistics.mean(task_scores[t] for t in tasks if t in task_scores)
-              for g, tasks in GROUPS.items() if any(t in task_scores for t in tasks)}
-    return {"tasks": dict(task_scores), "groups": groups,
-            "mean": statistics.mean(task_scores.values()) if task_scores else None,
-            "complete": set(task_scores) == set(TASKS)}
 
 
 @dataclass
@@ -182,6 +163,7 @@ def run_vtab(opts: VtabOptions) -> dict:
     if not 0 <= index < count:
         raise BigTransferError(f"--shard must be I/N with 0 <= I < N, got {index}/{count}")
     tasks_present(opts)
+    check_options(opts.finetune, check_out=False)
     out = Path(opts.out)
     claim_out(out, protocol_settings(opts))
     jobs = all_jobs(opts)

@@ -1,4 +1,4 @@
-"""Training state on disk: model, optimizer momentum and step, in one atomically written file.
+"""Training state on disk: model, optimizer state and step, in one atomically written file.
 
 `.safetensors` only (no pickle): tensors under `model/...` and `optimizer/...`, the step and
 the run's fingerprint in the metadata. A resumed run refuses a checkpoint whose fingerprint
@@ -20,13 +20,29 @@ from ..errors import BigTransferError
 FORMAT = "bigtransfer-train-state"
 
 
+SEPARATOR = "::"  # optimizer/<param>::<state key>; SGD's momentum keeps its old name, optimizer/<param>
+
+
+def _flat(name: str, key: str) -> str:
+    return name if key == "momentum_buffer" else f"{name}{SEPARATOR}{key}"
+
+
+def _nested(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        name, _, part = key.partition(SEPARATOR)
+        state.setdefault(name, {})[part or "momentum_buffer"] = value
+    return state
+
+
 def gather_train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, fsdp: bool
                        ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(model state, momentum by parameter name), whole and on the CPU.
+    """(model state, optimizer state flattened by parameter name), whole and on the CPU.
 
-    Under FSDP every process must call this (it gathers the shards); the result is only
-    complete on the main process. Whole tensors are what make a checkpoint resumable on any
-    number of processes, and loadable without torch.distributed at all.
+    SGD's state is its momentum; Adam's its two moments and step count. Under FSDP every process
+    must call this (it gathers the shards); the result is only complete on the main process.
+    Whole tensors are what make a checkpoint resumable on any number of processes, and loadable
+    without torch.distributed at all.
     """
     if fsdp:
         from torch.distributed.checkpoint.state_dict import (
@@ -37,42 +53,39 @@ def gather_train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer 
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = get_model_state_dict(model, options=options)
-        momentum = {}
+        flat = {}
         if optimizer is not None:
             states = get_optimizer_state_dict(model, optimizer, options=options).get("state", {})
-            momentum = {name: s["momentum_buffer"] for name, s in states.items() if "momentum_buffer" in s}
-        return model_state, momentum
+            flat = {_flat(name, k): v for name, s in states.items() for k, v in s.items() if torch.is_tensor(v)}
+        return model_state, flat
     names = {id(p): n for n, p in model.named_parameters()}
-    momentum = {}
+    flat = {}
     for group in (optimizer.param_groups if optimizer is not None else []):
         for p in group["params"]:
-            buf = optimizer.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                momentum[names[id(p)]] = buf.detach().cpu()
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, momentum
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    flat[_flat(names[id(p)], key)] = value.detach().cpu()
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, flat
 
 
-def save_train_state(path: Path, model_state: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor],
+def save_train_state(path: Path, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, torch.Tensor],
                      step: int, fingerprint: str, extra: dict | None = None) -> None:
     tensors = {f"model/{k}": v.contiguous() for k, v in model_state.items()}
-    tensors.update({f"optimizer/{k}": v.contiguous() for k, v in momentum.items()})
+    tensors.update({f"optimizer/{k}": v.contiguous() for k, v in optimizer_state.items()})
     meta = {"format": FORMAT, "step": str(step), "fingerprint": fingerprint, "extra": json.dumps(extra or {})}
     write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), what=f"checkpoint of step {step}",
                      hint=RESUME_HINT, durable=True)
 
 
 def read_train_state(path: Path, fingerprint: str) -> tuple[dict, dict, int, dict]:
-    """(model state, momentum, completed steps, extra) from a training checkpoint."""
+    """(model state, optimizer state, completed steps, extra) from a training checkpoint."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise BigTransferError(f"{path}: not a bigtransfer training checkpoint")
             if meta.get("fingerprint") != fingerprint:
-                raise BigTransferError(
-                    f"{path}: this run directory holds a run with different settings; "
-                    f"re-run the original command to resume, or choose a new --out (or pass --restart)"
-                )
+                raise BigTransferError(f"{path}: {DIFFERENT_SETTINGS}")
             names = fh.keys()
             state = {k[len("model/"):]: fh.get_tensor(k) for k in names if k.startswith("model/")}
             momentum = {k[len("optimizer/"):]: fh.get_tensor(k) for k in names if k.startswith("optimizer/")}
@@ -81,9 +94,41 @@ def read_train_state(path: Path, fingerprint: str) -> tuple[dict, dict, int, dic
     return state, momentum, int(meta["step"]), json.loads(meta.get("extra") or "{}")
 
 
+DIFFERENT_SETTINGS = ("this run directory holds a run with different settings; re-run the original command to "
+                      "resume, or choose a new --out (or pass --restart)")
+
+
+def check_resumable(path: Path, fingerprint: str) -> None:
+    """A training checkpoint, if there is one, belongs to this run (read from its header alone)."""
+    if not path.is_file():
+        return
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise BigTransferError(f"{path}: unreadable training checkpoint ({err}); pass --restart to start over") from None
+    if meta.get("format") != FORMAT:
+        raise BigTransferError(f"{path}: not a bigtransfer training checkpoint")
+    if meta.get("fingerprint") != fingerprint:
+        raise BigTransferError(f"{path}: {DIFFERENT_SETTINGS}")
+
+
+def finished_summary(run_dir: Path, fingerprint: str) -> dict | None:
+    """The summary of a finished run with this fingerprint (nothing left to do), else None."""
+    run_dir = Path(run_dir)
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    done = isinstance(config, dict) and config.get("fingerprint") == fingerprint and isinstance(summary, dict)
+    return summary if done and (run_dir / "final.safetensors").is_file() else None
+
+
 def restore_train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
-                        momentum: dict, fsdp: bool) -> None:
+                        optimizer_state: dict, fsdp: bool) -> None:
     """Put whole tensors back into a (possibly sharded) model and its optimizer."""
+    nested = _nested(optimizer_state)
     if fsdp:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -94,15 +139,16 @@ def restore_train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
 
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, model_state, options=options)
-        if momentum:
+        if nested:
             current = get_optimizer_state_dict(model, optimizer, options=options)
-            current["state"] = {name: {"momentum_buffer": buf} for name, buf in momentum.items()}
+            current["state"] = nested
             set_optimizer_state_dict(model, optimizer, current, options=options)
         return
     model.load_state_dict(model_state)
     params = dict(model.named_parameters())
-    for name, buf in momentum.items():
-        optimizer.state[params[name]]["momentum_buffer"] = buf.to(params[name].device)
+    for name, state in nested.items():
+        for key, value in state.items():  # Adam's step count stays on the CPU, as torch keeps it
+            optimizer.state[params[name]][key] = value if key == "step" else value.to(params[name].device)
 
 
 def fingerprint_of(settings: dict) -> str:

@@ -64,6 +64,10 @@ class LoopConfig:
     # Supp. A's two extra regularisers (both off in BiT-HyperRule):
     prelogit_dropout: float = 0.0  # dropout on the pre-logits during training
     l2_to_init: float = 0.0  # weight decay towards the initial (pre-trained) weights: grad += l2 * (w - w0)
+    # The distillation recipe's optimiser (BiT's own recipes use SGD with momentum, no clipping):
+    optimizer: str = "sgd"  # sgd | adam
+    decoupled_decay: bool = False  # weight decay w -= schedule(t) * wd * w, outside the gradient (big_vision's)
+    grad_clip: float | None = None  # clip the global gradient norm to this
 
     @property
     def steps(self) -> int:
@@ -143,6 +147,24 @@ def decay_groups(model: torch.nn.Module, weight_decay: float, decayed: str = "al
             {"params": [p for n, p in named if not is_kernel(n, p)], "weight_decay": 0.0}]
 
 
+def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (BiT), or Adam; weight decay coupled (in the gradient) or decoupled."""
+    groups = decay_groups(model, cfg.weight_decay, cfg.decayed)
+    base_lr = max(cfg.schedule.base_lr, 1e-12)
+    if cfg.decoupled_decay:
+        # torch decays by lr * weight_decay; dividing by the peak lr makes it schedule(t) * wd.
+        for group in groups:
+            group["weight_decay"] = group["weight_decay"] / base_lr
+    if cfg.optimizer == "adam":
+        cls = torch.optim.AdamW if cfg.decoupled_decay else torch.optim.Adam
+        return cls(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8)
+    if cfg.optimizer != "sgd":
+        raise BigTransferError(f"optimizer must be sgd or adam, got {cfg.optimizer!r}")
+    if cfg.decoupled_decay:
+        raise BigTransferError("decoupled weight decay is only implemented for adam")
+    return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum)
+
+
 def _initial_weights(params: list[torch.nn.Parameter], cfg: LoopConfig) -> list[torch.Tensor]:
     """Copies of the starting weights when decaying towards them (else nothing)."""
     if cfg.l2_to_init < 0 or not 0 <= cfg.prelogit_dropout < 1:
@@ -167,10 +189,13 @@ def train(
     loss_fn: LossFn = softmax_cross_entropy,
     frozen_modules: list[torch.nn.Module] | None = None,
     on_eval: Callable[[int, dict, Logbook], None] | None = None,
+    targets: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
     """Train `model` in place for `cfg.steps` steps, resuming from `run_dir/checkpoints/latest.safetensors`.
 
-    Returns the final evaluation metrics (empty if there is no eval data).
+    `targets(images)` replaces the data's labels with a function of the very (augmented, mixed)
+    batch the model sees: a teacher's logits, for distillation. Returns the final evaluation
+    metrics (empty if there is no eval data).
     """
     from tqdm.auto import tqdm
 
@@ -186,25 +211,25 @@ def train(
     wrapped = wrap_for_training(model, ctx, cfg.fsdp)  # DDP, FSDP, or the model itself
     net = torch.compile(wrapped) if cfg.compile else wrapped
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(decay_groups(model, cfg.weight_decay, cfg.decayed), lr=0.0, momentum=cfg.momentum)
+    optimizer = make_optimizer(model, cfg)
     anchors = _initial_weights(params, cfg)  # taken before a resume: w0 is the run's start, not the checkpoint
     if hasattr(model, "pre_logits_dropout"):
         model.pre_logits_dropout.p = cfg.prelogit_dropout
     checkpoint = run_dir / "checkpoints" / "latest.safetensors"
     start, saved = 0, {}
     if checkpoint.is_file():
-        state, momentum, start, saved = read_train_state(checkpoint, fingerprint)
-        restore_train_state(model, optimizer, state, momentum, cfg.fsdp)
-        del state, momentum
+        state, opt_state, start, saved = read_train_state(checkpoint, fingerprint)
+        restore_train_state(model, optimizer, state, opt_state, cfg.fsdp)
+        del state, opt_state
     layout = {"world_size": ctx.world_size, "workers": cfg.workers, "batch_split": cfg.batch_split}
     logbook = Logbook(run_dir, enabled=ctx.is_main, resume_step=start)
 
     def save(step: int) -> None:
         """Whole tensors, so the checkpoint resumes on any number of processes (collective under FSDP)."""
         if cfg.fsdp or ctx.is_main:
-            state, momentum = gather_train_state(model, optimizer, cfg.fsdp)
+            state, opt_state = gather_train_state(model, optimizer, cfg.fsdp)
             if ctx.is_main:
-                save_train_state(checkpoint, state, momentum, step, fingerprint, {"layout": layout})
+                save_train_state(checkpoint, state, opt_state, step, fingerprint, {"layout": layout})
 
     my_chunks = list(range(ctx.rank * cfg.batch_split, (ctx.rank + 1) * cfg.batch_split))
     if hasattr(train_data, "loader"):  # a stream (sharded tar files): it keeps its own place
@@ -236,18 +261,22 @@ def train(
                     images, labels = next(loader)
                     images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                     labels = labels.to(device, non_blocking=True)
-                    perm = None
+                    perm, mixed = None, lam
                     if lam < 1.0:
                         images, perm = mix(images, lam, _chunk_generator(cfg.seed, step, chunk))
+                    if targets is not None:  # computed on the mixed batch itself: nothing left to mix
+                        labels, perm, mixed = targets(images), None, 1.0
                     with gradient_sync(wrapped, sync=i == len(my_chunks) - 1):
                         with autocast:
-                            loss = loss_fn(net(images), labels, perm, lam) / len(my_chunks)
+                            loss = loss_fn(net(images), labels, perm, mixed) / len(my_chunks)
                         loss.backward()
                     step_loss += float(loss.detach())
                 if anchors:
                     for p, p0 in zip(params, anchors):
                         if p.grad is not None:
                             p.grad.add_(p.detach() - p0, alpha=cfg.l2_to_init)
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 done = completed = step + 1

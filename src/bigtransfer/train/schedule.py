@@ -1,11 +1,13 @@
-"""Learning-rate schedules as plain data: linear warm-up, then a staircase of /10 decays.
+"""Learning-rate schedules as plain data: linear warm-up, then a staircase of /10 decays, or a cosine.
 
-Both of BiT's recipes have this shape: the HyperRule downstream (warm-up then decays at fixed
-steps) and the upstream recipe (5000 warm-up steps, decays at epochs 30/60/80).
+Both of BiT's recipes have the staircase: the HyperRule downstream (warm-up then decays at fixed
+steps) and the upstream recipe (5000 warm-up steps, decays at epochs 30/60/80). Distillation
+(the authors' function-matching recipe) warms up and then decays along a cosine.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 
@@ -49,3 +51,32 @@ class LRSchedule:
     @classmethod
     def from_dict(cls, d: dict) -> LRSchedule:
         return cls(**{**d, "decay_steps": tuple(d["decay_steps"])})
+
+
+@dataclass(frozen=True)
+class CosineSchedule:
+    """lr(step): ramps linearly from 0 to `base_lr` over `warmup_steps`, then follows half a cosine
+    down to 0 at `total_steps` (big_vision's `decay_type='cosine'`, the distillation recipe's)."""
+
+    base_lr: float
+    warmup_steps: int
+    total_steps: int
+    kind: str = "cosine"
+
+    def __post_init__(self):
+        if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"need 0 <= warmup_steps <= total_steps >= 1, got {self.warmup_steps}, {self.total_steps}")
+
+    def at(self, step: int) -> float:
+        """The learning rate used for optimisation step `step` (0-based)."""
+        if step < self.warmup_steps:
+            return self.base_lr * step / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CosineSchedule:
+        return cls(**d)

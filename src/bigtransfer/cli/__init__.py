@@ -1,0 +1,89 @@
+"""`bigtransfer <verb>`: argument parsing and output only; the work lives in the library.
+
+One module per family of verbs (weights, training, using, protocols, data, detection), each
+with its `VERBS`: adding a verb touches its family's module alone. `common.py` holds what several
+verbs share. Nothing is imported from the library until a verb runs, so `--help` is instant.
+
+Exit codes: 0 success, 2 bad arguments or bad input (one line naming the file or flag),
+1 internal failure (with a traceback, because that is a bug), 130 interrupted, 141 when the
+reader of our output went away (`bigtransfer models | head -1`), which ends quietly as `ls` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+from ..errors import BigTransferError, BigTransferWarning
+from . import data, detection, protocols, training, using, weights
+from .common import READS_IMAGES
+
+EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `ls | head -1`
+FAMILIES = (weights, training, using, protocols, data, detection)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bigtransfer",
+        description="Big Transfer (BiT) in PyTorch: models, weights, fine-tuning, evaluation.",
+        epilog="examples:\n  bigtransfer models\n  bigtransfer download BiT-M-R50x1\n"
+               "run `bigtransfer VERB --help` for a verb's options and examples",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for family in FAMILIES:
+        for add in family.VERBS:
+            add(sub)
+    return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Our warnings (skipped images, ...) as one line a user reads as a warning, not a crash."""
+    if issubclass(category, BigTransferWarning):
+        print(f"bigtransfer: warning: {message}", file=file or sys.stderr, flush=True)
+    else:
+        _default_show_warning(message, category, filename, lineno, file, line)
+
+
+_default_show_warning = warnings.showwarning
+
+
+def _image_limit(max_pixels: int | None) -> None:
+    """Our pixel limit decides (data/images.py): Pillow's own, lower one neither warns (a warning
+    that reads like a crash) nor refuses what --max-pixels allows."""
+    from PIL import Image
+
+    from ..data.images import MAX_PIXELS_ENV
+    from ..data.images import max_pixels as default_limit
+
+    if max_pixels:
+        os.environ[MAX_PIXELS_ENV] = str(max_pixels)  # loader processes inherit it
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_pixels or default_limit())
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.verb in READS_IMAGES:
+        _image_limit(args.max_pixels)
+    previous, warnings.showwarning = warnings.showwarning, _show_warning
+    try:
+        code = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
+    except BigTransferError as err:
+        print(f"bigtransfer: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("bigtransfer: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Nobody reads any more: stop quietly, and keep Python from complaining when it flushes at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    finally:
+        warnings.showwarning = previous

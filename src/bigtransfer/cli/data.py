@@ -1,0 +1,103 @@
+"""Verbs that prepare data: webdataset shards, VTAB tasks from Hugging Face, de-duplication."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import BigTransferError
+from .common import (
+    verb,
+)
+
+
+def _add_pack(sub) -> None:
+    p = verb(sub, "pack", "Pack an image folder, manifest or built-in set into webdataset tar shards.",
+              "  bigtransfer pack --data ~/data/imagenet --out shards/imagenet --shard-size 5000\n"
+              "  bigtransfer pack --data tags.csv --out shards/tags\n"
+              "Shards are read by `pretrain --data shards/imagenet`; upload them anywhere webdataset reads.\n")
+    p.add_argument("--data", required=True, help="image folder, CSV manifest, CIFAR archive, digits or glyphs")
+    p.add_argument("--val-fraction", type=float, default=None, help="hold out this fraction as the test split")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_run_pack)
+
+
+def _run_pack(args) -> int:
+    from ..data.shards import pack
+    from ..data.sources import load_source
+
+    splits = load_source(args.data, val_fraction=args.val_fraction, progress=not args.quiet,
+                         require_test=False)
+    meta = pack(splits, args.out, shard_size=args.shard_size, progress=not args.quiet)
+    for name, info in meta["splits"].items():
+        print(f"{name}: {info['count']} images in {len(info['shards'])} shard(s)")
+    print(f"wrote {args.out}/dataset.json")
+    return 0
+
+
+def _add_vtab_import(sub) -> None:
+    p = verb(sub, "vtab-import", "Write a Hugging Face dataset saved to disk as a VTAB task folder (PNG files).",
+              "  bigtransfer vtab-import --hf ~/hf/dtd --root ~/data/vtab --task dtd\n"
+              "  bigtransfer vtab-import --hf ~/hf/eurosat --root ~/data/vtab --task eurosat --image-column img\n")
+    p.add_argument("--hf", type=Path, required=True, help="a folder written by datasets' save_to_disk")
+    p.add_argument("--root", type=Path, required=True, help="VTAB root; the task goes to ROOT/TASK/")
+    p.add_argument("--task", required=True, help="the task's VTAB name (see `bigtransfer vtab --help`)")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_vtab_import)
+
+
+def _run_vtab_import(args) -> int:
+    from ..data.hf_import import import_hf_dataset
+    from ..evaluate.vtab_tasks import GROUP_OF
+
+    if args.task not in GROUP_OF:
+        raise BigTransferError(f"--task: unknown VTAB task {args.task!r}")
+    written = import_hf_dataset(args.hf, args.root / args.task, image_column=args.image_column,
+                                label_column=args.label_column, progress=not args.quiet)
+    print(", ".join(f"{n} {split} images" for split, n in written.items()) + f" in {args.root / args.task}")
+    return 0
+
+
+def _add_dedup(sub) -> None:
+    p = verb(sub, "dedup", "Find near-duplicates of test images in an upstream collection (paper Supp. C).",
+              "  bigtransfer dedup --upstream ~/data/imagenet21k.csv --downstream ~/data/cifar10,~/data/pets \\\n"
+              "      --model BiT-M-R50x1 --out runs/dedup\n"
+              "  bigtransfer pretrain --data runs/dedup/upstream_filtered.csv ...   # pre-train without them\n"
+              "Writes pairs.csv, upstream_filtered.csv, contact_sheet.png/.html and summary.json.\n")
+    p.add_argument("--upstream", required=True, help="upstream image folder or CSV manifest")
+    p.add_argument("--downstream", required=True,
+                   help="comma-separated downstream sources; each one's test split (all its images if it has none)")
+    p.add_argument("--model", default="BiT-M-R50x1", help="embedding model (default %(default)s)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--resolution", type=int, default=128, help="embedding input size (default 128)")
+    p.add_argument("--cosine", type=float, default=0.90, help="cosine a nearest neighbour must reach (default 0.90)")
+    p.add_argument("--margin", type=float, default=0.03, help="... and by which it must beat the second (0.03)")
+    p.add_argument("--identical", type=float, default=0.98, help="cosine that makes a duplicate at any rank (0.98)")
+    p.add_argument("--hash-bits", type=int, default=4, help="pHash Hamming radius of the pre-filter (of 64; 4)")
+    p.add_argument("--hash-cosine", type=float, default=0.95, help="cosine a hash match must still reach (0.95)")
+    p.add_argument("--neighbours", type=int, default=5, help="nearest upstream images per test image")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_run_dedup)
+
+
+def _run_dedup(args) -> int:
+    from ..dedup import DedupOptions, run_dedup
+
+    summary = run_dedup(DedupOptions(
+        upstream=args.upstream, downstream=tuple(d for d in args.downstream.split(",") if d), out=args.out,
+        model=args.model, resolution=args.resolution, cosine=args.cosine, margin=args.margin,
+        identical=args.identical, hash_bits=args.hash_bits,
+        hash_cosine=args.hash_cosine, neighbours=args.neighbours, batch=args.batch, workers=args.workers,
+        device=args.device, progress=not args.quiet))
+    print(f"{summary['pairs']} near-duplicate pairs; {summary['upstream_duplicates']} of {summary['upstream_images']} "
+          f"upstream images removed in {args.out / 'upstream_filtered.csv'} ({summary['seconds']:.0f}s)")
+    return 0
+
+
+VERBS = (_add_pack, _add_vtab_import, _add_dedup,)

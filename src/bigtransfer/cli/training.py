@@ -1,0 +1,193 @@
+"""Verbs that train: plan and finetune (BiT-HyperRule), pretrain (the upstream recipe), the demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import BigTransferError
+from .common import (
+    add_data_args,
+    add_execution_args,
+    add_hyperrule_args,
+    execution_options,
+    finetune_options,
+    verb,
+)
+
+
+def _add_plan(sub) -> None:
+    p = verb(sub, "plan", "Print the BiT-HyperRule plan for a dataset, without training.",
+              "  bigtransfer plan --data ~/data/flowers --model BiT-M-R50x1\n"
+              "  bigtransfer plan --data digits --model R50x1 -k 5\n"
+              "  bigtransfer plan --data labels.csv --model BiT-M-R101x3 --steps 2000 --json\n")
+    add_data_args(p, training=True)
+    add_hyperrule_args(p)
+    p.add_argument("--memory-for", type=float, default=None, metavar="GIB",
+                   help="also suggest --batch-split for a device with this much memory")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(run=_run_plan)
+
+
+def _run_plan(args) -> int:
+    from .. import hyperrule
+    from ..finetune import check_options, make_plan, prepare_data
+    from ..models.factory import model_source, resolve_arch_name
+    from ..models.resnetv2 import ModelConfig, parse_arch
+    from ..train import memory
+
+    opts = finetune_options(args, progress=not args.json)
+    check_options(opts, check_out=False)
+    splits = prepare_data(opts)
+    plan = make_plan(opts, splits)
+    name, _ = model_source(args.model, args.weights)  # --model may be a run directory or a weights file
+    config = ModelConfig(parse_arch(resolve_arch_name(name)), len(splits.classes))
+    estimate = memory.report(config, plan.crop, plan.batch, args.memory_for)
+    if args.json:
+        print(json.dumps({"plan": plan.to_dict(), "classes": splits.classes, "memory": estimate}, indent=2))
+        return 0
+    print(hyperrule.describe(plan))
+    print(f"memory         weights+grads+momentum {estimate['weights_grads_momentum_gib']:.2f} GiB; "
+          f"activations {estimate['activations_per_image_gib_fp32'] * 1024:.0f} MiB/image fp32, "
+          f"{estimate['activations_per_image_gib_bf16'] * 1024:.0f} MiB/image bf16 "
+          f"(batch {plan.batch} in one pass: {estimate['full_batch_one_pass_gib_fp32']:.1f} GiB fp32)")
+    if args.memory_for:
+        split = estimate["suggested_batch_split_fp32"]
+        print(f"               for {args.memory_for:g} GiB: "
+              + (f"--batch-split {split}" if split else "does not fit even one image per micro-batch"))
+    return 0
+
+
+def _add_finetune(sub) -> None:
+    p = verb(sub, "finetune", "Fine-tune a BiT model on your images with BiT-HyperRule.",
+              "  bigtransfer download BiT-M-R50x1\n"
+              "  bigtransfer finetune --data ~/data/flowers --model BiT-M-R50x1 --out runs/flowers\n"
+              "  bigtransfer finetune --data cifar-10-python.tar.gz --model BiT-M-R50x1 --batch 128 \\\n"
+              "      --base-lr 0.001 --batch-split auto --out runs/cifar10\n"
+              "  bigtransfer finetune --data digits --model R26x0.5 -k 5 --steps 100 --out runs/digits5\n"
+              "  torchrun --nproc_per_node 8 -m bigtransfer finetune --data ... --out runs/x   # 8 GPUs\n"
+              "Re-running the same command with the same --out resumes an interrupted run.\n")
+    add_data_args(p, training=True)
+    add_hyperrule_args(p)
+    g = add_execution_args(p, out_help="run directory (created; resumed if it holds a run)", auto_split=True)
+    g.add_argument("--freeze-until", choices=("root", "stage1", "stage2", "stage3", "stage4"), default=None,
+                   help="train only the layers after this one")
+    g.add_argument("--linear-probe", action="store_true", help="freeze the body; fit only a linear head on its features")
+    p.set_defaults(run=_run_finetune)
+
+
+def _run_finetune(args) -> int:
+    from ..finetune import run_finetune
+
+    opts = finetune_options(args, out=args.out, freeze_until=args.freeze_until, linear_probe=args.linear_probe,
+                            **execution_options(args, auto_split=True))
+    summary = run_finetune(opts)
+    final = summary["final"]
+    if final:
+        print(f"final: top-1 {final['top1']:.2%}, top-5 {final['top5']:.2%}, loss {final['loss']:.4f} "
+              f"on {final['examples']} test images; model: {summary['model']}")
+    return 0
+
+
+def _add_pretrain(sub) -> None:
+    p = verb(sub, "pretrain", "Pre-train a BiT model upstream with the paper's recipe.",
+              "  bigtransfer pretrain --data ~/data/imagenet --model R50x1 --recipe bit-s --out runs/bit-s\n"
+              "  bigtransfer pretrain --data tags.csv --model R101x3 --batch 4096 --batch-split 8 --out runs/m\n"
+              "      (tags.csv: path,labels with ';'-separated labels -> sigmoid loss, head bias -10)\n"
+              "  bigtransfer pretrain --data shards/ --model R50x1 --probe-data digits --eval-every 2000 ...\n"
+              "  torchrun --nproc_per_node 8 -m bigtransfer pretrain --data shards/ --out runs/x\n"
+              "  bigtransfer pretrain --data glyphs --model 'R[1,1,1,1]x0.5' --resolution 32 --batch 128 \\\n"
+              "      --epochs 3 --out runs/glyphs     # the offline procedural dataset\n"
+              "Then: bigtransfer finetune --model runs/bit-s --data ... (the run directory is a model).\n")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True,
+                   help="image folder, CSV manifest (path,label or path,labels), shard folder (bigtransfer pack), "
+                        "or 'glyphs' (procedural)")
+    g.add_argument("--val-fraction", type=float, default=None, help="hold out this fraction for validation")
+    g.add_argument("--strict", action="store_true", help="unreadable images are an error instead of skipped")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="R50x1", help="architecture, e.g. R50x1, R152x4, R26x0.5 (default: %(default)s)")
+    g.add_argument("--norm", choices=("gn_ws", "gn", "bn_ws", "bn"), default="gn_ws")
+    g.add_argument("--groups", type=int, default=32, help="GroupNorm groups (default 32)")
+    g = p.add_argument_group("recipe overrides (default: the paper's upstream recipe)")
+    g.add_argument("--recipe", choices=("bit-s", "bit-m", "bit-l"), default="bit-m",
+                   help="bit-s/bit-m: 90 epochs, decays at 30/60/80; bit-l: 40 epochs, decays at 10/23/30/37")
+    g.add_argument("--loss", choices=("softmax", "sigmoid"), default=None,
+                   help="recipe: bit-s softmax; bit-m, bit-l sigmoid with head bias -10 (as for ImageNet-21k), "
+                        "whatever the data's layout")
+    g.add_argument("--decay", choices=("kernels", "all"), default="kernels",
+                   help="weight decay on convolution and head kernels only (default, as the authors' successor "
+                        "code) or on every parameter")
+    g.add_argument("--batch", type=int, default=None, help="global batch (recipe: 4096)")
+    g.add_argument("--base-lr", type=float, default=None, help="lr at batch 256, scaled linearly (recipe: 0.03)")
+    g.add_argument("--epochs", type=float, default=None, help="decays stay at the same fractions of training")
+    g.add_argument("--warmup-steps", type=int, default=None, help="recipe: 5000, scaled down for short runs")
+    g.add_argument("--weight-decay", type=float, default=None, help="recipe: 1e-4")
+    g.add_argument("--resolution", type=int, default=None, help="recipe: 224")
+    g.add_argument("--min-crop-area", type=float, default=0.08, help="random-resized crop's smallest area fraction")
+    g.add_argument("--plan", action="store_true", help="print the plan (schedule, loss, decayed parameters) and stop")
+    g = p.add_argument_group("transfer probe")
+    g.add_argument("--probe-data", default=None, help="downstream data for few-shot ridge probes at each evaluation")
+    g.add_argument("--probe-shots", default="1,5,10", help="examples per class (default: 1,5,10)")
+    g.add_argument("--probe-resolution", type=int, default=None)
+    add_execution_args(p, out_help="run directory (resumed if it holds a run); required unless --plan",
+                       out_required=False)
+    p.set_defaults(run=_run_pretrain)
+
+
+def _run_pretrain(args) -> int:
+    from ..pretrain import PretrainOptions, plan_only, run_pretrain
+    from ..upstream import describe
+
+    try:
+        shots = tuple(int(k) for k in args.probe_shots.split(","))
+    except ValueError:
+        raise BigTransferError(f"--probe-shots must be comma-separated whole numbers, got {args.probe_shots!r}") from None
+    if args.out is None and not args.plan:
+        raise BigTransferError("pretrain: --out is required (the run directory), unless --plan")
+    opts = PretrainOptions(
+        data=args.data, model=args.model, out=args.out or Path("."), norm=args.norm, groups=args.groups,
+        val_fraction=args.val_fraction, strict=args.strict, seed=args.seed, recipe=args.recipe, loss=args.loss,
+        decayed=args.decay, batch=args.batch, base_lr=args.base_lr, epochs=args.epochs,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, resolution=args.resolution,
+        min_crop_area=args.min_crop_area, probe_data=args.probe_data, probe_shots=shots,
+        probe_resolution=args.probe_resolution, **execution_options(args))
+    if args.plan:
+        print(describe(plan_only(opts)))
+        return 0
+    summary = run_pretrain(opts)
+    final = summary["final"]
+    if final:
+        score = ", ".join(f"{k} {v:.2%}" for k, v in final.items() if k in ("top1", "top5", "precision_at_1"))
+        print(f"final validation: {score}; model: {summary['model']}")
+    if summary["fewshot"]:
+        print("few-shot probe: " + ", ".join(f"{k} {v:.2%}" for k, v in summary["fewshot"].items()))
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = verb(sub, "demo", "The BiT story offline: pre-train on procedural glyphs, transfer to real digits, "
+                           "compare with training from scratch.",
+              "  bigtransfer demo                 # writes runs/demo/summary.json and accuracy_vs_examples.png\n"
+              "  bigtransfer demo --out /tmp/demo --seeds 5\n"
+              "Re-running continues where an interrupted demo stopped; --restart starts over.\n")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per shot count (default 3)")
+    p.add_argument("--restart", action="store_true",
+                   help="start over: delete what an earlier demo wrote in OUT (only that)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from ..demo import DemoConfig, run_demo
+
+    if args.seeds < 1:
+        raise BigTransferError(f"--seeds must be at least 1, got {args.seeds}")
+    run_demo(args.out, DemoConfig(seeds=tuple(range(args.seeds))), progress=not args.quiet, restart=args.restart)
+    print(f"wrote {args.out / 'summary.json'} and {args.out / 'accuracy_vs_examples.png'}")
+    return 0
+
+
+VERBS = (_add_plan, _add_finetune, _add_pretrain, _add_demo,)

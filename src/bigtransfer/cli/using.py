@@ -1,0 +1,119 @@
+"""Verbs that use a trained model: evaluate, predict, embed, export."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .common import (
+    add_data_args,
+    add_model_args,
+    verb,
+)
+
+
+def _add_evaluate(sub) -> None:
+    p = verb(sub, "evaluate", "Top-1, top-5, per-class accuracy and a confusion matrix on labelled data.",
+              "  bigtransfer evaluate --model runs/flowers --data ~/data/flowers --out runs/flowers/eval\n"
+              "  bigtransfer evaluate --model model.safetensors --data test.csv --split train\n")
+    add_model_args(p)
+    add_data_args(p, training=False)
+    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write metrics.json, per_class_accuracy.csv, confusion.csv and confusion.png here")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from ..inference import evaluate
+
+    result = evaluate(args.model, args.data, split=args.split, val_fraction=args.val_fraction, out=args.out,
+                      batch=args.batch, workers=args.workers, device=args.device, resolution=args.resolution,
+                      progress=not args.quiet)
+    print(f"top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  loss {result['loss']:.4f}  "
+          f"({result['examples']} images, {args.split} split)")
+    if args.out:
+        print(f"reports in {args.out}")
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = verb(sub, "predict", "Top-k labels with class names and probabilities for images.",
+              "  bigtransfer predict --model runs/flowers photo1.jpg photo2.png\n"
+              "  bigtransfer predict --model runs/flowers ~/Pictures/garden --top-k 3 --json > predictions.json\n")
+    add_model_args(p)
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_run_predict)
+
+
+def _run_predict(args) -> int:
+    from ..inference import predict
+
+    results, unreadable = predict(args.model, args.images, top_k=args.top_k, batch=args.batch,
+                                  workers=args.workers, device=args.device, resolution=args.resolution,
+                                  progress=not (args.quiet or args.json))
+    if args.json:
+        print(json.dumps({"predictions": results, "unreadable": [str(p) for p in unreadable]}, indent=2))
+    else:
+        for r in results:
+            print(r["path"])
+            for rank, pred in enumerate(r["predictions"], start=1):
+                print(f"  {rank}. {pred['label']:<30} {pred['probability']:7.2%}")
+    if unreadable:
+        print(f"bigtransfer: warning: {len(unreadable)} unreadable image(s): "
+              f"{', '.join(map(str, unreadable[:5]))}", file=sys.stderr)
+    return 0
+
+
+def _add_embed(sub) -> None:
+    p = verb(sub, "embed", "Pre-logit features (the BiT representation) of images, to .npy + an index CSV.",
+              "  bigtransfer embed --model BiT-M-R50x1 --resolution 224 ~/Pictures --out features/pictures\n"
+              "  (writes features/pictures.npy [N, 2048] and features/pictures.csv: row,path)\n")
+    add_model_args(p)
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--out", type=Path, required=True, help="output stem: OUT.npy and OUT.csv")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT.npy/OUT.csv if they exist")
+    p.set_defaults(run=_run_embed)
+
+
+def _run_embed(args) -> int:
+    from ..inference import embed
+
+    result = embed(args.model, args.images, args.out, batch=args.batch, workers=args.workers, device=args.device,
+                   resolution=args.resolution, progress=not args.quiet, overwrite=args.overwrite)
+    print(f"wrote {result['features']} {tuple(result['shape'])} and {result['index']}")
+    if result["unreadable"]:
+        print(f"bigtransfer: warning: skipped {len(result['unreadable'])} unreadable image(s): "
+              f"{', '.join(result['unreadable'][:5])}", file=sys.stderr)
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = verb(sub, "export", "Export a model to ONNX (checked with onnxruntime), TorchScript or torch.export (.pt2).",
+              "  bigtransfer export --model runs/flowers --out flowers.onnx\n"
+              "  bigtransfer export --model runs/flowers --format torchscript --out flowers.pt\n"
+              "  bigtransfer export --model runs/flowers --format pt2 --out flowers.pt2\n")
+    p.add_argument("--model", required=True, help="run directory, .safetensors file, released name or .npz")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--format", choices=("onnx", "torchscript", "pt2"), default="onnx")
+    p.add_argument("--resolution", type=int, default=None, help="input size (default: from the model's metadata)")
+    p.add_argument("--no-check", action="store_true", help="skip comparing the export with PyTorch")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT (and OUT.json) if it exists")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from ..export import export
+
+    report = export(args.model, args.out, args.format, resolution=args.resolution, check=not args.no_check,
+                    overwrite=args.overwrite)
+    diff = report.get("max_abs_diff_vs_pytorch")
+    print(f"wrote {report['path']} ({args.format}; input {report['input']}"
+          + (f"; max |diff| vs PyTorch {diff:.2e}" if diff is not None else "") + ")")
+    return 0
+
+
+VERBS = (_add_evaluate, _add_predict, _add_embed, _add_export,)

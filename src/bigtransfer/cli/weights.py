@@ -1,0 +1,133 @@
+"""Verbs about weights files: the released models, downloading, converting, inspecting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import BigTransferError
+from .common import (
+    verb,
+)
+
+
+def _add_models(sub) -> None:
+    p = verb(sub, "models", "List the known BiT models and whether each is in the local cache.",
+              "  bigtransfer models\n  bigtransfer models --all --json > zoo.json\n")
+    p.add_argument("--all", action="store_true", help="also list the 285 VTAB-1k fine-tuned files")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_run_models)
+
+
+def _run_models(args) -> int:
+    from ..models import zoo
+    from ..models.resnetv2 import parameter_count
+
+    rows = []
+    for entry in zoo.known_models(include_vtab=args.all):
+        path = zoo.cached_path(entry)
+        rows.append({
+            "name": entry.name,
+            "architecture": entry.arch_name,
+            "parameters": parameter_count(entry.arch, entry.num_classes),
+            "head": entry.num_classes,
+            "cached": path.is_file(),
+            "description": entry.description,
+        })
+    if args.json:
+        print(json.dumps({"cache": str(zoo.cache_dir()), "models": rows}, indent=2))
+        return 0
+    print(f"cache: {zoo.cache_dir()}  (set BIGTRANSFER_HOME to move it)")
+    header = f"{'name':<34} {'arch':<7} {'params':>9} {'head':>6}  {'cached':<6}  description"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(f"{row['name']:<34} {row['architecture']:<7} {row['parameters'] / 1e6:>8.1f}M "
+              f"{row['head']:>6}  {'yes' if row['cached'] else 'no':<6}  {row['description']}")
+    if not args.all:
+        print(f"\n(+ {len(zoo.known_models(True)) - len(rows)} VTAB-1k fine-tuned files: bigtransfer models --all)")
+    return 0
+
+
+def _add_download(sub) -> None:
+    p = verb(sub, "download", "Fetch released BiT weights into the cache (resumable, SHA-256 recorded).",
+              "  bigtransfer download BiT-M-R50x1\n"
+              "  bigtransfer download BiT-S-R101x3 BiT-M-R50x1-run0-caltech101\n"
+              "  BIGTRANSFER_BASE_URL=http://mirror.local/bit_models bigtransfer download BiT-M-R50x1\n")
+    p.add_argument("names", nargs="+", metavar="NAME", help="released model names (see `bigtransfer models`)")
+    p.add_argument("--force", action="store_true", help="download again even if the file is cached")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_download)
+
+
+def _run_download(args) -> int:
+    from ..models import zoo
+
+    entries = []
+    for name in args.names:
+        entry = zoo.lookup(name)
+        if entry is None:
+            raise BigTransferError(f"unknown model {name!r}; `bigtransfer models --all` lists the known names")
+        entries.append(entry)
+    for entry in entries:
+        path = zoo.cached_path(entry)
+        if path.is_file() and not args.force:
+            if zoo.recorded_sha256(entry) is None:
+                print(f"{entry.name}: already present at {path} (no recorded SHA-256)")
+            elif zoo.verify(entry):
+                print(f"{entry.name}: already present at {path} (SHA-256 verified)")
+            else:
+                raise BigTransferError(
+                    f"{path}: SHA-256 differs from the one recorded at download; "
+                    f"re-fetch with: bigtransfer download --force {entry.name}"
+                )
+            continue
+        path = zoo.download(entry, force=args.force, progress=not args.quiet)
+        print(f"{entry.name}: saved {path} (sha256 {zoo.recorded_sha256(entry)})")
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = verb(sub, "convert", "Convert an authors' .npz (file or cached released name) to .safetensors.",
+              "  bigtransfer convert BiT-M-R50x1 bit_m_r50x1.safetensors\n"
+              "  bigtransfer convert ~/Downloads/BiT-S-R101x1.npz r101.safetensors\n")
+    p.add_argument("source", help="a released name (must be cached) or a path to a .npz/.safetensors")
+    p.add_argument("dest", type=Path, help="output .safetensors path")
+    p.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
+    p.set_defaults(run=_run_convert)
+
+
+def _run_convert(args) -> int:
+    from ..models import checkpoint, create_model, zoo
+    from ..rundir import check_new_file
+
+    entry = zoo.lookup(args.source)
+    source = zoo.require_cached(entry) if entry else Path(args.source)
+    if args.dest.suffix != ".safetensors":
+        raise BigTransferError(f"{args.dest}: the output must end in .safetensors")
+    check_new_file(args.dest, "convert DEST", overwrite=args.overwrite)
+    summary = checkpoint.summarize(source)
+    if summary.num_classes is None:
+        raise BigTransferError(f"{source}: the file has no head; nothing to convert it to a classifier with")
+    model = create_model(summary.arch.name, weights=source)
+    provenance = {"source": str(entry.relpath if entry else source.name), "sha256": zoo.sha256_of(source)}
+    checkpoint.save_checkpoint(model, args.dest, provenance=provenance)
+    print(f"wrote {args.dest} ({summary.describe()})")
+    return 0
+
+
+def _add_info(sub) -> None:
+    p = verb(sub, "info", "Show what a weights file holds: architecture, head, metadata.",
+              "  bigtransfer info BiT-M-R50x1.npz\n  bigtransfer info runs/pets/final.safetensors\n")
+    p.add_argument("path", type=Path)
+    p.set_defaults(run=_run_info)
+
+
+def _run_info(args) -> int:
+    from ..models import checkpoint
+
+    print(json.dumps(checkpoint.read_metadata(args.path), indent=2))
+    return 0
+
+
+VERBS = (_add_models, _add_download, _add_convert, _add_info,)
