@@ -74,7 +74,7 @@ def _is_sqlite(path: Path) -> bool:
 KINDS: dict[str, tuple[tuple[str, ...], Callable[[Path], bool]]] = {
     "finetune": (_RUN_FILES + tuple(_RUN_FOLDERS), _is_run),
     "pretrain": (_RUN_FILES + tuple(_RUN_FOLDERS), _is_run),
-    "distill": (_RUN_FILES + tuple(_RUN_FOLDERS), _is_run),
+    "distill": (_RUN_FILES + tuple(_RUN_FOLDERS) + _PROTOCOL_FILES + ("cache", "baseline"), _is_run),
     "detect-train": (_RUN_FILES + tuple(_RUN_FOLDERS) + ("detections.json",), _is_run),
     "demo": (("pretrain", "transfer", "scratch", "summary.json", "accuracy_vs_examples.png"),
              lambda f: _is_run(f / "pretrain")),

@@ -12,6 +12,7 @@ from .common import (
     add_hyperrule_args,
     execution_options,
     finetune_options,
+    parse_resolution,
     verb,
 )
 
@@ -190,4 +191,71 @@ def _run_demo(args) -> int:
     return 0
 
 
-VERBS = (_add_plan, _add_finetune, _add_pretrain, _add_demo,)
+def _add_distill(sub) -> None:
+    p = verb(sub, "distill", "Distill a fine-tuned BiT (the teacher) into a small, fast student: function matching.",
+             "  bigtransfer finetune --data ~/data/flowers --model BiT-M-R152x2 --out runs/teacher\n"
+             "  bigtransfer distill --teacher runs/teacher --student R50x1 --data ~/data/flowers --out runs/student\n"
+             "  bigtransfer distill --teacher runs/teacher --student BiT-M-R50x1 --new-head --data ~/unlabelled/ \\\n"
+             "      --steps 20000 --out runs/student     # a folder of images without classes: the teacher labels them\n"
+             "  bigtransfer evaluate --model runs/student --data ~/data/flowers   # the student is a run like any other\n"
+             "Defaults are the authors' (big_vision's distillation configs). Re-running resumes.\n")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True,
+                   help="labelled source (its training images are distilled; its labels only score the student) or "
+                        "a folder of unlabelled images")
+    g.add_argument("--unlabelled", action="store_true", help="ignore --data's labels")
+    g.add_argument("--val-fraction", type=float, default=None,
+                   help="hold out this fraction of every class to score on, when the source has no val/test split")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the --val-fraction split (default 0)")
+    g.add_argument("--strict", action="store_true", help="unreadable images are an error instead of skipped")
+    g.add_argument("--seed", type=int, default=0, help="seed of the student's init, data order, augmentation")
+    g = p.add_argument_group("teacher and student")
+    g.add_argument("--teacher", required=True, help="a fine-tuning run directory, weights file or released name")
+    g.add_argument("--student", default="R50x1",
+                   help="an architecture (random init, as the authors) or weights/run to start from (default R50x1)")
+    g.add_argument("--new-head", action="store_true",
+                   help="give a student file whose head has other classes a new all-zero head")
+    g.add_argument("--compare", default=None, metavar="RUN",
+                   help="a fine-tuning run of the same student, shown beside it in report.html")
+    g = p.add_argument_group("recipe overrides (default: the authors')")
+    g.add_argument("--batch", type=int, default=None, help="global batch (512)")
+    g.add_argument("--base-lr", type=float, default=None, help="peak learning rate (0.003)")
+    g.add_argument("--steps", type=int, default=None, help="total steps (default: --epochs x images / batch)")
+    g.add_argument("--epochs", type=float, default=None, help="passes over the data when --steps is not given (1000)")
+    g.add_argument("--resolution", type=parse_resolution, default=None, metavar="[RESIZE/]CROP",
+                   help="the crop both networks see (default: the teacher's resolution)")
+    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the KL loss (1)")
+    g.add_argument("--mixup", type=float, default=1.0, help="MixUp alpha; 0 disables (1: every batch mixed)")
+    g.add_argument("--weight-decay", type=float, default=3e-4, help="decoupled, on kernels (3e-4)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up (1500, at most a tenth of the run)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip (1; 0 disables)")
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="adam (the authors') or sgd")
+    g.add_argument("--min-crop-area", type=float, default=0.08, help="Inception crop's smallest area fraction")
+    g.add_argument("--cache-teacher", action="store_true",
+                   help="fixed views (resize only, no MixUp): the teacher's logits computed once and kept")
+    add_execution_args(p, out_help="run directory (created; resumed if it holds a run)")
+    p.set_defaults(run=_run_distill)
+
+
+def _run_distill(args) -> int:
+    from ..distill import DistillOptions, run_distill
+
+    opts = DistillOptions(
+        data=args.data, teacher=args.teacher, student=args.student, out=args.out, unlabelled=args.unlabelled,
+        val_fraction=args.val_fraction, split_seed=args.split_seed, strict=args.strict, seed=args.seed,
+        new_head=args.new_head, compare=args.compare, batch=args.batch, base_lr=args.base_lr, steps=args.steps,
+        epochs=args.epochs, resolution=args.resolution[1] if args.resolution else None,
+        temperature=args.temperature, mixup=args.mixup, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, grad_clip=args.grad_clip or None, optimizer=args.optimizer,
+        min_crop_area=args.min_crop_area, cache_teacher=args.cache_teacher, **execution_options(args))
+    summary = run_distill(opts)
+    final, teacher = summary["final"], summary["teacher"]
+    if final:
+        print(f"student: top-1 {final['top1']:.2%} (teacher {teacher['top1']:.2%}) on {final['examples']} test "
+              f"images; model: {summary['model']}")
+    else:
+        print(f"student: {summary['model']} (unlabelled data: no test accuracy)")
+    return 0
+
+
+VERBS = (_add_plan, _add_finetune, _add_pretrain, _add_distill, _add_demo,)
