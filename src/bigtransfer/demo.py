@@ -18,15 +18,18 @@ random crops, no MixUp (small task).
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import rundir
+from . import machine, rundir
+from .errors import BigTransferError
 from .finetune import FinetuneOptions, run_finetune
 from .pretrain import PretrainOptions, run_pretrain
 from .train.checkpointing import write_json_atomic
+from .train.execution import ExecutionOptions
 
 FULL = "full"
 
@@ -42,13 +45,14 @@ class DemoConfig:
     pretrain_base_lr: float = 0.1  # at batch 256 (the recipe's 0.03 is tuned for 90 epochs)
     min_crop_area: float = 0.35  # glyphs are small: an 8% crop would cut most of the class away
     shots: tuple = (1, 5, 10, FULL)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # draws per shot count, as in the paper (5)
     finetune_batch: int = 64
     finetune_steps: int = 40
     finetune_lr: float = 0.03
     finetune_resolution: tuple[int, int] = (36, 32)
     workers: int = 1
-    precision: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16, as for every training verb
+    device: str = "auto"
 
 
 @dataclass
@@ -58,6 +62,8 @@ class DemoResult:
     runs: list[dict] = field(default_factory=list)
     pretrain: dict = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    precision: str = ""  # what the runs computed in (fp32 or bf16; "mixed: ..." if resumed runs differ)
+    machine: dict = field(default_factory=dict)  # the CPU (and GPU) that produced the figures
 
 
 def _finetune(config: DemoConfig, out: Path, model: str, shots, seed: int, progress: bool) -> float:
@@ -65,13 +71,21 @@ def _finetune(config: DemoConfig, out: Path, model: str, shots, seed: int, progr
         data="digits", model=model, out=out, examples_per_class=None if shots == FULL else shots, seed=seed,
         batch=config.finetune_batch, steps=config.finetune_steps, base_lr=config.finetune_lr,
         resolution=config.finetune_resolution, flip=False, workers=config.workers, precision=config.precision,
-        progress=progress))
+        device=config.device, progress=progress))
     return summary["final"]["top1"]
+
+
+def check_config(config: DemoConfig) -> None:
+    """The demo's options in range before anything is written (one clear error otherwise)."""
+    if not config.seeds:
+        raise BigTransferError("--seeds must be at least 1, got 0")
+    ExecutionOptions(precision=config.precision, device=config.device).check_execution()
 
 
 def run_demo(out: Path = Path("runs/demo"), config: DemoConfig = DemoConfig(), progress: bool = True,
              restart: bool = False) -> DemoResult:
     """Run (or continue) the demo in `out`; `restart` first deletes what an earlier demo wrote there."""
+    check_config(config)
     out = Path(out)
     with rundir.owned(out, "demo"):
         if restart:
@@ -91,7 +105,8 @@ def _run_demo(out: Path, config: DemoConfig, progress: bool) -> DemoResult:
         resolution=config.upstream_resolution,
         batch=config.pretrain_batch, epochs=config.pretrain_epochs, base_lr=config.pretrain_base_lr,
         min_crop_area=config.min_crop_area, probe_data="digits", probe_resolution=config.finetune_resolution[1],
-        workers=config.workers, precision=config.precision, progress=progress, log_every=50))
+        workers=config.workers, precision=config.precision, device=config.device, progress=progress,
+        log_every=50))
     result.pretrain = {"validation": pre["final"], "fewshot_probe_on_digits": pre["fewshot"]}
     result.seconds["pretrain"] = time.perf_counter() - start
     total = len(config.shots) * len(config.seeds)
@@ -107,14 +122,33 @@ def _run_demo(out: Path, config: DemoConfig, progress: bool) -> DemoResult:
                 acc = _finetune(config, run_dir, model, shots, seed, progress=False)
                 accuracies.append(acc)
                 result.runs.append({"arm": arm, "examples_per_class": shots, "seed": seed, "top1": acc,
-                                    "run": str(run_dir)})
+                                    "run": str(run_dir), "precision": _run_config(run_dir)["precision"]})
             getattr(result, f"{arm}_accuracy")[str(shots)] = statistics.median(accuracies)
         result.seconds[arm] = time.perf_counter() - arm_start
     result.seconds["total"] = time.perf_counter() - start
+    result.precision, result.machine = _provenance(out, result, config)
     write_json_atomic(out / "summary.json", {**asdict(result), "config": asdict(config)})
     plot(result, config, out / "accuracy_vs_examples.png")
     print(table(result, config))
     return result
+
+
+def _run_config(run_dir: Path) -> dict:
+    return json.loads((run_dir / "config.json").read_text())
+
+
+def _provenance(out: Path, result: DemoResult, config: DemoConfig) -> tuple[str, dict]:
+    """(the precision every run computed in, the machine) for the summary.
+
+    Precision is not part of a run's fingerprint, so a demo continued with another --precision
+    keeps the runs it finished before: the summary says what they used, not what was asked."""
+    pretrain = _run_config(out / "pretrain")
+    used = sorted({pretrain["precision"]} | {r["precision"] for r in result.runs})
+    precision = used[0] if len(used) == 1 else "mixed: " + ", ".join(used)
+    if config.precision != "auto" and used != [config.precision]:
+        print(f"note: runs in {out} finished earlier in {', '.join(used)}, not {config.precision}; "
+              f"--restart computes them all in {config.precision}", flush=True)
+    return precision, machine.describe(pretrain["device"])
 
 
 def table(result: DemoResult, config: DemoConfig) -> str:
@@ -123,6 +157,8 @@ def table(result: DemoResult, config: DemoConfig) -> str:
         return f"{statistics.median(accs):6.1%}  ({min(accs):.1%}-{max(accs):.1%})"
 
     lines = [f"digits test accuracy, median (min-max) over seeds {list(config.seeds)}",
+             (f"computed in {result.precision or config.precision} on "
+              f"{machine.one_line(result.machine) if result.machine else 'this machine'}"),
              f"{'examples/class':<16}{'transfer':<26}{'scratch':<26}winner"]
     for shots in config.shots:
         t, s = result.transfer_accuracy[str(shots)], result.scratch_accuracy[str(shots)]
