@@ -44,6 +44,7 @@ class DemoConfig:
     pretrain_batch: int = 128
     pretrain_base_lr: float = 0.1  # at batch 256 (the recipe's 0.03 is tuned for 90 epochs)
     min_crop_area: float = 0.35  # glyphs are small: an 8% crop would cut most of the class away
+    pretrain_seed: int = 0  # init, data order and augmentation of pre-training
     shots: tuple = (1, 5, 10, FULL)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # draws per shot count, as in the paper (5)
     finetune_batch: int = 64
@@ -101,7 +102,7 @@ def _run_demo(out: Path, config: DemoConfig, progress: bool) -> DemoResult:
     print(f"[1/3] pre-training {config.arch} (GN+WS) on procedural glyphs, {config.pretrain_epochs:g} epochs",
           flush=True)
     pre = run_pretrain(PretrainOptions(
-        data=config.upstream_data, model=config.arch, out=out / "pretrain", recipe=config.recipe,
+        data=config.upstream_data, model=config.arch, out=out / "pretrain", recipe=config.recipe, seed=config.pretrain_seed,
         resolution=config.upstream_resolution,
         batch=config.pretrain_batch, epochs=config.pretrain_epochs, base_lr=config.pretrain_base_lr,
         min_crop_area=config.min_crop_area, probe_data="digits", probe_resolution=config.finetune_resolution[1],
