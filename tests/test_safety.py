@@ -332,8 +332,9 @@ def test_a_write_the_os_refuses_is_one_line_and_no_half_file(tmp_path):
 
 def test_files_we_write_get_the_users_umask_not_owner_only(tmp_path):
     """safetensors' save_file replaces its file with an owner-only one; ours follow the umask."""
-    from bigtransfer.atomic import FILE_MODE, write_atomically
     from safetensors.torch import save_file
+
+    from bigtransfer.atomic import FILE_MODE, write_atomically
 
     path = write_atomically(tmp_path / "w.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, str(tmp)))
     assert path.stat().st_mode & 0o777 == FILE_MODE
