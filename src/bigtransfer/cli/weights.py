@@ -88,10 +88,13 @@ def _run_download(args) -> int:
 
 
 def _add_convert(sub) -> None:
-    p = verb(sub, "convert", "Convert an authors' .npz (file or cached released name) to .safetensors.",
+    p = verb(sub, "convert", "Convert any weights bigtransfer reads (authors' .npz, timm, transformers) to our "
+                             ".safetensors.",
               "  bigtransfer convert BiT-M-R50x1 bit_m_r50x1.safetensors\n"
-              "  bigtransfer convert ~/Downloads/BiT-S-R101x1.npz r101.safetensors\n")
-    p.add_argument("source", help="a released name (must be cached) or a path to a .npz/.safetensors")
+              "  bigtransfer convert ~/Downloads/BiT-S-R101x1.npz r101.safetensors\n"
+              "  bigtransfer convert ~/hf/bit-50 bit50.safetensors          # a transformers folder\n")
+    p.add_argument("source", help="a released name (must be cached), a .npz/.safetensors file, or a "
+                                  "transformers checkpoint folder")
     p.add_argument("dest", type=Path, help="output .safetensors path")
     p.add_argument("--overwrite", action="store_true", help="replace DEST if it exists")
     p.set_defaults(run=_run_convert)
@@ -110,16 +113,22 @@ def _run_convert(args) -> int:
     if summary.num_classes is None:
         raise BigTransferError(f"{source}: the file has no head; nothing to convert it to a classifier with")
     model = create_model(summary.arch.name, weights=source)
-    provenance = {"source": str(entry.relpath if entry else source.name), "sha256": zoo.sha256_of(source)}
-    checkpoint.save_checkpoint(model, args.dest, provenance=provenance)
+    meta = checkpoint.read_metadata(source)
+    provenance = {"source": str(entry.relpath if entry else source.name), "format": meta["format"],
+                  "sha256": zoo.sha256_of(checkpoint.weights_file(source))}
+    checkpoint.save_checkpoint(model, args.dest, class_names=meta.get("class_names"),
+                               resolution=meta.get("resolution"), provenance=provenance)
     print(f"wrote {args.dest} ({summary.describe()})")
     return 0
 
 
 def _add_info(sub) -> None:
-    p = verb(sub, "info", "Show what a weights file holds: architecture, head, metadata.",
-              "  bigtransfer info BiT-M-R50x1.npz\n  bigtransfer info runs/pets/final.safetensors\n")
-    p.add_argument("path", type=Path)
+    p = verb(sub, "info", "Show what a weights file holds: format, architecture, head, metadata.",
+              "  bigtransfer info BiT-M-R50x1.npz\n  bigtransfer info runs/pets/final.safetensors\n"
+              "  bigtransfer info resnetv2_50x1_bit.safetensors     # a timm state dict\n"
+              "  bigtransfer info ~/hf/bit-50                       # a transformers folder (config.json + "
+              "model.safetensors)\n")
+    p.add_argument("path", type=Path, help="a weights file, or a transformers / timm checkpoint folder")
     p.set_defaults(run=_run_info)
 
 
