@@ -92,6 +92,7 @@ KINDS: dict[str, tuple[tuple[str, ...], Callable[[Path], bool]]] = {
                "images"), lambda f: _json_has(f / "summary.json", "pairs", "upstream_images")),
     "pack": (("dataset.json",), lambda f: _json_has(f / "dataset.json", "format", "splits")),
     "push": ((), lambda f: False),
+    "export-transformers": (("config.json", "model.safetensors", "preprocessor_config.json"), lambda f: False),
     "import": (("train", "test"), lambda f: False),  # a data folder: never adopt one without our marker
 }
 

@@ -135,6 +135,20 @@ def to_ours(tensor: torch.Tensor, target: torch.Size) -> torch.Tensor:
     return tensor.reshape(target).to(torch.float32)
 
 
+def eps_matched(state: dict[str, torch.Tensor], kernels: set[str], eps: float, target_eps: float
+                ) -> dict[str, torch.Tensor]:
+    """Kernels rescaled so that standardising them with `target_eps` gives what `eps` gave.
+
+    Weight standardisation ignores a kernel's scale except through eps:
+    (c w - c mean) / sqrt(c^2 var + target) equals (w - mean) / sqrt(var + eps) for
+    c = sqrt(target / eps). So scaling every standardised kernel by c makes the library's model
+    compute exactly ours."""
+    scale = (target_eps / eps) ** 0.5
+    if scale == 1.0:
+        return dict(state)
+    return {name: tensor * scale if name in kernels else tensor for name, tensor in state.items()}
+
+
 def from_ours(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
     """Our state dict under `layout`'s names and shapes, ready to save for that library."""
     out = {}
