@@ -62,13 +62,17 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
         server.requests.append(("POST", path, self.headers.get("Authorization")))
+        if not self.headers.get("Authorization"):
+            return self._error(401, "Unauthorized")
         if path == "/api/repos/create":
             request = json.loads(body)
             repo = f"{request.get('organization') or 'user'}/{request['name']}" if "/" not in request["name"] \
                 else request["name"]
             server.repos.setdefault(repo, {})
             server.created.append(request)
-            return self._json({"url": f"http://hub/{repo}", "name": repo})
+            return self._json({"url": f"{self._base()}/{repo}", "name": repo})
+        if path == "/api/validate-yaml":  # the model card's front matter
+            return self._json({"errors": [], "warnings": []})
         if path.startswith("/api/models/") and "/preupload/" in path:
             files = json.loads(body)["files"]
             return self._json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
@@ -82,11 +86,14 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
                         item["value"]["content"])
                 elif item["key"] == "header":
                     server.commits.append(item["value"])
-            return self._json({"commitUrl": f"http://hub/{repo}/commit/{COMMIT}", "commitOid": COMMIT,
+            return self._json({"commitUrl": f"{self._base()}/{repo}/commit/{COMMIT}", "commitOid": COMMIT,
                                "commitMessage": "upload", "success": True, "pullRequestUrl": None})
         return self._error(404, "EntryNotFound")
 
     # ------------------------------------------------------------------ helpers
+    def _base(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
     def _json(self, data) -> None:
         payload = json.dumps(data).encode()
         self.send_response(200)

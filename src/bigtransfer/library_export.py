@@ -126,7 +126,7 @@ def export_timm(spec: str | Path, out: Path, *, resolution: int | None = None, o
     write_timm_file(source, out)
     report = _report(source, out, "timm")
     if check:
-        report.update(_checked(source, lambda: load_with_timm(out, source.model.config), "timm"))
+        report.update(compare_with_library(source, lambda: load_with_timm(out, source.model.config), "timm"))
     return report
 
 
@@ -141,7 +141,7 @@ def export_transformers(spec: str | Path, out: Path, *, resolution: int | None =
         write_transformers_folder(source, out)
     report = _report(source, out, "transformers")
     if check:
-        report.update(_checked(source, lambda: load_with_transformers(out), "transformers"))
+        report.update(compare_with_library(source, lambda: load_with_transformers(out), "transformers"))
     return report
 
 
@@ -152,7 +152,7 @@ def _report(source: Source, out: Path, fmt: str) -> dict:
             "timm_name": timm_model_name(config.arch), "ws_eps": {"source": config.ws_eps, fmt: FOREIGN_WS_EPS}}
 
 
-def _checked(source: Source, load, library: str) -> dict:
+def compare_with_library(source: Source, load, library: str) -> dict:
     """Load the export with the library's own code and compare logits with ours; {} if not installed."""
     try:
         with library_messages() as messages:

@@ -131,4 +131,40 @@ def _run_export(args) -> int:
     return 0
 
 
-VERBS = (_add_evaluate, _add_predict, _add_embed, _add_export,)
+def _add_push(sub) -> None:
+    p = verb(sub, "push", "Share a finished run on the Hugging Face hub: a model card plus the model for "
+                          "transformers (top level) and timm (timm/); --to-folder / --dry-run write it without uploading.",
+              "  bigtransfer push runs/flowers alice/bit-flowers --dry-run      # writes ./bit-flowers, no upload\n"
+              "  bigtransfer push runs/flowers alice/bit-flowers --to-folder hub/bit-flowers\n"
+              "  bigtransfer push runs/flowers alice/bit-flowers --private      # uploads (hf auth login / HF_TOKEN)\n")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run (final.safetensors, config.json, "
+                                                                 "summary.json)")
+    p.add_argument("repo", metavar="REPO", help="the hub repository, OWNER/NAME")
+    p.add_argument("--to-folder", type=Path, default=None, metavar="DIR",
+                   help="write the repository's files here and do not upload")
+    p.add_argument("--dry-run", action="store_true", help="write the files (to ./NAME unless --to-folder) and do not "
+                                                          "upload")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--message", default=None, help="commit message (default: 'bigtransfer push')")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier push in --to-folder")
+    p.add_argument("--no-check", action="store_true", help="skip loading the files with transformers and timm")
+    p.set_defaults(run=_run_push)
+
+
+def _run_push(args) -> int:
+    from ..push import push
+
+    result = push(args.run_dir, args.repo, to_folder=args.to_folder, dry_run=args.dry_run, private=args.private,
+                  message=args.message, overwrite=args.overwrite, check=not args.no_check)
+    for library, check in result["checks"].items():
+        print(f"{library}: {check.get('check')}" + (f"; max relative logit difference "
+                                                     f"{check['max_relative_diff']:.2e}" if "max_relative_diff"
+                                                     in check else ""))
+    if result["uploaded"]:
+        print(f"uploaded {len(result['files'])} files to {args.repo}: {result['url']}")
+    else:
+        print(f"wrote {result['folder']} ({', '.join(result['files'])}); not uploaded")
+    return 0
+
+
+VERBS = (_add_evaluate, _add_predict, _add_embed, _add_export, _add_push,)
