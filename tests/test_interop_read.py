@@ -195,15 +195,29 @@ def test_misshapen_missing_and_unexpected_tensors_are_named(tmp_path):
         summarize(tmp_path / "int.safetensors")
 
 
-def test_timm_batchnorm_resnetv2_is_not_taken_for_bit(tmp_path):
+@pytest.mark.parametrize("variant, message", [("batchnorm", "with BatchNorm, not BiT"),
+                                              ("deep stem", "deep \\(3-conv\\) stem, not BiT's 7x7 root")])
+def test_timms_other_resnetv2s_are_not_taken_for_bit(tmp_path, variant, message):
     pytest.importorskip("timm")
     from timm.layers import BatchNormAct2d, create_conv2d
     from timm.models.resnetv2 import ResNetV2
 
-    model = ResNetV2(layers=[1, 1, 1, 1], conv_layer=create_conv2d, norm_layer=BatchNormAct2d, num_classes=4)
-    path = _save_timm(model, tmp_path / "bn.safetensors")
-    with pytest.raises(BigTransferError, match="with BatchNorm, not BiT"):
+    if variant == "batchnorm":
+        model = ResNetV2(layers=[1, 1, 1, 1], conv_layer=create_conv2d, norm_layer=BatchNormAct2d, num_classes=4)
+    else:
+        model = ResNetV2(layers=[1, 1, 1, 1], stem_type="deep", num_classes=4)
+    path = _save_timm(model, tmp_path / "other.safetensors")
+    with pytest.raises(BigTransferError, match=message):
         summarize(path)
+
+
+def test_sharded_transformers_checkpoints_are_refused_with_the_fix(tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bit"}))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(BigTransferError, match=r"a sharded checkpoint .*save it as one file"):
+        create_model("R50x1", weights=folder)
 
 
 def test_half_precision_timm_file_loads_as_float32(tmp_path):
@@ -257,3 +271,17 @@ def test_transformers_config_builder_matches_the_library(tmp_path):
     with torch.device("meta"):
         a, b = (transformers.BitForImageClassification(c).state_dict() for c in (config, reference))
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+
+
+@pytest.mark.parametrize("library", ["timm", "transformers"])
+def test_the_mapping_is_exact_in_float64(tmp_path, library):
+    """In fp64 the two models agree to rounding (~1e-13): what fp32 shows (~1e-5) is fp32's own rounding."""
+    theirs = timm_model(*TINY, num_classes=5) if library == "timm" else transformers_model(*TINY, num_classes=5)
+    if library == "timm":
+        path = _save_timm(theirs, tmp_path / "timm.safetensors")
+    else:
+        theirs.save_pretrained(tmp_path / "hf")
+        path = tmp_path / "hf"
+    ours = create_model("R14x0.5", weights=path).eval().double()
+    x = images().double()
+    assert relative_difference(_logits(ours, x), _logits(theirs.double(), x)) < 1e-10

@@ -200,6 +200,16 @@ def test_export_line_reports_the_check(tmp_path, capsys):
     assert config["model_type"] == "bit" and config["global_padding"] is None and config["width_factor"] == 1
 
 
+def test_export_without_the_library_installed_says_it_was_not_checked(tmp_path, monkeypatch):
+    import sys
+
+    path, _ = _ours(tmp_path)
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now fails as if it were absent
+    report = export(str(path), tmp_path / "timm.safetensors", "timm")
+    assert report["check"] == "not checked: timm is not installed (pip install 'bigtransfer[interop]')"
+    assert read_metadata(tmp_path / "timm.safetensors")["format"] == "timm"
+
+
 def test_kernels_are_scaled_so_the_libraries_eps_computes_ours():
     """Standardising c*w with eps' equals standardising w with eps when c = sqrt(eps'/eps); without
     the scaling, a kernel of small variance comes out visibly different."""
@@ -212,3 +222,13 @@ def test_kernels_are_scaled_so_the_libraries_eps_computes_ours():
     ours = standardize_weight(w, 1e-10)
     assert float((standardize_weight(scaled["k"], 1e-8) - ours).abs().max()) < 1e-12
     assert float((standardize_weight(w, 1e-8) - ours).abs().max()) > 0.1
+
+
+def test_exports_are_exact_in_float64(tmp_path):
+    """Our eps-1e-10 model and the library's eps-1e-8 model of the export agree in fp64 up to the
+    rounding of the scaled kernels stored in fp32 (each weight x10, rounded once more: ~1e-7)."""
+    path, ours = _ours(tmp_path)
+    export(str(path), tmp_path / "hf", "transformers", check=False)
+    theirs = _transformers_loads(tmp_path / "hf").double()
+    x = images().double()
+    assert relative_difference(_logits(theirs, x), _logits(ours.double(), x)) < 1e-6

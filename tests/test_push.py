@@ -62,8 +62,7 @@ def test_to_folder_writes_a_repository_every_library_loads_without_uploading(run
         local = timm.create_model(f"local-dir:{folder / 'timm'}", pretrained=True).eval()
     assert key_complaints(messages) == [] and local.pretrained_cfg["label_names"] == CLASSES
     with torch.no_grad():
-        for theirs in (local(x), create_model("R50x1", weights=folder).eval()(x)):
-            assert relative_difference(theirs, want) <= 1e-4
+        assert relative_difference(local(x), want) <= 1e-4
     assert read_metadata(folder)["class_names"] == CLASSES
     assert json.loads((folder / "config.json").read_text())["id2label"] == dict(zip("012", CLASSES))
 
@@ -144,3 +143,15 @@ def test_card_for_an_architecture_timm_does_not_register(run):
                             "finetune", None, 1e-8))
     assert "R14x0.5 is not one, so there is no timm copy here" in card and "timm.create_model" not in card
     assert "already uses timm's and transformers' weight-standardisation epsilon" in card
+
+
+def test_help_builds_without_importing_the_libraries():
+    """`bigtransfer --help` stays instant: no torch, timm, transformers or huggingface_hub at parse time."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from bigtransfer.cli import build_parser; "
+            "build_parser().parse_args(['push', 'RUN', 'a/b', '--dry-run']); "
+            "print(sorted(m for m in ('torch', 'timm', 'transformers', 'huggingface_hub') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]"

@@ -35,6 +35,7 @@ import torch
 from . import __version__, rundir
 from .atomic import write_atomically, write_json
 from .errors import BigTransferError
+from .inference import DEFAULT_RESOLUTION
 from .models import checkpoint, create_model, interop
 from .models.factory import resolve_weights
 from .models.foreign_config import (
@@ -108,7 +109,7 @@ def write_transformers_folder(source: Source, folder: Path) -> list[Path]:
     config = transformers_config(model.config.arch, model.config.num_classes, source.class_names,
                                  model.config.groups)
     written = [weights, write_json(folder / CONFIG_NAME, config, what="transformers config")]
-    resolution = source.resolution or CHECK_SIZE
+    resolution = source.resolution or DEFAULT_RESOLUTION
     written.append(write_json(folder / PREPROCESSOR_NAME, transformers_preprocessor(resolution),
                               what="transformers preprocessor config"))
     return written

@@ -83,7 +83,7 @@ def write_folder(run_dir: Path, repo: str, folder: Path, *, overwrite: bool = Fa
             weights = library_export.write_timm_file(source, folder / TIMM_FOLDER / library_export.WEIGHTS_NAME)
             write_json(folder / TIMM_FOLDER / "config.json",
                        timm_config(model_config.arch, model_config.num_classes, source.class_names,
-                                   source.resolution or library_export.CHECK_SIZE), what="timm config")
+                                   source.resolution or library_export.DEFAULT_RESOLUTION), what="timm config")
             if check:
                 checks["timm"] = library_export.compare_with_library(
                     source, lambda: library_export.load_with_timm(weights, model_config), "timm")

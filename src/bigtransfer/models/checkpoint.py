@@ -712,9 +712,9 @@ def read_metadata(path: Path) -> dict:
     """Decoded metadata of a weights file (format, class names, resolution, ...), each field checked."""
     summary = summarize(path)
     decoded: dict = {"architecture": summary.arch.name, "norm": summary.norm, "num_classes": summary.num_classes,
-                     "format": summary.source_format}
+                     "format": summary.source_format, "ws_eps": summary.ws_eps}
     if summary.source_format in interop.LIBRARIES:
-        return {**decoded, "ws_eps": summary.ws_eps, **summary.details}
+        return {**decoded, **summary.details}
     return {**decoded, **_decoded_metadata(summary, weights_file(path))}
 
 
