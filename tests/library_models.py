@@ -7,7 +7,6 @@ in the logits.
 
 from __future__ import annotations
 
-import gc
 import logging
 import warnings
 from contextlib import contextmanager
@@ -75,11 +74,6 @@ def images(size: int = 64, batch: int = 2, seed: int = 1) -> torch.Tensor:
 
 def relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max())
-
-
-def free(*objects) -> None:
-    del objects
-    gc.collect()
 
 
 @contextmanager

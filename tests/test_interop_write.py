@@ -7,7 +7,6 @@ import pytest
 import torch
 from library_models import (
     RELEASED,
-    free,
     images,
     key_complaints,
     load_messages,
@@ -93,11 +92,11 @@ def test_released_architecture_exports_load_with_the_documented_recipes(tmp_path
     path, ours = _ours(tmp_path, arch="R50x1", classes=[f"c{i}" for i in range(10)])
     x = images(32)
     want = _logits(ours, x)
-    free(ours)
+    del ours
     export(str(path), tmp_path / "timm.safetensors", "timm", check=False)
     theirs = _timm_loads(tmp_path / "timm.safetensors", "R50x1", 10)
     assert relative_difference(_logits(theirs, x), want) <= TOLERANCE
-    free(theirs)
+    del theirs
     export(str(path), tmp_path / "hf", "transformers", check=False)
     theirs = _transformers_loads(tmp_path / "hf")
     assert theirs.config.id2label == {i: f"c{i}" for i in range(10)}
@@ -142,11 +141,11 @@ def test_round_trips_through_both_libraries_keep_their_logits(tmp_path):
     x = images(32)
     want = _logits(theirs, x)
     save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, str(tmp_path / "a.safetensors"))
-    free(theirs)
+    del theirs
     export(str(tmp_path / "a.safetensors"), tmp_path / "hf", "transformers", check=False)
     hf = _transformers_loads(tmp_path / "hf")
     assert relative_difference(_logits(hf, x), want) <= TOLERANCE
-    free(hf)
+    del hf
     export(str(tmp_path / "hf"), tmp_path / "b.safetensors", "timm", check=False)
     back = _timm_loads(tmp_path / "b.safetensors", "R50x1", 5)
     assert relative_difference(_logits(back, x), want) <= TOLERANCE
