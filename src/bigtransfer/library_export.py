@@ -26,6 +26,7 @@ import datetime as _dt
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -46,7 +47,7 @@ from .models.foreign_config import (
     transformers_config,
     transformers_preprocessor,
 )
-from .models.resnetv2 import FOREIGN_WS_EPS, ResNetV2, StdConv2d
+from .models.resnetv2 import FOREIGN_WS_EPS, ModelConfig, ResNetV2, StdConv2d
 
 TIMM_LAYOUT = interop.Layout(interop.TIMM)
 TRANSFORMERS_LAYOUT = interop.Layout(interop.TRANSFORMERS, "bit.")
@@ -153,7 +154,7 @@ def _report(source: Source, out: Path, fmt: str) -> dict:
             "timm_name": timm_model_name(config.arch), "ws_eps": {"source": config.ws_eps, fmt: FOREIGN_WS_EPS}}
 
 
-def compare_with_library(source: Source, load, library: str) -> dict:
+def compare_with_library(source: Source, load: Callable[[], torch.nn.Module], library: str) -> dict:
     """Load the export with the library's own code and compare logits with ours; {} if not installed."""
     try:
         with library_messages() as messages:
@@ -178,7 +179,7 @@ def compare_with_library(source: Source, load, library: str) -> dict:
 
 
 # --------------------------------------------------------------------------- the libraries' own loading
-def load_with_timm(path: Path, config) -> torch.nn.Module:
+def load_with_timm(path: Path, config: ModelConfig) -> torch.nn.Module:
     """The export as timm builds it: by its registered name with pretrained_cfg_overlay, or (for
     architectures timm does not register) its ResNetV2 class set up as its BiT models are."""
     import timm

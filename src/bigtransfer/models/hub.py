@@ -23,10 +23,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..atomic import write_json
 from ..errors import BigTransferError
 from .resnetv2 import RELEASED_ARCHS
+
+if TYPE_CHECKING:
+    from .zoo import ZooEntry
 
 HUB_FILENAME = "model.safetensors"  # timm's safetensors weights name on the hub
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -60,6 +64,7 @@ HUB_COPIES: dict[str, HubCopy] = _build_table()
 
 
 def hub_copy(name: str) -> HubCopy | None:
+    """The hub's copy of a released model, if the hub has one."""
     return HUB_COPIES.get(name)
 
 
@@ -68,6 +73,7 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def endpoint() -> str:
+    """The hub's address: HF_ENDPOINT, or huggingface.co."""
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
@@ -81,17 +87,20 @@ def hub_cache() -> Path | None:
 
 
 def offline() -> bool:
+    """HF_HUB_OFFLINE as set now."""
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
 
 
 # --------------------------------------------------------------------------- the record of a download
 def record_path(name: str) -> Path:
+    """Where the record of `name`'s hub download lives (in our cache, beside the bucket's files)."""
     from .zoo import cache_dir
 
     return cache_dir() / "hub" / f"{name}.json"
 
 
 def read_record(name: str) -> dict | None:
+    """The record of `name`'s hub download, or None if there is none."""
     path = record_path(name)
     try:
         record = json.loads(path.read_text()) if path.is_file() else None
@@ -110,6 +119,7 @@ def cached_file(name: str) -> Path | None:
 
 
 def verify(name: str) -> bool:
+    """True if the hub file recorded for `name` still has the SHA-256 it had when downloaded."""
     from .zoo import sha256_of
 
     record, path = read_record(name), cached_file(name)
@@ -120,8 +130,8 @@ def verify(name: str) -> bool:
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def download(entry, *, force: bool = False, progress: bool = True) -> Path:
-    """Fetch `entry` (a zoo.ZooEntry) from the hub with huggingface_hub; records its SHA-256."""
+def download(entry: ZooEntry, *, force: bool = False, progress: bool = True) -> Path:
+    """Fetch `entry` from the hub with huggingface_hub; records its SHA-256."""
     from .zoo import sha256_of
 
     copy = hub_copy(entry.name)
@@ -183,7 +193,7 @@ def download(entry, *, force: bool = False, progress: bool = True) -> Path:
     return path
 
 
-def _check_contents(entry, path: Path) -> None:
+def _check_contents(entry: ZooEntry, path: Path) -> None:
     """The hub file must be the released model it stands for: same architecture, same head."""
     from .checkpoint import summarize
 
