@@ -56,6 +56,7 @@ def many_images(tmp_path_factory):
 ])
 def test_argument_mistakes_are_found_before_the_data_is_scanned(mistake, message, many_images, tmp_path,
                                                                 capsys, monkeypatch):
+    import bigtransfer.finetune  # noqa: F401  (imported first: imported under the patch, it would keep `scanned`)
     from bigtransfer.data import sources
 
     def scanned(*args, **kwargs):

@@ -95,7 +95,7 @@ def _check_kept_head(model, name: str, weights: str | None, classes: int) -> Non
     from .models import checkpoint, zoo
 
     entry = zoo.lookup(name)
-    source = weights or (zoo.cached_path(entry) if entry else None)
+    source = weights or (zoo.require_cached(entry) if entry else None)
     head = checkpoint.summarize(Path(source)).num_classes if source else None
     if head != classes:
         raise BigTransferError(f"--keep-head: the weights' head has {head or 'no'} classes, the data has {classes}; "
