@@ -88,17 +88,39 @@ def end_to_end(data: Path, trees: dict[str, Path], rounds: int) -> dict:
     return {"seconds": times, "runs": {k: [str(p) for p in v] for k, v in runs.items()}}
 
 
-def phases(run: Path, wall: float | None = None) -> dict:
-    """From a run's metrics: seconds from config.json to the end of step 1, beyond the step itself."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+# `bigtransfer finetune ...` with one addition: the moment the data scan ends, on stderr.
+SCAN_CLOCK = """
+import json, sys, time
+import bigtransfer.finetune as finetune
+scan = finetune.prepare_data
+def timed(*args, **kwargs):
+    splits = scan(*args, **kwargs)
+    print(json.dumps({"scan_done": time.time()}), file=sys.stderr, flush=True)
+    return splits
+finetune.prepare_data = timed
+from bigtransfer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def phases(data: Path, src: Path) -> dict:
+    """One more run of the job, timed inside: from the end of the data scan to the start of the
+    first step (model, plan, run folder, loader) and to its end; from the last step to summary.json
+    (the model written, the test images evaluated); and the bytes left in the run folder."""
+    out = Path(tempfile.mkdtemp()) / "run"
+    cmd = [sys.executable, "-c", SCAN_CLOCK, *ours_cmd(data, out)[3:]]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env_for(src), check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
+    scan_done = next(json.loads(line)["scan_done"] for line in result.stderr.splitlines() if "scan_done" in line)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [r for r in records if r["kind"] == "train"]
-    first = train[0]
-    step_seconds = BATCH / first["images_per_s"]
-    config_time = (run / "config.json").stat().st_mtime
-    return {"config_to_first_step_s": first["time"] - step_seconds - config_time,
-            "first_step_s": step_seconds,
-            "last_step_to_summary_s": (run / "summary.json").stat().st_mtime - train[-1]["time"],
-            "bytes_written_at_end": sum(p.stat().st_size for p in run.rglob("*.safetensors"))}
+    first = train[0]  # its rate covers the first window: loader start-up and the step itself
+    first_window = BATCH / first["images_per_s"]
+    return {"scan_to_first_step_start_s": first["time"] - first_window - scan_done,
+            "scan_to_first_step_end_s": first["time"] - scan_done,
+            "last_step_to_summary_s": (out / "summary.json").stat().st_mtime - train[-1]["time"],
+            "bytes_in_run_folder": sum(p.stat().st_size for p in out.rglob("*") if p.is_file())}
 
 
 def fixed_costs(data: Path, src: Path) -> dict:
@@ -134,7 +156,7 @@ def main() -> None:
     seconds = result["end_to_end"]["seconds"]
     result["median_s"] = {k: statistics.median(v) for k, v in seconds.items()}
     result["speed_vs_plain"] = {k: [p / o for p, o in zip(seconds["plain"], seconds[k])] for k in trees}
-    result["phases"] = {k: [phases(Path(r)) for r in result["end_to_end"]["runs"][k]] for k in trees}
+    result["phases"] = {k: [phases(data, src) for _ in range(args.rounds)] for k, src in trees.items()}
     result["fixed_costs"] = {k: fixed_costs(data, src) for k, src in trees.items()}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
@@ -143,10 +165,11 @@ def main() -> None:
         fc = result["fixed_costs"][name]
         print(f"{name}: median {result['median_s'][name]:.1f}s vs plain {result['median_s']['plain']:.1f}s "
               f"(plain/ours per round {', '.join(f'{r:.2f}' for r in result['speed_vs_plain'][name])}); "
-              f"--help {fc['help_s']:.2f}s, scan {fc['scan_s']:.2f}s, config->step 1 "
-              f"{statistics.median(p['config_to_first_step_s'] for p in ph):.2f}s, "
-              f"last step->summary {statistics.median(p['last_step_to_summary_s'] for p in ph):.1f}s, "
-              f"written at end {ph[0]['bytes_written_at_end'] / 2**20:.0f} MiB, "
+              f"--help {fc['help_s']:.2f}s, scan {fc['scan_s']:.2f}s, scan -> step 1 starts "
+              f"{statistics.median(p['scan_to_first_step_start_s'] for p in ph):.2f}s (ends "
+              f"{statistics.median(p['scan_to_first_step_end_s'] for p in ph):.2f}s), "
+              f"last step -> summary {statistics.median(p['last_step_to_summary_s'] for p in ph):.1f}s, "
+              f"run folder {ph[0]['bytes_in_run_folder'] / 2**20:.0f} MiB, "
               f"eval {fc['eval_images_per_s']:.0f} img/s")
 
 

@@ -42,24 +42,14 @@ def build(impl: str, device: str, dtype: torch.dtype, channels_last: bool, same_
 
         model = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=1000)
         if same_weights:
-            model.load_state_dict({_timm_name(k): v for k, v in ours.state_dict().items()}, strict=True)
+            from bigtransfer.models import interop
+
+            model.load_state_dict(interop.from_ours(ours.state_dict(), interop.Layout(interop.TIMM)), strict=True)
             del ours
     model = model.eval().to(device=device, dtype=dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-def _timm_name(ours: str) -> str:
-    parts = ours.split(".")
-    if parts[0] == "root":
-        return "stem." + ".".join(parts[1:])
-    if parts[0] == "head":
-        return "head.fc." + parts[1]
-    if parts[0] == "stages":
-        rest = parts[3:] if parts[3] != "downsample" else ["downsample", "conv", *parts[4:]]
-        return ".".join(["stages", parts[1], "blocks", parts[2], *rest])
-    return ours
 
 
 def make_input(batch: int, size: int, device: str, dtype: torch.dtype, channels_last: bool):

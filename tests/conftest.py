@@ -6,6 +6,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from loopback_bucket import bucket  # noqa: F401  (shared fixture)
+from loopback_hub import hub  # noqa: F401  (shared fixture)
 
 
 @pytest.fixture(autouse=True)
@@ -13,3 +14,8 @@ def _isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own empty model cache; nothing touches ~/.cache."""
     monkeypatch.setenv("BIGTRANSFER_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("BIGTRANSFER_BASE_URL", raising=False)
+    # huggingface_hub too: its own cache, and offline unless a test serves a loopback hub (`hub`).
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")

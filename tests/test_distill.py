@@ -98,7 +98,7 @@ def test_a_killed_distillation_resumes_exactly(teacher, tmp_path):
     proc.wait()
     assert 6 <= (_step_of(checkpoint) or 0) < 12, "the kill must land mid-run"
     with safe_open(str(checkpoint), "pt") as fh:
-        assert any(k.endswith("::exp_avg_sq") for k in fh.keys())  # Adam's state travels with the checkpoint
+        assert any(k.endswith("::exp_avg_sq") for k in fh.keys())  # noqa: SIM118  # Adam's state travels with the checkpoint
     assert main([*args, "--out", str(killed)]) == 0
     a, b = load_file(str(reference / "final.safetensors")), load_file(str(killed / "final.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

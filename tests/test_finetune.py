@@ -279,3 +279,42 @@ def test_finetuning_starts_from_a_zero_head_even_when_the_class_count_matches(tm
     code = main(["finetune", "--data", "digits", "--model", TINY, "--keep-head", "--steps", "1",
                  "--out", str(tmp_path / "nohead"), "--quiet"])
     assert code == 2 and "--keep-head" in capsys.readouterr().err
+
+
+def test_a_finished_run_writes_its_model_once_and_no_training_checkpoint(tmp_path):
+    """The last step is saved once, as the model the run delivers (weights only): no training
+    checkpoint with momentum (twice its size) is written beside it."""
+    out = tmp_path / "run"
+    assert finetune(*DIGITS_RUN, "--steps", "6", "--checkpoint-every", "2", "--out", str(out)) == 0
+    assert (out / "final.safetensors").is_file() and (out / "summary.json").is_file()
+    assert not (out / "checkpoints" / "latest.safetensors").exists()
+
+
+def test_a_run_killed_during_its_last_evaluation_resumes_from_its_model(tmp_path, monkeypatch):
+    """Killed after the last step but before the evaluation ended: the model on disk is the
+    finished one, so the same command evaluates it without training again."""
+    from bigtransfer.train import loop
+
+    args = [*DIGITS_RUN, "--steps", "6", "--log-every", "1"]
+    reference = tmp_path / "reference"
+    assert finetune(*args, "--out", str(reference)) == 0
+
+    def killed_while_evaluating(*a, **k):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    real_evaluate = loop.evaluate_model
+    monkeypatch.setattr(loop, "evaluate_model", killed_while_evaluating)
+    assert finetune(*args, "--out", str(out)) == 130  # "bigtransfer: interrupted"
+    assert (out / "final.safetensors").is_file() and not (out / "summary.json").exists()
+    assert not (out / "checkpoints" / "latest.safetensors").exists()
+    monkeypatch.setattr(loop, "evaluate_model", real_evaluate)
+    trained = [r["step"] for r in read_metrics(out) if r["kind"] == "train"]
+    assert finetune(*args, "--out", str(out)) == 0
+    assert [r["step"] for r in read_metrics(out) if r["kind"] == "train"] == trained == list(range(1, 7))
+    assert_same_weights(reference / "final.safetensors", out / "final.safetensors", exact=True)
+    summary, expected = (json.loads((run / "summary.json").read_text()) for run in (out, reference))
+    assert summary["final"] == expected["final"]
+    # --restart trains again rather than resuming from the finished model
+    assert finetune(*args, "--out", str(out), "--restart") == 0
+    assert len([r for r in read_metrics(out) if r["kind"] == "train"]) == 6

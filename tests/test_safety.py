@@ -330,6 +330,19 @@ def test_a_write_the_os_refuses_is_one_line_and_no_half_file(tmp_path):
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_files_we_write_get_the_users_umask_not_owner_only(tmp_path):
+    """safetensors' save_file replaces its file with an owner-only one; ours follow the umask."""
+    from safetensors.torch import save_file
+
+    from bigtransfer.atomic import FILE_MODE, write_atomically
+
+    path = write_atomically(tmp_path / "w.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, str(tmp)))
+    assert path.stat().st_mode & 0o777 == FILE_MODE
+    mask = os.umask(0)
+    os.umask(mask)
+    assert FILE_MODE == 0o666 & ~mask and FILE_MODE & 0o044 == 0o044 & ~mask
+
+
 # --------------------------------------------------------------------------- 5. metadata checked against tensors
 def _crafted_safetensors(path: Path, metadata: dict, tensors: dict[str, np.ndarray]) -> Path:
     """A .safetensors file written byte by byte (the format is a JSON header and raw data)."""

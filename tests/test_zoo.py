@@ -25,7 +25,7 @@ def test_registry_covers_the_release():
 
 
 def test_released_name_without_cache_says_which_command_to_run():
-    with pytest.raises(BigTransferError, match=r"not in the cache .*bigtransfer download BiT-M-R50x1$"):
+    with pytest.raises(BigTransferError, match=r"not in the cache .*; fetch it with: bigtransfer download BiT-M-R50x1$"):
         create_model("BiT-M-R50x1")
 
 

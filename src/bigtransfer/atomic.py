@@ -19,6 +19,17 @@ from .errors import BigTransferError
 RESUME_HINT = "the previous checkpoint is intact: free space and re-run the same command to resume"
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Files we write get the permissions the user's umask gives any new file. Writers such as
+# safetensors' save_file replace the file with one of their own, owner-only (0600).
+FILE_MODE = 0o666 & ~_current_umask()
+
+
 def write_atomically(path: Path, write: Callable[[Path], None], *, what: str = "file", hint: str = "",
                      durable: bool = False) -> Path:
     """Call `write(tmp)` to fill a temporary file, then rename it to `path`.
@@ -31,9 +42,9 @@ def write_atomically(path: Path, write: Callable[[Path], None], *, what: str = "
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        # Created like any file the user's umask allows (mkstemp's would be owner-only, 0600).
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE))
         write(tmp)
+        os.chmod(tmp, FILE_MODE)
         if durable:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())

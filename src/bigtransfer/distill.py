@@ -39,10 +39,10 @@ from .errors import BigTransferError
 from .models import checkpoint, create_model, save_checkpoint
 from .models.factory import model_source, resolve_arch_name, resolve_weights
 from .train.checkpointing import (
+    FinalWeights,
     check_resumable,
     fingerprint_of,
     finished_summary,
-    gather_train_state,
     write_json_atomic,
 )
 from .train.distributed import DistContext
@@ -281,7 +281,9 @@ def _distill(opts: DistillOptions, ctx: DistContext) -> dict:
     if finished is not None:
         ctx.shutdown()
         return finished
-    check_resumable(out / "checkpoints" / "latest.safetensors", fingerprint)
+    # before config.json is replaced; a finished run's model stands in for its checkpoint
+    check_resumable(out / "checkpoints" / "latest.safetensors", fingerprint,
+                    None if opts.restart else out / "final.safetensors")
 
     teacher = create_model(checkpoint.summarize(teacher_path).arch.name, weights=teacher_path).to(ctx.device).eval()
     teacher.requires_grad_(False)
@@ -316,18 +318,19 @@ def _distill(opts: DistillOptions, ctx: DistContext) -> dict:
         eval_every=opts.eval_every, checkpoint_every=opts.checkpoint_every, log_every=opts.log_every,
         workers=opts.workers, eval_batch=2 * (plan.batch // ctx.world_size), precision=precision,
         compile=opts.compile, fsdp=opts.fsdp, progress=opts.progress and ctx.is_main)
+    def write_final(state: dict) -> None:
+        save_checkpoint(student, out / "final.safetensors", class_names=classes, resolution=plan.resolution,
+                        provenance={"distilled_from": str(teacher_path), "student": opts.student, "data": opts.data,
+                                    "steps": plan.steps, "fingerprint": fingerprint}, state_dict=state)
+
     metrics = train(student, train_data, test, cfg, out, ctx, fingerprint, loss_fn=kl_to_teacher(plan.temperature),
-                    targets=targets)
+                    targets=targets, final=FinalWeights(out / "final.safetensors", write_final, resume=not opts.restart))
     teacher_metrics = (evaluate_model(teacher, test, ctx, batch=cfg.eval_batch, workers=opts.workers,
                                       bf16=bf16).result() if test is not None else {})
     summary = {"final": metrics, "teacher": teacher_metrics, "classes": classes, "train_images": len(splits.train),
                "test_images": len(splits.test) if splits.test is not None else 0, "steps": plan.steps,
                "labelled": labelled, "model": str(out / "final.safetensors")}
-    state, _ = gather_train_state(student, None, opts.fsdp)
     if ctx.is_main:
-        save_checkpoint(student, out / "final.safetensors", class_names=classes, resolution=plan.resolution,
-                        provenance={"distilled_from": str(teacher_path), "student": opts.student, "data": opts.data,
-                                    "steps": plan.steps, "fingerprint": fingerprint}, state_dict=state)
         write_json_atomic(out / "summary.json", summary)
         write_json_atomic(out / "protocol.json", {"protocol": "distill", "teacher": str(teacher_path),
                                                   "student": opts.student, "data": opts.data,

@@ -1,5 +1,6 @@
 """Shipping a model: ONNX (checked against PyTorch with onnxruntime), TorchScript, and
-`torch.export`'s .pt2 (TorchScript's successor; PyTorch now deprecates TorchScript).
+`torch.export`'s .pt2 (TorchScript's successor; PyTorch now deprecates TorchScript); and, through
+`library_export`, a timm state dict or a transformers folder.
 
 Exported models take images already pre-processed as in training: RGB, resized to the model's
 resolution, scaled to [-1, 1], NCHW float32; the batch dimension is dynamic. The class names
@@ -20,14 +21,19 @@ from . import rundir
 from .errors import BigTransferError
 from .inference import load_model
 
-FORMATS = ("onnx", "torchscript", "pt2")
+FORMATS = ("onnx", "torchscript", "pt2", "timm", "transformers")
 
 
 def export(spec: str, out: Path, fmt: str = "onnx", *, resolution: int | None = None, check: bool = True,
            atol: float = 1e-3, overwrite: bool = False) -> dict:
-    """Write the model in `fmt` to `out` and, if `check`, compare it with PyTorch on random input."""
+    """Write the model in `fmt` to `out` and, if `check`, compare it with PyTorch (or timm / transformers)."""
     if fmt not in FORMATS:
         raise BigTransferError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt in ("timm", "transformers"):
+        from .library_export import export_timm, export_transformers
+
+        writer = export_timm if fmt == "timm" else export_transformers
+        return writer(spec, out, resolution=resolution, overwrite=overwrite, check=check)
     for target in (Path(out), Path(f"{out}.json")):
         rundir.check_new_file(target, overwrite=overwrite)
     loaded = load_model(spec, torch.device("cpu"), resolution)

@@ -22,10 +22,10 @@ from .models import create_model, save_checkpoint
 from .models.factory import model_source, resolve_arch_name
 from .models.resnetv2 import parse_arch
 from .train.checkpointing import (
+    FinalWeights,
     check_resumable,
     fingerprint_of,
     finished_summary,
-    gather_train_state,
     write_json_atomic,
 )
 from .train.distributed import DistContext
@@ -95,7 +95,7 @@ def _check_kept_head(model, name: str, weights: str | None, classes: int) -> Non
     from .models import checkpoint, zoo
 
     entry = zoo.lookup(name)
-    source = weights or (zoo.cached_path(entry) if entry else None)
+    source = weights or (zoo.require_cached(entry) if entry else None)
     head = checkpoint.summarize(Path(source)).num_classes if source else None
     if head != classes:
         raise BigTransferError(f"--keep-head: the weights' head has {head or 'no'} classes, the data has {classes}; "
@@ -189,7 +189,9 @@ def _finetune(opts: FinetuneOptions, splits: Splits | None, ctx: DistContext) ->
     if finished is not None:  # the same run, done: report it, change nothing
         ctx.shutdown()
         return finished
-    check_resumable(out / "checkpoints" / "latest.safetensors", fingerprint)  # before config.json is replaced
+    # before config.json is replaced; a finished run's model stands in for its checkpoint
+    check_resumable(out / "checkpoints" / "latest.safetensors", fingerprint,
+                    None if opts.restart else out / "final.safetensors")
     torch.manual_seed(opts.seed)  # a from-scratch model's init is part of the run's reproducible state
     name, weights = model_source(opts.model, opts.weights)
     model = create_model(name, num_classes=len(splits.classes), weights=weights)
@@ -214,9 +216,17 @@ def _finetune(opts: FinetuneOptions, splits: Splits | None, ctx: DistContext) ->
         if opts.progress:  # quiet runs (--quiet, sweeps, the demo) keep the plan to config.json
             print(hyperrule.describe(plan), flush=True)
 
+    def write_final(state: dict | None = None) -> None:
+        save_checkpoint(model, out / "final.safetensors", class_names=splits.classes, resolution=plan.crop,
+                        provenance={"source_model": opts.model, "weights": str(opts.weights or ""),
+                                    "data": opts.data, "steps": plan.steps, "fingerprint": fingerprint},
+                        state_dict=state)
+
     test_data = TransformedImages(splits.test, eval_transform(plan.crop), strict=opts.strict)
     if opts.linear_probe:
         metrics = _linear_probe(model, splits, plan, test_data, opts, ctx, bf16)
+        if ctx.is_main:
+            write_final()
     else:
         train_data = TransformedImages(
             splits.train, train_transform(plan.resize, plan.crop, random_crop=plan.random_crop, flip=plan.flip),
@@ -229,15 +239,11 @@ def _finetune(opts: FinetuneOptions, splits: Splits | None, ctx: DistContext) ->
             precision=precision, compile=opts.compile, fsdp=opts.fsdp, progress=opts.progress and ctx.is_main,
             prelogit_dropout=opts.dropout, l2_to_init=opts.l2_to_init,
         )
-        metrics = train(model, train_data, test_data, cfg, out, ctx, fingerprint, frozen_modules=frozen)
+        metrics = train(model, train_data, test_data, cfg, out, ctx, fingerprint, frozen_modules=frozen,
+                        final=FinalWeights(out / "final.safetensors", write_final, resume=not opts.restart))
     summary = {"final": metrics, "classes": splits.classes, "train_examples": len(splits.train),
                "test_examples": len(splits.test), "steps": plan.steps, "model": str(out / "final.safetensors")}
-    state, _ = gather_train_state(model, None, opts.fsdp and not opts.linear_probe)  # all processes, under FSDP
     if ctx.is_main:
-        save_checkpoint(model, out / "final.safetensors", class_names=splits.classes, resolution=plan.crop,
-                        provenance={"source_model": opts.model, "weights": str(opts.weights or ""),
-                                    "data": opts.data, "steps": plan.steps, "fingerprint": fingerprint},
-                        state_dict=state)
         write_json_atomic(out / "summary.json", summary)
     ctx.barrier()
     ctx.shutdown()

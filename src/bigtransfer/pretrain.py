@@ -23,10 +23,10 @@ from .errors import BigTransferError
 from .evaluate.fewshot_probe import DEFAULT_SHOTS, fewshot_accuracy
 from .models import create_model, save_checkpoint
 from .train.checkpointing import (
+    FinalWeights,
     check_resumable,
     fingerprint_of,
     finished_summary,
-    gather_train_state,
     write_json_atomic,
 )
 from .train.distributed import DistContext
@@ -174,7 +174,9 @@ def _pretrain(opts: PretrainOptions, ctx: DistContext) -> dict:
     if finished is not None:  # the same run, done: report it, change nothing
         ctx.shutdown()
         return finished
-    check_resumable(out / "checkpoints" / "latest.safetensors", fingerprint)  # before config.json is replaced
+    # before config.json is replaced; a finished run's model stands in for its checkpoint
+    check_resumable(out / "checkpoints" / "latest.safetensors", fingerprint,
+                    None if opts.restart else out / "final.safetensors")
     model = build_upstream_model(opts, plan)
     precision = resolve_precision(opts.precision, ctx.device, forward_flops_per_image(model.config, resolution))
     bf16 = precision == "bf16"
@@ -207,14 +209,16 @@ def _pretrain(opts: PretrainOptions, ctx: DistContext) -> dict:
         eval_batch=2 * (plan.batch // (ctx.world_size * opts.batch_split)), precision=precision,
         compile=opts.compile, fsdp=opts.fsdp, progress=opts.progress and ctx.is_main, multilabel=data.multilabel)
     loss_fn = sigmoid_cross_entropy if plan.loss == "sigmoid" else softmax_cross_entropy
-    metrics = train(model, data.train, data.test, cfg, out, ctx, fingerprint, loss_fn=loss_fn, on_eval=on_eval)
-    summary = {"final": metrics, "fewshot": probes.get(plan.steps, {}), "classes": len(data.classes),
-               "train_images": data.size, "steps": plan.steps, "model": str(out / "final.safetensors")}
-    state, _ = gather_train_state(model, None, opts.fsdp)  # every process takes part under FSDP
-    if ctx.is_main:
+    def write_final(state: dict) -> None:
         save_checkpoint(model, out / "final.safetensors", class_names=data.classes, resolution=resolution,
                         provenance={"pretrained_on": opts.data, "recipe": plan.recipe, "steps": plan.steps,
                                     "fingerprint": fingerprint}, state_dict=state)
+
+    metrics = train(model, data.train, data.test, cfg, out, ctx, fingerprint, loss_fn=loss_fn, on_eval=on_eval,
+                    final=FinalWeights(out / "final.safetensors", write_final, resume=not opts.restart))
+    summary = {"final": metrics, "fewshot": probes.get(plan.steps, {}), "classes": len(data.classes),
+               "train_images": data.size, "steps": plan.steps, "model": str(out / "final.safetensors")}
+    if ctx.is_main:
         write_json_atomic(out / "summary.json", summary)
     ctx.barrier()
     ctx.shutdown()

@@ -91,7 +91,8 @@ KINDS: dict[str, tuple[tuple[str, ...], Callable[[Path], bool]]] = {
     "dedup": (("pairs.csv", "upstream_filtered.csv", "contact_sheet.png", "contact_sheet.html", "summary.json",
                "images"), lambda f: _json_has(f / "summary.json", "pairs", "upstream_images")),
     "pack": (("dataset.json",), lambda f: _json_has(f / "dataset.json", "format", "splits")),
-    "push": ((), lambda f: False),
+    "push": (("README.md", "config.json", "model.safetensors", "preprocessor_config.json", "timm"), lambda f: False),
+    "export-transformers": (("config.json", "model.safetensors", "preprocessor_config.json"), lambda f: False),
     "import": (("train", "test"), lambda f: False),  # a data folder: never adopt one without our marker
 }
 

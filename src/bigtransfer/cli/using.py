@@ -92,15 +92,24 @@ def _run_embed(args) -> int:
 
 
 def _add_export(sub) -> None:
-    p = verb(sub, "export", "Export a model to ONNX (checked with onnxruntime), TorchScript or torch.export (.pt2).",
+    p = verb(sub, "export", "Export a model to ONNX (checked with onnxruntime), TorchScript, torch.export (.pt2), "
+                            "a timm state dict or a transformers folder (each checked with that library).",
               "  bigtransfer export --model runs/flowers --out flowers.onnx\n"
               "  bigtransfer export --model runs/flowers --format torchscript --out flowers.pt\n"
-              "  bigtransfer export --model runs/flowers --format pt2 --out flowers.pt2\n")
-    p.add_argument("--model", required=True, help="run directory, .safetensors file, released name or .npz")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--format", choices=("onnx", "torchscript", "pt2"), default="onnx")
+              "  bigtransfer export --model runs/flowers --format pt2 --out flowers.pt2\n"
+              "  bigtransfer export --model runs/flowers --format timm --out flowers_timm.safetensors\n"
+              "  bigtransfer export --model runs/flowers --format transformers --out flowers-bit/\n"
+              "loading the last two (K = the number of classes):\n"
+              "  timm.create_model('resnetv2_50x1_bit', pretrained=True, num_classes=K,\n"
+              "                    pretrained_cfg_overlay=dict(file='flowers_timm.safetensors', num_classes=K))\n"
+              "  transformers.BitForImageClassification.from_pretrained('flowers-bit')\n")
+    p.add_argument("--model", required=True,
+                   help="run directory, .safetensors file, released name, .npz, or a timm/transformers checkpoint")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output file (a folder for --format transformers: new, empty, or an earlier export)")
+    p.add_argument("--format", choices=("onnx", "torchscript", "pt2", "timm", "transformers"), default="onnx")
     p.add_argument("--resolution", type=int, default=None, help="input size (default: from the model's metadata)")
-    p.add_argument("--no-check", action="store_true", help="skip comparing the export with PyTorch")
+    p.add_argument("--no-check", action="store_true", help="skip comparing the export with PyTorch / the library")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and OUT.json) if it exists")
     p.set_defaults(run=_run_export)
 
@@ -110,10 +119,52 @@ def _run_export(args) -> int:
 
     report = export(args.model, args.out, args.format, resolution=args.resolution, check=not args.no_check,
                     overwrite=args.overwrite)
+    if args.format in ("timm", "transformers"):
+        check = report.get("check", "not checked (--no-check)")
+        diff = report.get("max_relative_diff")
+        print(f"wrote {report['path']} ({args.format}, {report['architecture']}, {report['num_classes']} classes; "
+              f"{check}" + (f"; max relative logit difference {diff:.2e}" if diff is not None else "") + ")")
+        return 0
     diff = report.get("max_abs_diff_vs_pytorch")
     print(f"wrote {report['path']} ({args.format}; input {report['input']}"
           + (f"; max |diff| vs PyTorch {diff:.2e}" if diff is not None else "") + ")")
     return 0
 
 
-VERBS = (_add_evaluate, _add_predict, _add_embed, _add_export,)
+def _add_push(sub) -> None:
+    p = verb(sub, "push", "Share a finished run on the Hugging Face hub: a model card plus the model for "
+                          "transformers (top level) and timm (timm/); --to-folder / --dry-run write it without uploading.",
+              "  bigtransfer push runs/flowers alice/bit-flowers --dry-run      # writes ./bit-flowers, no upload\n"
+              "  bigtransfer push runs/flowers alice/bit-flowers --to-folder hub/bit-flowers\n"
+              "  bigtransfer push runs/flowers alice/bit-flowers --private      # uploads (hf auth login / HF_TOKEN)\n")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run (final.safetensors, config.json, "
+                                                                 "summary.json)")
+    p.add_argument("repo", metavar="REPO", help="the hub repository, OWNER/NAME")
+    p.add_argument("--to-folder", type=Path, default=None, metavar="DIR",
+                   help="write the repository's files here and do not upload")
+    p.add_argument("--dry-run", action="store_true", help="write the files (to ./NAME unless --to-folder) and do not "
+                                                          "upload")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--message", default=None, help="commit message (default: 'bigtransfer push')")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier push in --to-folder")
+    p.add_argument("--no-check", action="store_true", help="skip loading the files with transformers and timm")
+    p.set_defaults(run=_run_push)
+
+
+def _run_push(args) -> int:
+    from ..push import push
+
+    result = push(args.run_dir, args.repo, to_folder=args.to_folder, dry_run=args.dry_run, private=args.private,
+                  message=args.message, overwrite=args.overwrite, check=not args.no_check)
+    for library, check in result["checks"].items():
+        print(f"{library}: {check.get('check')}" + (f"; max relative logit difference "
+                                                     f"{check['max_relative_diff']:.2e}" if "max_relative_diff"
+                                                     in check else ""))
+    if result["uploaded"]:
+        print(f"uploaded {len(result['files'])} files to {args.repo}: {result['url']}")
+    else:
+        print(f"wrote {result['folder']} ({', '.join(result['files'])}); not uploaded")
+    return 0
+
+
+VERBS = (_add_evaluate, _add_predict, _add_embed, _add_export, _add_push,)

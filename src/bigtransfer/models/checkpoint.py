@@ -1,4 +1,6 @@
-"""Checkpoint files: the authors' `.npz` (read) and our `.safetensors` (read and write).
+"""Checkpoint files: the authors' and big_vision `.npz` (read), our `.safetensors` (read and
+write), and timm / Hugging Face transformers BiT `.safetensors` state dicts and folders (read;
+their names are in `interop.py`, their config.json in `foreign_config.py`).
 
 Nothing here ever unpickles: `.npz` is read with `allow_pickle=False`, and pickle-based
 PyTorch files are recognised by their bytes and refused with an explanation.
@@ -25,7 +27,8 @@ from safetensors import SafetensorError, safe_open
 
 from ..atomic import write_atomically
 from ..errors import BigTransferError
-from .resnetv2 import NORMS, ArchSpec, ModelConfig, ResNetV2
+from . import foreign_config, interop
+from .resnetv2 import FOREIGN_WS_EPS, NORMS, WS_EPS, ArchSpec, ModelConfig, ResNetV2
 
 FORMAT_TAG = "bigtransfer"
 DEFAULT_VALUE_RANGE = (-1.0, 1.0)
@@ -33,8 +36,12 @@ DEFAULT_VALUE_RANGE = (-1.0, 1.0)
 
 # --------------------------------------------------------------------------- file sniffing
 def sniff_format(path: Path) -> str:
-    """Return 'npz', 'safetensors', or raise a BigTransferError saying what the file is."""
+    """Return 'npz', 'safetensors', 'folder' (a timm/transformers checkpoint folder), or raise a
+    BigTransferError saying what the file is."""
     path = Path(path)
+    if path.is_dir():
+        _folder_files(path)
+        return "folder"
     if not path.is_file():
         raise BigTransferError(f"{path}: no such weights file")
     with open(path, "rb") as fh:
@@ -60,9 +67,53 @@ def sniff_format(path: Path) -> str:
 def _pickle_refusal(path: Path) -> BigTransferError:
     return BigTransferError(
         f"{path}: this is a pickle-based PyTorch file; bigtransfer never unpickles weights "
-        f"(loading a pickle can run arbitrary code). Save it as .safetensors "
-        f"(safetensors.torch.save_file(model.state_dict(), 'model.safetensors')) or .npz"
+        f"(loading a pickle can run arbitrary code). Convert it with the library that wrote it, "
+        f"where you trust the file: timm: safetensors.torch.save_file(model.state_dict(), 'model.safetensors'); "
+        f"transformers: BitForImageClassification.from_pretrained(DIR).save_pretrained(OUT) (writes "
+        f"model.safetensors); then pass the .safetensors (or the transformers folder)"
     )
+
+
+PICKLE_NAMES = ("pytorch_model.bin", "model.bin", "model.pth", "model.pt")
+
+
+def _folder_files(folder: Path) -> tuple[Path, Path]:
+    """The weights and config.json of a timm / transformers checkpoint folder, or why it is not one."""
+    weights, config = folder / foreign_config.WEIGHTS_NAME, folder / foreign_config.CONFIG_NAME
+    if weights.is_file():
+        if not config.is_file():
+            raise BigTransferError(
+                f"{folder}: no {config.name} beside {weights.name}; a transformers checkpoint folder needs it "
+                f"(the padding and layer settings that decide what the model computes live there). To read "
+                f"{weights.name} with transformers' default BiT settings anyway, name the file itself")
+        return weights, config
+    if (folder / f"{weights.name}.index.json").is_file():
+        raise BigTransferError(f"{folder}: a sharded checkpoint (model.safetensors.index.json); save it as one file "
+                               f"(save_pretrained(OUT, max_shard_size='1000GB')) and pass that folder")
+    for name in PICKLE_NAMES:
+        if (folder / name).is_file():
+            raise _pickle_refusal(folder / name)
+    raise BigTransferError(f"{folder}: a folder without {weights.name}; name a weights file, a finished run "
+                           f"directory, or a timm / transformers checkpoint folder")
+
+
+def is_checkpoint_folder(folder: Path) -> bool:
+    """Does `folder` look like a timm / transformers checkpoint (rather than, say, a run directory)?"""
+    folder = Path(folder)
+    names = (foreign_config.WEIGHTS_NAME, f"{foreign_config.WEIGHTS_NAME}.index.json", *PICKLE_NAMES)
+    if any((folder / name).is_file() for name in names):
+        return True
+    config = folder / foreign_config.CONFIG_NAME
+    try:
+        return config.is_file() and foreign_config.library_of(foreign_config.read_json(config)) is not None
+    except BigTransferError:
+        return False
+
+
+def weights_file(path: Path) -> Path:
+    """The file that holds the tensors: `path` itself, or a checkpoint folder's model.safetensors."""
+    path = Path(path)
+    return _folder_files(path)[0] if path.is_dir() else path
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
@@ -143,10 +194,20 @@ def _safetensors_handle(path: Path):
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """Tensor shapes and metadata of a `.safetensors` file, without reading the tensors."""
+    shapes, _, metadata = _safetensors_layout(path)
+    return shapes, metadata
+
+
+def _safetensors_layout(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str], dict[str, str]]:
+    """Shapes, dtypes and metadata from the header (safetensors itself checks they fit the file)."""
     with _safetensors_handle(path) as fh:
         names = fh.keys()
-        shapes = {key: tuple(fh.get_slice(key).get_shape()) for key in names}
-        return shapes, dict(fh.metadata() or {})
+        if len(names) > MAX_ARRAYS:
+            raise BigTransferError(f"{path}: {len(names)} tensors, more than any BiT checkpoint holds")
+        slices = {key: fh.get_slice(key) for key in names}
+        shapes = {key: tuple(s.get_shape()) for key, s in slices.items()}
+        dtypes = {key: str(s.get_dtype()) for key, s in slices.items()}
+        return shapes, dtypes, dict(fh.metadata() or {})
 
 
 def read_safetensors(path: Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -247,6 +308,13 @@ class FileSummary:
     norm: str = "gn_ws"
     groups: int = 32
     metadata: dict[str, str] = field(default_factory=dict)
+    ws_eps: float = WS_EPS
+    source_format: str = "bigtransfer"  # authors | big_vision | bigtransfer | timm | transformers
+    details: dict = field(default_factory=dict)  # timm / transformers: checked class_names, resolution, ...
+
+    def model_config(self, num_classes: int | None = None) -> ModelConfig:
+        """The structure of a model that holds this file (`num_classes` replaces the file's head)."""
+        return ModelConfig(self.arch, num_classes or self.num_classes or 1, self.norm, self.groups, self.ws_eps)
 
     def describe(self) -> str:
         head = f"{self.num_classes} classes" if self.num_classes else "no head"
@@ -276,7 +344,8 @@ def _infer_from_npz(headers: dict[str, _NpyHeader], layout: str, path: Path) -> 
         raise BigTransferError(f"{path}: a stage has {max(units)} units, more than any BiT model")
     head = headers.get(head_bias_key)
     num_classes = int(np.prod(head.shape, dtype=object)) if head is not None else None
-    return FileSummary(ArchSpec(tuple(units), root[3] / 64), num_classes)  # type: ignore[arg-type]
+    return FileSummary(ArchSpec(tuple(units), root[3] / 64), num_classes,  # type: ignore[arg-type]
+                       source_format=layout)
 
 
 def _file_shape_candidates(entry: _Entry, target: torch.Size) -> list[tuple[int, ...]]:
@@ -310,19 +379,24 @@ def _expected_file_shape(entry: _Entry, target: torch.Size) -> tuple[int, ...]:
 
 # --------------------------------------------------------------------------- public API
 def summarize(path: Path) -> FileSummary:
-    """Inspect a weights file (architecture, head size, norm) without building a model."""
+    """Inspect a weights file or checkpoint folder (architecture, head size, norm) without building a model."""
     path = Path(path)
-    if sniff_format(path) == "npz":
+    kind = sniff_format(path)
+    if kind == "npz":
         headers = _normalise_keys(npz_headers(path))
         layout = _detect_layout(headers, path)
         summary = _infer_from_npz(headers, layout, path)
         _check_npz_shapes(path, headers, layout, summary.arch, _expected_shapes(summary))
         return summary
-    shapes, metadata = read_safetensors_header(path)
-    return _summary_from_safetensors(shapes, metadata, path)
+    weights = weights_file(path)
+    shapes, dtypes, metadata = _safetensors_layout(weights)
+    if metadata.get("format") == FORMAT_TAG:
+        return _summary_from_safetensors(shapes, metadata, weights)
+    return _foreign(path, shapes, dtypes, metadata)[0]
 
 
 MAX_RESOLUTION = 16384
+MAX_WS_EPS = 1e-3  # far above any library's (1e-10 .. 1e-6): anything larger is damage, not a choice
 
 
 def _summary_from_safetensors(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], path: Path) -> FileSummary:
@@ -341,8 +415,11 @@ def _summary_from_safetensors(shapes: dict[str, tuple[int, ...]], metadata: dict
         width = float(metadata["width"])
         norm, groups = metadata["norm"], int(metadata["groups"])
         declared_classes = int(metadata["num_classes"])
+        ws_eps = float(metadata.get("ws_eps", WS_EPS))  # files written before it was recorded used WS_EPS
     except (KeyError, ValueError) as err:
         raise damaged(str(err)) from None
+    if not 0 < ws_eps <= MAX_WS_EPS:
+        raise damaged(f"ws_eps {metadata['ws_eps']!r}")
     if len(units) != 4 or not all(1 <= u <= MAX_UNITS for u in units):
         raise damaged(f"units {metadata['units']!r}")
     if not 0 < width <= MAX_WIDTH or (64 * width) % 1:
@@ -356,7 +433,7 @@ def _summary_from_safetensors(shapes: dict[str, tuple[int, ...]], metadata: dict
     num_classes = head[0] if head is not None and len(head) == 1 else None
     if head is not None and declared_classes != num_classes:
         raise damaged(f"num_classes {declared_classes} but head.bias has shape {head}")
-    summary = FileSummary(ArchSpec(units, width), num_classes, norm, groups, metadata)  # type: ignore[arg-type]
+    summary = FileSummary(ArchSpec(units, width), num_classes, norm, groups, metadata, ws_eps)  # type: ignore[arg-type]
     _decoded_metadata(summary, path)  # every JSON field must parse and fit the tensors
     return summary
 
@@ -403,12 +480,20 @@ def load_state_dict(path: Path, model: ResNetV2, load_head: bool) -> dict[str, t
         summary = _infer_from_npz(headers, layout, path)
         _check_same_architecture(summary, model, path)
         return _npz_state_dict(path, headers, layout, summary.arch, _expected(model, load_head))
-    shapes, metadata = read_safetensors_header(path)
-    summary = _summary_from_safetensors(shapes, metadata, path)
+    weights = weights_file(path)
+    shapes, dtypes, metadata = _safetensors_layout(weights)
+    if metadata.get("format") != FORMAT_TAG:
+        summary, layout = _foreign(path, shapes, dtypes, metadata)
+        _check_same_architecture(summary, model, path)
+        expected = _expected(model, load_head)
+        table = interop.name_table(expected, layout)
+        tensors = read_safetensors(weights, [theirs for theirs, _ in table.values()])
+        return {ours: interop.to_ours(tensors.pop(theirs), expected[ours]) for ours, (theirs, _) in table.items()}
+    summary = _summary_from_safetensors(shapes, metadata, weights)
     _check_same_architecture(summary, model, path)
     expected = _expected(model, load_head)
-    _check_safetensors_shapes(shapes, expected, path)
-    return read_safetensors(path, list(expected))
+    _check_safetensors_shapes(shapes, expected, weights)
+    return read_safetensors(weights, list(expected))
 
 
 def _expected(model: ResNetV2, load_head: bool) -> dict[str, torch.Size]:
@@ -429,7 +514,7 @@ def _check_same_architecture(summary: FileSummary, model: ResNetV2, path: Path) 
 def _expected_shapes(summary: FileSummary) -> dict[str, torch.Size]:
     """Every tensor a model of this summary holds (built on the meta device: no memory)."""
     with torch.device("meta"):
-        model = ResNetV2(ModelConfig(summary.arch, summary.num_classes or 1, summary.norm, summary.groups))
+        model = ResNetV2(summary.model_config())
     return _expected(model, load_head=summary.num_classes is not None)
 
 
@@ -473,6 +558,113 @@ def _check_safetensors_shapes(shapes: dict[str, tuple[int, ...]], expected: dict
         raise BigTransferError(f"{path}: unexpected tensor {unexpected[0]!r}")
 
 
+# --------------------------------------------------------------------------- timm / transformers
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+BIGTRANSFER_KEY = "bigtransfer"  # our class names, resolution and provenance in an exported file's metadata
+
+
+def _foreign(path: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str],
+             metadata: dict[str, str]) -> tuple[FileSummary, interop.Layout]:
+    """Summary of a timm or transformers BiT state dict: architecture from the tensors, settings
+    from its config.json, every tensor's name, shape and type checked."""
+    weights = weights_file(path)
+    layout = interop.detect(shapes)
+    if layout is None:
+        first = next(iter(shapes), None)
+        raise BigTransferError(
+            f"{weights}: a .safetensors file without bigtransfer metadata that is not a timm or transformers BiT "
+            f"state dict either (first tensor {first!r}); save models with bigtransfer.save_checkpoint so the "
+            f"architecture is recorded")
+    reason = interop.not_bit_reason(layout, set(shapes))
+    if reason:
+        raise BigTransferError(f"{weights}: {reason}; bigtransfer reads only BiT")
+    arch = _foreign_arch(weights, layout, shapes)
+    head = shapes.get(layout.head_bias_key)
+    num_classes = head[0] if head is not None and len(head) == 1 else None
+    config_path = _config_beside(path, weights)
+    config = foreign_config.read_json(config_path) if config_path else None
+    found = foreign_config.library_of(config) if config is not None else None
+    if config is not None and found is None and not path.is_dir():  # some other program's config.json
+        config = config_path = None
+    if config is not None and found != layout.library:
+        raise BigTransferError(f"{config_path}: a {found or 'unrecognised'} config beside a {layout.describe()}")
+    details = _exported_details(metadata, num_classes, weights)
+    groups = 32  # timm's BiT models all have 32 groups; transformers' config says
+    if layout.library == interop.TRANSFORMERS and config is not None:
+        checked = foreign_config.check_transformers(config, arch, num_classes, config_path)
+        groups = checked["groups"]
+    elif config is not None:
+        checked = foreign_config.check_timm(config, arch, num_classes, config_path)
+    else:
+        checked = {}
+    details.update({k: v for k, v in checked.items() if k != "groups" and v is not None})
+    details["config"] = str(config_path) if config_path else None
+    summary = FileSummary(arch, num_classes, "gn_ws", groups, metadata, FOREIGN_WS_EPS, layout.library, details)
+    _check_foreign_tensors(weights, shapes, dtypes, layout, summary)
+    return summary, layout
+
+
+def _config_beside(path: Path, weights: Path) -> Path | None:
+    """The config.json that belongs to a checkpoint: a folder's, or the one beside a model.safetensors."""
+    if path.is_dir():
+        return _folder_files(path)[1]
+    beside = weights.with_name(foreign_config.CONFIG_NAME)
+    return beside if weights.name == foreign_config.WEIGHTS_NAME and beside.is_file() else None
+
+
+def _foreign_arch(weights: Path, layout: interop.Layout, shapes: dict[str, tuple[int, ...]]) -> ArchSpec:
+    """Units counted per stage, width from the root conv; bounded like any file's declarations."""
+    root = shapes.get(layout.root_key)
+    if root is None or len(root) != 4 or root[1:] != (3, 7, 7) or not 0 < root[0] <= 64 * MAX_WIDTH:
+        raise BigTransferError(f"{weights}: tensor {layout.root_key!r} has shape {root}, expected a Cx3x7x7 kernel")
+    units = interop.count_units(layout, shapes)
+    if sorted(units) != [0, 1, 2, 3]:
+        raise BigTransferError(f"{weights}: units in stages {sorted(units)}; BiT has four stages, 0 to 3")
+    if max(units.values()) > MAX_UNITS:
+        raise BigTransferError(f"{weights}: a stage has {max(units.values())} units, more than any BiT model")
+    return ArchSpec(tuple(units[s] for s in range(4)), root[0] / 64)  # type: ignore[arg-type]
+
+
+def _exported_details(metadata: dict[str, str], num_classes: int | None, weights: Path) -> dict:
+    """What bigtransfer recorded when it exported the file (class names, resolution, provenance), checked."""
+    if BIGTRANSFER_KEY not in metadata:
+        return {}
+    try:
+        block = json.loads(metadata[BIGTRANSFER_KEY])
+    except ValueError:
+        block = None
+    if not isinstance(block, dict):
+        raise BigTransferError(f"{weights}: damaged bigtransfer metadata ({BIGTRANSFER_KEY} is not a JSON object)")
+    details = {}
+    for key in ("class_names", "resolution", "provenance"):
+        value = block.get(key)
+        if value is None:
+            continue
+        if not _valid_field(key, value, num_classes):
+            raise BigTransferError(f"{weights}: damaged bigtransfer metadata ({key}: {str(value)[:80]!r})")
+        details[key] = value
+    return details
+
+
+def _check_foreign_tensors(weights: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str],
+                           layout: interop.Layout, summary: FileSummary) -> None:
+    """Every tensor a model of `summary` needs, with its shape and a float type, and nothing else."""
+    table = interop.name_table(_expected_shapes(summary), layout)
+    for theirs, shape in table.values():
+        if theirs not in shapes:
+            raise BigTransferError(f"{weights}: missing tensor {theirs!r} (a {summary.arch.name} BiT has it)")
+        if shapes[theirs] != shape:
+            raise BigTransferError(f"{weights}: tensor {theirs!r} has shape {shapes[theirs]}, expected {shape} "
+                                   f"for {summary.arch.name}")
+        if dtypes[theirs] not in _FLOAT_DTYPES:
+            raise BigTransferError(f"{weights}: tensor {theirs!r} holds {dtypes[theirs]}, not floating-point numbers")
+    known = {theirs for theirs, _ in table.values()}
+    unexpected = [name for name in shapes if name not in known]
+    if unexpected:
+        raise BigTransferError(f"{weights}: unexpected tensor {unexpected[0]!r} (not part of a "
+                               f"{summary.describe()} BiT model)")
+
+
 def save_checkpoint(
     model: ResNetV2,
     path: Path,
@@ -501,6 +693,7 @@ def save_checkpoint(
         "width": f"{config.arch.width:g}",
         "norm": config.norm,
         "groups": str(config.groups),
+        "ws_eps": repr(config.ws_eps),
         "num_classes": str(config.num_classes),
         "class_names": json.dumps(class_names) if class_names is not None else "null",
         "resolution": str(resolution) if resolution is not None else "null",
@@ -516,11 +709,14 @@ def save_checkpoint(
 
 
 def read_metadata(path: Path) -> dict:
-    """Decoded bigtransfer metadata of a weights file (class names, resolution, ...), each field checked."""
+    """Decoded metadata of a weights file (format, class names, resolution, ...), each field checked."""
     summary = summarize(path)
-    decoded: dict = {"architecture": summary.arch.name, "norm": summary.norm, "num_classes": summary.num_classes}
-    return {**decoded, **_decoded_metadata(summary, Path(path))}
+    decoded: dict = {"architecture": summary.arch.name, "norm": summary.norm, "num_classes": summary.num_classes,
+                     "format": summary.source_format, "ws_eps": summary.ws_eps}
+    if summary.source_format in interop.LIBRARIES:
+        return {**decoded, **summary.details}
+    return {**decoded, **_decoded_metadata(summary, weights_file(path))}
 
 
 def build_from_summary(summary: FileSummary, num_classes: int, zero_head: bool = True) -> ResNetV2:
-    return ResNetV2(ModelConfig(summary.arch, num_classes, summary.norm, summary.groups), zero_head=zero_head)
+    return ResNetV2(summary.model_config(num_classes), zero_head=zero_head)

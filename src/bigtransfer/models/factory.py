@@ -14,13 +14,16 @@ DEFAULT_NUM_CLASSES = 1000
 
 
 def resolve_weights(spec: str | Path) -> Path:
-    """Run directory -> its final.safetensors; released name -> cached file; else the path itself."""
+    """Run directory -> its final.safetensors; released name -> cached file; else the path itself
+    (a weights file, or a timm / transformers checkpoint folder)."""
     path = Path(spec)
     if path.is_dir():
         final = path / "final.safetensors"
-        if not final.is_file():
-            raise BigTransferError(f"{path}: no final.safetensors in this run directory (is the run finished?)")
-        return final
+        if final.is_file():
+            return final
+        if checkpoint.is_checkpoint_folder(path):
+            return path
+        raise BigTransferError(f"{path}: no final.safetensors in this run directory (is the run finished?)")
     entry = zoo.lookup(str(spec)) if not path.exists() else None
     return zoo.require_cached(entry) if entry else path
 
@@ -52,7 +55,9 @@ def create_model(
 
     `name` is a released name (`BiT-M-R50x1`, which needs its file in the cache; see
     `bigtransfer download`) or an architecture (`R50x1`, `R26x0.5`, ...; random init unless
-    `weights` is given). `weights` is an authors' `.npz` or a bigtransfer `.safetensors`.
+    `weights` is given). `weights` is an authors' or big_vision `.npz`, a bigtransfer `.safetensors`,
+    a timm BiT state dict (`.safetensors`), or a transformers BiT checkpoint (a folder with
+    config.json and model.safetensors, or the model.safetensors itself).
     If `num_classes` differs from the file's head, the head is replaced (zeros if `zero_head`).
     """
     entry = zoo.lookup(name)
@@ -72,7 +77,7 @@ def create_model(
     # Built on the meta device: the file supplies every body tensor, so random init would be
     # wasted time and memory (seconds and gigabytes for R152x4).
     with torch.device("meta"):
-        model = ResNetV2(ModelConfig(arch, classes, summary.norm, summary.groups), zero_head=zero_head)
+        model = ResNetV2(summary.model_config(classes), zero_head=zero_head)
     keep_head = summary.num_classes == classes
     state = checkpoint.load_state_dict(Path(weights), model, load_head=keep_head)
     model.load_state_dict(state, strict=keep_head, assign=True)

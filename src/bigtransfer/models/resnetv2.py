@@ -10,6 +10,7 @@ The normalisation is a switch (`gn_ws`, `gn`, `bn_ws`, `bn`) so that the paper's
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ UNITS_BY_DEPTH: dict[int, tuple[int, int, int, int]] = {
 RELEASED_ARCHS = ("R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4")
 NORMS = ("gn_ws", "gn", "bn_ws", "bn")
 WS_EPS = 1e-10  # the authors' weight-standardization epsilon
+# timm's BiT StdConv2d and transformers' WeightStandardizedConv2d use 1e-8: a model loaded from
+# their files keeps theirs (ModelConfig.ws_eps), so that it computes what their library computes.
+FOREIGN_WS_EPS = 1e-8
 GN_EPS = 1e-5  # GroupNorm epsilon used by the release
 
 
@@ -106,23 +110,29 @@ def standardize_weight(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tenso
 class StdConv2d(nn.Conv2d):
     """Conv2d whose kernel is weight-standardized on every forward pass."""
 
+    def __init__(self, *args, eps: float = WS_EPS, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = standardize_weight(self.weight)
+        weight = standardize_weight(self.weight, self.eps)
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class _Layers:
     """Builds the conv and norm layers for one of the four normalisation choices."""
 
-    def __init__(self, norm: str, groups: int):
+    def __init__(self, norm: str, groups: int, ws_eps: float = WS_EPS):
         if norm not in NORMS:
             raise BigTransferError(f"unknown norm {norm!r}: choose one of {', '.join(NORMS)}")
         self.norm_kind = norm
         self.groups = groups
+        self.ws_eps = ws_eps
 
     def conv(self, cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
-        cls = StdConv2d if self.norm_kind.endswith("_ws") else nn.Conv2d
-        return cls(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
+        if self.norm_kind.endswith("_ws"):
+            return StdConv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False, eps=self.ws_eps)
+        return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False)
 
     def norm(self, channels: int) -> nn.Module:
         if self.norm_kind.startswith("bn"):
@@ -185,6 +195,7 @@ class ModelConfig:
     num_classes: int
     norm: str = "gn_ws"
     groups: int = 32
+    ws_eps: float = WS_EPS  # the weight-standardization epsilon (see WS_EPS)
 
 
 class ResNetV2(nn.Module):
@@ -195,7 +206,7 @@ class ResNetV2(nn.Module):
         if config.num_classes < 1:
             raise BigTransferError(f"num_classes must be at least 1, got {config.num_classes}")
         self.config = config
-        layers = _Layers(config.norm, config.groups)
+        layers = _Layers(config.norm, config.groups, config.ws_eps)
         arch = config.arch
         width = arch.root_channels
         self.root = Root(layers, width)
@@ -246,7 +257,7 @@ class ResNetV2(nn.Module):
             nn.init.normal_(head.weight, std=0.01)
         nn.init.zeros_(head.bias)
         self.head = head
-        self.config = ModelConfig(self.config.arch, num_classes, self.config.norm, self.config.groups)
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-logits [N, 2048*width]: body -> norm -> ReLU -> global average pool."""

@@ -2,7 +2,8 @@
 
 Files come from the authors' public bucket (`https://storage.googleapis.com/bit_models/`,
 override with BIGTRANSFER_BASE_URL for a mirror) into BIGTRANSFER_HOME
-(default `~/.cache/bigtransfer`), keeping the bucket's relative paths.
+(default `~/.cache/bigtransfer`), keeping the bucket's relative paths. Many of them are on the
+Hugging Face hub too (`hub.py`); a released name uses whichever copy has been downloaded.
 """
 
 from __future__ import annotations
@@ -104,14 +105,30 @@ def base_url() -> str:
     return (os.environ.get("BIGTRANSFER_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
 
 
-def require_cached(entry: ZooEntry) -> Path:
-    """The cached file for `entry`, or an error that names the command that fetches it."""
+def cached_file(entry: ZooEntry) -> tuple[Path, str] | None:
+    """The downloaded file for `entry` and where it came from ('bucket' or 'hub'), if there is one."""
+    from . import hub  # hub.py builds on this module
+
     path = cached_path(entry)
-    if not path.is_file():
+    if path.is_file():
+        return path, "bucket"
+    hub_file = hub.cached_file(entry.name)
+    return (hub_file, "hub") if hub_file is not None else None
+
+
+def require_cached(entry: ZooEntry) -> Path:
+    """The cached file for `entry` (the bucket's or the hub's), or an error naming the command that fetches it."""
+    from . import hub
+
+    found = cached_file(entry)
+    if found is None:
+        copy = hub.hub_copy(entry.name)
+        also = f"; the Hugging Face hub has it too ({copy.repo_id}: add --source hub)" if copy else ""
         raise BigTransferError(
-            f"{entry.name} is not in the cache ({path}); fetch it with: bigtransfer download {entry.name}"
+            f"{entry.name} is not in the cache ({cached_path(entry)}){also}; fetch it with: "
+            f"bigtransfer download {entry.name}"
         )
-    return path
+    return found[0]
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:

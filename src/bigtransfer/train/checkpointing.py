@@ -8,6 +8,8 @@ differs, so a changed command cannot silently continue someone else's run.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -98,9 +100,12 @@ DIFFERENT_SETTINGS = ("this run directory holds a run with different settings; r
                       "resume, or choose a new --out (or pass --restart)")
 
 
-def check_resumable(path: Path, fingerprint: str) -> None:
-    """A training checkpoint, if there is one, belongs to this run (read from its header alone)."""
+def check_resumable(path: Path, fingerprint: str, final: Path | None = None) -> None:
+    """A training checkpoint, if there is one, belongs to this run (read from its header alone);
+    so does a finished model `final` that stands in for it (a finished run keeps no checkpoint)."""
     if not path.is_file():
+        if final is not None and final.is_file() and _provenance_fingerprint(final) != fingerprint:
+            raise BigTransferError(f"{final}: {DIFFERENT_SETTINGS}")
         return
     try:
         with safe_open(str(path), framework="pt") as fh:
@@ -123,6 +128,39 @@ def finished_summary(run_dir: Path, fingerprint: str) -> dict | None:
         return None
     done = isinstance(config, dict) and config.get("fingerprint") == fingerprint and isinstance(summary, dict)
     return summary if done and (run_dir / "final.safetensors").is_file() else None
+
+
+@dataclass(frozen=True)
+class FinalWeights:
+    """Where a run's finished model goes: `write(state)` makes `path` from whole tensors (called on
+    the main process), with the run's fingerprint in its provenance metadata. `resume`: a run
+    killed after writing it (before its last evaluation) continues from it (not under --restart)."""
+
+    path: Path
+    write: Callable[[dict[str, torch.Tensor]], object]
+    resume: bool = True
+
+
+def _provenance_fingerprint(path: Path) -> str | None:
+    """The fingerprint of the run that wrote a weights file (None if it names none or is unreadable)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            provenance = json.loads((fh.metadata() or {}).get("provenance") or "{}")
+    except (SafetensorError, OSError, ValueError):
+        return None
+    return provenance.get("fingerprint") if isinstance(provenance, dict) else None
+
+
+def finished_weights(path: Path, fingerprint: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of `path` if it is this run's finished model (its provenance names the
+    fingerprint), else None: a run killed between saving its model and evaluating it resumes here."""
+    if not Path(path).is_file() or _provenance_fingerprint(path) != fingerprint:
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError):
+        return None  # damaged: train again rather than trust it
 
 
 def restore_train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,

@@ -27,6 +27,8 @@ from ..data.sampler import ChunkSampler, StepBatches
 from ..errors import BigTransferError
 from ..evaluate.metrics import ClassificationMeter, MultiLabelMeter
 from .checkpointing import (
+    FinalWeights,
+    finished_weights,
     gather_train_state,
     read_train_state,
     restore_train_state,
@@ -190,12 +192,16 @@ def train(
     frozen_modules: list[torch.nn.Module] | None = None,
     on_eval: Callable[[int, dict, Logbook], None] | None = None,
     targets: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    final: FinalWeights | None = None,
 ) -> dict:
     """Train `model` in place for `cfg.steps` steps, resuming from `run_dir/checkpoints/latest.safetensors`.
 
     `targets(images)` replaces the data's labels with a function of the very (augmented, mixed)
-    batch the model sees: a teacher's logits, for distillation. Returns the final evaluation
-    metrics (empty if there is no eval data).
+    batch the model sees: a teacher's logits, for distillation. `final`: where the finished model
+    goes; it is written once, right after the last step and before the last evaluation, and
+    replaces the training checkpoint (a run killed after that resumes from it). Without it the
+    last step is saved as a training checkpoint. Returns the final evaluation metrics (empty if
+    there is no eval data).
     """
     from tqdm.auto import tqdm
 
@@ -221,6 +227,10 @@ def train(
         state, opt_state, start, saved = read_train_state(checkpoint, fingerprint)
         restore_train_state(model, optimizer, state, opt_state, cfg.fsdp)
         del state, opt_state
+    elif final is not None and final.resume and (state := finished_weights(final.path, fingerprint)) is not None:
+        restore_train_state(model, optimizer, state, {}, cfg.fsdp)  # trained; killed before it was evaluated
+        start = cfg.steps
+        del state
     layout = {"world_size": ctx.world_size, "workers": cfg.workers, "batch_split": cfg.batch_split}
     logbook = Logbook(run_dir, enabled=ctx.is_main, resume_step=start)
 
@@ -244,8 +254,19 @@ def train(
     bar = tqdm(total=cfg.steps, initial=start, desc="training", unit="step",
                disable=not (cfg.progress and ctx.is_main), dynamic_ncols=True)
     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+
+    def evaluate(step: int, logged: bool = True) -> dict:
+        metrics = evaluate_model(model, eval_data, ctx, batch=cfg.eval_batch, workers=cfg.workers, bf16=bf16,
+                                 multilabel=cfg.multilabel).result()
+        if logged:
+            logbook.log(step, "eval", **metrics)
+            if on_eval is not None:
+                on_eval(step, metrics, logbook)
+        return metrics
+
     final_metrics: dict = {}
     completed = start  # steps whose update is in the model (what a checkpoint must say)
+    final_written = start == cfg.steps and final is not None and not checkpoint.is_file()  # resumed from it
     with _sigterm_as_interrupt():
         try:
             model.train()
@@ -290,36 +311,42 @@ def train(
                     logbook.log(done, "train", loss=mean_loss, lr=lr, images_per_s=rate)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
                     window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                if done == cfg.steps:
+                    break  # the finished model is saved below, once, before its last evaluation
                 due = (done % cfg.checkpoint_every == 0) if cfg.checkpoint_every else (
                     time.monotonic() - last_save >= 60 * cfg.checkpoint_minutes)
                 if cfg.fsdp:  # saving gathers shards: every process must decide the same
                     due = ctx.agree(due)
-                if due or done == cfg.steps:
+                if due:
                     save(done)
                     last_save = time.monotonic()
-                is_last = done == cfg.steps
-                if eval_data is not None and (is_last or (cfg.eval_every and done % cfg.eval_every == 0)):
-                    metrics = evaluate_model(model, eval_data, ctx, batch=cfg.eval_batch, workers=cfg.workers,
-                                             bf16=bf16, multilabel=cfg.multilabel).result()
-                    logbook.log(done, "eval", **metrics)
-                    if on_eval is not None:
-                        on_eval(done, metrics, logbook)
-                    if is_last:
-                        final_metrics = metrics
+                if eval_data is not None and cfg.eval_every and done % cfg.eval_every == 0:
+                    evaluate(done)
                     model.train()
                     for module in frozen_modules or []:
                         module.eval()
+            bar.close()
+            if final is None:
+                if completed > start:
+                    save(completed)
+            elif not final_written:
+                # Only the weights (no optimizer state: nothing is left to train), in the file the
+                # run delivers, which then stands in for the training checkpoint it replaces.
+                state, _ = gather_train_state(model, None, cfg.fsdp)
+                if ctx.is_main:
+                    final.write(state)
+                    checkpoint.unlink(missing_ok=True)
+                final_written = True
+            if eval_data is not None:
+                final_metrics = evaluate(cfg.steps, logged=completed > start or final_written)
         except KeyboardInterrupt:
             # Keep completed steps: one process can save safely (several might be mid-collective).
-            if not ctx.distributed and completed > start:
+            if not ctx.distributed and completed > start and not final_written:
                 save(completed)
             raise
         finally:
             bar.close()
             logbook.close()
-    if cfg.steps == start and eval_data is not None:  # already finished: just report
-        final_metrics = evaluate_model(model, eval_data, ctx, batch=cfg.eval_batch, workers=cfg.workers,
-                                       bf16=bf16, multilabel=cfg.multilabel).result()
     return final_metrics
 
 
