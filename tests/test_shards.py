@@ -470,6 +470,21 @@ def test_glyphs_are_a_function_of_the_seed():
     assert np.array_equal(one, render(template, np.random.default_rng(11), 24))
 
 
+def test_glyph_deformation_moves_each_examples_shape_and_zero_changes_nothing():
+    strokes, shape = class_templates(10, 0)[0], class_templates(10, 0)[5]
+    for template in (strokes, shape):
+        plain = render(template, np.random.default_rng(7), 32)
+        assert np.array_equal(plain, render(template, np.random.default_rng(7), 32, deform=0.0))
+        moved = render(template, np.random.default_rng(7), 32, deform=0.05)
+        assert not np.array_equal(plain, moved)
+    a = load_source("glyphs:classes=3,per_class=2,test_per_class=0,deform=3")
+    b = load_source("glyphs:classes=3,per_class=2,test_per_class=0,deform=3")
+    assert np.array_equal(a.train.pixels, b.train.pixels)  # still a function of the seed
+    assert not np.array_equal(a.train.pixels, load_source("glyphs:classes=3,per_class=2,test_per_class=0").train.pixels)
+    with pytest.raises(BigTransferError, match="deform"):
+        glyphs(classes=3, per_class=2, test_per_class=0, deform=40)
+
+
 @pytest.mark.parametrize("kwargs", [{"classes": 1}, {"size": 4}, {"per_class": 0}, {"test_per_class": -1}])
 def test_glyphs_bad_parameters(kwargs):
     params = {"classes": 3, "per_class": 2, "test_per_class": 1, "size": 16, **kwargs}

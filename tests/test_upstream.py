@@ -145,3 +145,20 @@ def test_weight_decay_applies_to_kernels_only():
     assert decayed_names | kept_names == set(names.values()) and not decayed_names & kept_names
     (everything,) = decay_groups(model, 1e-4, upstream.upstream_plan(1000, 7, decayed="all").decayed)
     assert len(everything["params"]) == len(names)
+
+
+def test_flips_can_be_switched_off_for_classes_a_mirror_changes():
+    from bigtransfer.data.transforms import upstream_transform
+
+    plan = upstream.upstream_plan(20_000, 100, batch=128, epochs=3)
+    assert plan.flip and "flip" not in plan.to_dict()  # the recipe's: earlier runs keep their fingerprints
+    off = upstream.upstream_plan(20_000, 100, batch=128, epochs=3, flip=False)
+    assert not off.flip and off.to_dict()["flip"] is False and off.overrides["flip"] is False
+    assert "no flip" in upstream.describe(off) and "horizontal flip" in upstream.describe(plan)
+    chiral = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    chiral[:, :, :4] = 255  # ink on the left only: a flip would move it right
+    for transform, flips in ((upstream_transform(16, 1.0, flip=False), False), (upstream_transform(16, 1.0), True)):
+        torch.manual_seed(0)
+        views = [transform(chiral) for _ in range(40)]
+        ink_left = [bool(v[:, :, :8].mean() > v[:, :, 8:].mean()) for v in views]
+        assert all(ink_left) != flips

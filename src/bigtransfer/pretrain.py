@@ -59,6 +59,7 @@ class PretrainOptions(ExecutionOptions):
     weight_decay: float | None = None
     resolution: int | None = None
     min_crop_area: float = 0.08
+    flip: bool = True  # random horizontal flips (the recipe's); off where a mirror changes the class
     # monitoring
     probe_data: str | None = None
     probe_shots: tuple[int, ...] = DEFAULT_SHOTS
@@ -76,7 +77,7 @@ class UpstreamData:
 
 
 def open_upstream_data(opts: PretrainOptions, resolution: int) -> UpstreamData:
-    train_tf, test_tf = upstream_transform(resolution, opts.min_crop_area), eval_transform(resolution)
+    train_tf, test_tf = upstream_transform(resolution, opts.min_crop_area, opts.flip), eval_transform(resolution)
     if is_shard_dir(Path(opts.data)):
         shards = ShardSet(opts.data)
         test = ShardStream(shards, "test", test_tf, train=False, strict=opts.strict) if shards.urls("test") else None
@@ -112,7 +113,7 @@ def make_plan(opts: PretrainOptions, data: UpstreamData) -> upstream.UpstreamPla
     return upstream.upstream_plan(
         data.size, len(data.classes), multilabel=data.multilabel, recipe=opts.recipe, batch=opts.batch,
         base_lr=opts.base_lr, epochs=opts.epochs, warmup_steps=opts.warmup_steps, weight_decay=opts.weight_decay,
-        resolution=opts.resolution, loss=opts.loss, decayed=opts.decayed)
+        resolution=opts.resolution, loss=opts.loss, decayed=opts.decayed, flip=opts.flip)
 
 
 def plan_only(opts: PretrainOptions) -> upstream.UpstreamPlan:

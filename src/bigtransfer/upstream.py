@@ -4,7 +4,8 @@ Paper section 3.3 and the lecture summary:
   * SGD, momentum 0.9, weight decay 1e-4, lr 0.03 x global_batch / 256 (0.48 at batch 4096);
   * linear warm-up over 5000 steps; /10 decays at epochs 30, 60, 80 of 90 (BiT-S, BiT-M) or
     10, 23, 30, 37 of 40 (BiT-L);
-  * Inception-style random-resized crop and horizontal flip at 224 px; no MixUp;
+  * Inception-style random-resized crop and horizontal flip at 224 px; no MixUp (flips can be
+    switched off for data whose classes are not mirror-symmetric, as downstream in Supp. F);
   * the loss is part of the recipe, whatever the data's layout: BiT-S (ILSVRC-2012) uses softmax
     cross-entropy; BiT-M and BiT-L (ImageNet-21k, JFT: multi-label) a sigmoid cross-entropy, with
     the head's bias initialised to -10 as in the authors' later public BiT-on-ImageNet-21k config
@@ -62,6 +63,7 @@ class UpstreamPlan:
     overrides: dict = field(default_factory=dict)
     loss: str = "softmax"
     decayed: str = "kernels"
+    flip: bool = True  # random horizontal flips; off for data whose classes change under a mirror
 
     @property
     def steps(self) -> int:
@@ -72,6 +74,8 @@ class UpstreamPlan:
         d["schedule"] = self.schedule.to_dict()
         d["steps"] = self.steps
         d["decay_epochs"] = list(self.decay_epochs)
+        if self.flip:  # the recipe's: left out, so runs from before the option keep their fingerprints
+            del d["flip"]
         return d
 
 
@@ -89,6 +93,7 @@ def upstream_plan(
     resolution: int | None = None,
     loss: str | None = None,
     decayed: str = "kernels",
+    flip: bool = True,
 ) -> UpstreamPlan:
     """The upstream plan for a dataset; keywords left at None take the recipe's value."""
     if recipe not in RECIPES:
@@ -111,6 +116,8 @@ def upstream_plan(
                                    ("resolution", resolution), ("loss", loss)) if v is not None}
     if decayed != "kernels":
         overrides["decayed"] = decayed
+    if not flip:
+        overrides["flip"] = False
     loss = loss or RECIPE_LOSS[recipe]
     batch = GLOBAL_BATCH if batch is None else batch
     if batch < 1:
@@ -134,7 +141,7 @@ def upstream_plan(
         momentum=MOMENTUM, weight_decay=WEIGHT_DECAY if weight_decay is None else weight_decay,
         resolution=RESOLUTION if resolution is None else resolution,
         head_bias_init=SIGMOID_HEAD_BIAS if loss == "sigmoid" else 0.0, overrides=overrides, loss=loss,
-        decayed=decayed,
+        decayed=decayed, flip=flip,
     )
 
 
@@ -153,7 +160,8 @@ def describe(p: UpstreamPlan) -> str:
          f"weight decay {p.weight_decay:g} on {decayed}"),
         (f"schedule       linear warm-up {s.warmup_steps} steps; lr /10 at epochs "
          f"{', '.join(f'{e:g}' for e in p.decay_epochs)} (steps {', '.join(map(str, s.decay_steps))})"),
-        f"augmentation   random-resized crop + horizontal flip at {p.resolution} px; no MixUp",
+        (f"augmentation   random-resized crop{' + horizontal flip' if p.flip else ', no flip'} at {p.resolution} px;"
+         " no MixUp"),
     ]
     if p.overrides:
         lines.append("overrides      " + ", ".join(f"{k}={v}" for k, v in sorted(p.overrides.items())))

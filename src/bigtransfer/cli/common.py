@@ -145,14 +145,12 @@ def add_execution_args(p, *, out_help: str, auto_split: bool = False, protocol: 
                        help="checkpoint every N steps (default: every 10 minutes, and at the end)")
         g.add_argument("--log-every", type=int, default=10, help="log training loss/lr/speed every N steps")
     g.add_argument("--workers", type=int, default=None, help="data-loading processes (default: cores - 1, at most 8)")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 autocast where the device does bf16 natively (GPUs, AMX/AVX512-BF16 CPUs), else fp32")
+    add_device_args(g)
     if not protocol:
         g.add_argument("--compile", action="store_true", help="torch.compile the model")
         g.add_argument("--fsdp", action="store_true",
                        help="with torchrun: shard weights, gradients and momentum over processes (FSDP), "
                             "for models whose replicated optimizer state does not fit (R152x4)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     if protocol:
         g.add_argument("--no-cache", action="store_true",
                        help="decode images in every run instead of once per resolution (slower; for comparison)")
@@ -163,6 +161,14 @@ def add_execution_args(p, *, out_help: str, auto_split: bool = False, protocol: 
         g.add_argument("--restart", action="store_true", help="discard the run's checkpoint and start over")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     return g
+
+
+def add_device_args(g) -> None:
+    """--precision and --device, the same for every verb that trains (ExecutionOptions)."""
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast where the device does bf16 natively (GPUs, AMX/AVX512-BF16 CPUs) "
+                        "and the model is large enough to gain from it, else fp32")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 
 
 def execution_options(args, *, auto_split: bool = False) -> dict:

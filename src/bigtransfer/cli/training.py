@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import BigTransferError
 from .common import (
     add_data_args,
+    add_device_args,
     add_execution_args,
     add_hyperrule_args,
     execution_options,
@@ -127,6 +129,8 @@ def _add_pretrain(sub) -> None:
     g.add_argument("--weight-decay", type=float, default=None, help="recipe: 1e-4")
     g.add_argument("--resolution", type=int, default=None, help="recipe: 224")
     g.add_argument("--min-crop-area", type=float, default=0.08, help="random-resized crop's smallest area fraction")
+    g.add_argument("--no-flip", action="store_true",
+                   help="no random horizontal flips, for classes that a mirror changes (glyphs, text, digits)")
     g.add_argument("--plan", action="store_true", help="print the plan (schedule, loss, decayed parameters) and stop")
     g = p.add_argument_group("transfer probe")
     g.add_argument("--probe-data", default=None, help="downstream data for few-shot ridge probes at each evaluation")
@@ -152,7 +156,7 @@ def _run_pretrain(args) -> int:
         val_fraction=args.val_fraction, strict=args.strict, seed=args.seed, recipe=args.recipe, loss=args.loss,
         decayed=args.decay, batch=args.batch, base_lr=args.base_lr, epochs=args.epochs,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, resolution=args.resolution,
-        min_crop_area=args.min_crop_area, probe_data=args.probe_data, probe_shots=shots,
+        min_crop_area=args.min_crop_area, flip=not args.no_flip, probe_data=args.probe_data, probe_shots=shots,
         probe_resolution=args.probe_resolution, **execution_options(args))
     if args.plan:
         print(describe(plan_only(opts)))
@@ -171,22 +175,29 @@ def _add_demo(sub) -> None:
     p = verb(sub, "demo", "The BiT story offline: pre-train on procedural glyphs, transfer to real digits, "
                            "compare with training from scratch.",
               "  bigtransfer demo                 # writes runs/demo/summary.json and accuracy_vs_examples.png\n"
-              "  bigtransfer demo --out /tmp/demo --seeds 5\n"
+              "  bigtransfer demo --out /tmp/demo --seeds 3\n"
+              "  bigtransfer demo --precision bf16 --out runs/demo-bf16\n"
               "Re-running continues where an interrupted demo stopped; --restart starts over.\n")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per shot count (default 3)")
-    p.add_argument("--restart", action="store_true",
+    g = p.add_argument_group("run")
+    g.add_argument("--out", type=Path, default=Path("runs/demo"))
+    g.add_argument("--seeds", type=int, default=None,
+                   help="fine-tuning draws per shot count (default 5, as in the paper's few-shot runs)")
+    add_device_args(g)
+    g.add_argument("--restart", action="store_true",
                    help="start over: delete what an earlier demo wrote in OUT (only that)")
-    p.add_argument("--quiet", action="store_true")
+    g.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args) -> int:
     from ..demo import DemoConfig, run_demo
 
-    if args.seeds < 1:
+    if args.seeds is not None and args.seeds < 1:
         raise BigTransferError(f"--seeds must be at least 1, got {args.seeds}")
-    run_demo(args.out, DemoConfig(seeds=tuple(range(args.seeds))), progress=not args.quiet, restart=args.restart)
+    config = DemoConfig(precision=args.precision, device=args.device)
+    if args.seeds is not None:
+        config = replace(config, seeds=tuple(range(args.seeds)))
+    run_demo(args.out, config, progress=not args.quiet, restart=args.restart)
     print(f"wrote {args.out / 'summary.json'} and {args.out / 'accuracy_vs_examples.png'}")
     return 0
 

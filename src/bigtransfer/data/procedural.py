@@ -10,7 +10,9 @@ Each class is a template drawn once from the seed, from one of three families:
 Each example renders its class's template with its own random affine jitter (rotation, scale,
 shift), stroke width, contrast, polarity and pixel noise, supersampled 4x for anti-aliasing, at
 a random native resolution between 8 px and the output size, then scaled up: real collections
-mix sharp and low-resolution images, and a representation should cope with both.
+mix sharp and low-resolution images, and a representation should cope with both. With `deform`
+each example also moves its template's control points a little on its own, so a class varies
+in shape and not only in pose, as handwritten characters (and real objects) do.
 """
 
 from __future__ import annotations
@@ -70,8 +72,12 @@ def _bezier(p0, p1, p2, n: int = 24) -> np.ndarray:
 NATIVE_SIZES = (8, 12, 16, 24, 32)
 
 
-def render(template: Template, rng: np.random.Generator, size: int) -> np.ndarray:
-    """One example of `template` as a uint8 [size, size] grey image (ink bright on dark)."""
+def render(template: Template, rng: np.random.Generator, size: int, deform: float = 0.0) -> np.ndarray:
+    """One example of `template` as a uint8 [size, size] grey image (ink bright on dark).
+
+    `deform` (a fraction of the side) moves every stroke control point and polygon corner of this
+    example on its own: the class keeps its shape only up to a non-rigid change, as handwritten
+    characters do, not just up to an affine one. 0 draws nothing extra: the same images as before."""
     native = int(rng.choice([s for s in NATIVE_SIZES if s < size] + [size]))
     big = native * SUPERSAMPLE
     canvas = Image.new("L", (big, big), 0)
@@ -79,10 +85,14 @@ def render(template: Template, rng: np.random.Generator, size: int) -> np.ndarra
     if template.family == "strokes":
         width = int(rng.uniform(0.06, 0.12) * big)
         for stroke in template.params:
+            if deform:
+                stroke = np.asarray(stroke) + rng.normal(0, deform, size=(3, 2))
             curve = _affine(_bezier(*stroke), rng) * big
             draw.line([tuple(p) for p in curve], fill=255, width=width, joint="curve")
     elif template.family == "shapes":
         radii, filled, hole = template.params
+        if deform:
+            radii = tuple(np.clip(np.asarray(radii) + rng.normal(0, 2 * deform, size=len(radii)), 0.2, 1.2))
         angles = np.linspace(0, 2 * math.pi, len(radii), endpoint=False) + rng.uniform(0, 0.3)
         outline = np.stack([0.5 + 0.38 * np.array(radii) * np.cos(angles),
                             0.5 + 0.38 * np.array(radii) * np.sin(angles)], axis=1)
@@ -114,8 +124,9 @@ def render(template: Template, rng: np.random.Generator, size: int) -> np.ndarra
 
 
 def glyphs(classes: int = 100, per_class: int = 200, test_per_class: int = 20, size: int = 32,
-           seed: int = 0, progress: bool = True) -> Splits:
-    """Render the whole dataset into memory (RGB uint8), train and test splits."""
+           seed: int = 0, deform: int = 0, progress: bool = True) -> Splits:
+    """Render the whole dataset into memory (RGB uint8), train and test splits; `deform` is the
+    per-example shape jitter in percent of the side (see `render`)."""
     from tqdm.auto import tqdm
 
     num_classes = classes
@@ -123,6 +134,8 @@ def glyphs(classes: int = 100, per_class: int = 200, test_per_class: int = 20, s
         raise BigTransferError(
             f"glyphs: need classes >= 2, per_class >= 1, test_per_class >= 0, size >= 8 "
             f"(got {classes}, {per_class}, {test_per_class}, {size})")
+    if not 0 <= deform <= 25:
+        raise BigTransferError(f"glyphs: deform is a percentage of the side from 0 to 25, got {deform}")
     templates = class_templates(num_classes, seed)
     names = [f"{t.family}{c:03d}" for c, t in enumerate(templates)]
 
@@ -131,7 +144,7 @@ def glyphs(classes: int = 100, per_class: int = 200, test_per_class: int = 20, s
         pixels = np.empty((n, size, size), dtype=np.uint8)
         labels = np.arange(n) % num_classes
         for i in tqdm(range(n), desc="rendering glyphs", unit="img", disable=not progress or n < 5000, leave=False):
-            pixels[i] = render(templates[labels[i]], np.random.default_rng([seed, offset + i]), size)
-        return ImageSet(names, labels, pixels=np.repeat(pixels[..., None], 3, axis=-1), origin=f"glyphs(seed={seed})")
+            pixels[i] = render(templates[labels[i]], np.random.default_rng([seed, offset + i]), size, deform / 100)
+        return ImageSet(names, labels, pixels=np.repeat(pixels[..., None], 3, axis=-1), origin=f"glyphs(seed={seed}{f', deform={deform}' if deform else ''})")
 
     return Splits(split(per_class, 0), split(test_per_class, 10**9) if test_per_class else None)

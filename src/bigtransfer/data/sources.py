@@ -38,7 +38,7 @@ def load_source(spec: str, *, val_fraction: float | None = None, seed: int = 0, 
                 warn: bool = True) -> Splits:
     """Open a data source named by `spec`: a folder, a .csv manifest, a CIFAR archive, or a
     built-in (`digits`: scikit-learn's handwritten digits; `glyphs[:classes=N,per_class=N,
-    test_per_class=N,size=N,seed=N]`: the procedural upstream set).
+    test_per_class=N,size=N,seed=N,deform=N]`: the procedural upstream set).
 
     A validation split (val/, validation/, val200/ folders or manifest rows) is the test split
     unless `separate_val`, which keeps it apart as `Splits.val` (VTAB-1k's given 800/200).
@@ -49,7 +49,8 @@ def load_source(spec: str, *, val_fraction: float | None = None, seed: int = 0, 
         if name == "glyphs":
             from .procedural import glyphs
 
-            return glyphs(**_builtin_params(spec, params, ("classes", "per_class", "test_per_class", "size", "seed")),
+            return glyphs(**_builtin_params(spec, params, ("classes", "per_class", "test_per_class", "size", "seed",
+                                                               "deform")),
                           progress=progress)
         if params:
             raise BigTransferError(f"--data {spec}: 'digits' takes no parameters")

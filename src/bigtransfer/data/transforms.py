@@ -29,10 +29,12 @@ def train_transform(resize: int, crop: int, *, random_crop: bool = True, flip: b
     return v2.Compose(steps + _to_model_range())
 
 
-def upstream_transform(resolution: int, min_area: float = 0.08) -> v2.Compose:
-    """Pre-training: Inception-style random-resized crop (8-100% of the area) and a flip."""
-    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(resolution, scale=(min_area, 1.0), antialias=True),
-                       v2.RandomHorizontalFlip(), *_to_model_range()])
+def upstream_transform(resolution: int, min_area: float = 0.08, flip: bool = True) -> v2.Compose:
+    """Pre-training: Inception-style random-resized crop (8-100% of the area) and (unless off) a flip."""
+    steps = [v2.ToImage(), v2.RandomResizedCrop(resolution, scale=(min_area, 1.0), antialias=True)]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps + _to_model_range())
 
 
 def eval_transform(crop: int) -> v2.Compose:

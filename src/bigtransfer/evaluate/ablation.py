@@ -41,7 +41,7 @@ class AblationOptions:
     min_crop_area: float = _DEMO.min_crop_area
     # transfer: the few-shot protocol with the demo's time-budgeted HyperRule
     shots: tuple = _DEMO.shots
-    repeats: int = len(_DEMO.seeds)
+    repeats: int = 3  # draws per shot count (the CLI's --repeats default; the demo itself draws more)
     finetune_batch: int = _DEMO.finetune_batch
     finetune_steps: int = _DEMO.finetune_steps
     finetune_lr: float = _DEMO.finetune_lr

@@ -43,6 +43,8 @@ class ExecutionOptions:
             import torch
 
             try:
-                torch.device(self.device)
+                device = torch.device(self.device)
             except RuntimeError:
                 raise BigTransferError(f"--device: not a device name: {self.device!r}") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise BigTransferError(f"--device {self.device}: no CUDA device is available on this machine")

@@ -1,0 +1,76 @@
+"""The offline demo (issue 18): its execution options, what its summary records, and its headline."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from bigtransfer import machine
+from bigtransfer.cli import main
+from bigtransfer.demo import FULL, DemoConfig, run_demo
+
+# Small enough to run in seconds: it tests the machinery, not the headline.
+TINY = DemoConfig(upstream_data="glyphs:classes=6,per_class=8,test_per_class=2,size=24", upstream_resolution=24,
+                  pretrain_epochs=1, pretrain_batch=16, shots=(1, FULL), seeds=(0, 1), finetune_batch=16,
+                  finetune_steps=2, finetune_resolution=(28, 24), workers=0)
+
+
+def one_line_error(err: str) -> bool:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    return len(lines) == 1 and lines[0].startswith("bigtransfer: error:") and "Traceback" not in err
+
+
+def test_demo_takes_precision_and_device_like_the_training_verbs(tmp_path, monkeypatch):
+    import bigtransfer.demo
+
+    seen = []
+    monkeypatch.setattr(bigtransfer.demo, "run_demo", lambda out, config, **kwargs: seen.append(config))
+    out = str(tmp_path / "demo")
+    assert main(["demo", "--precision", "bf16", "--device", "cpu", "--seeds", "2", "--out", out, "--quiet"]) == 0
+    assert main(["demo", "--out", out, "--quiet"]) == 0
+    assert (seen[0].precision, seen[0].device, seen[0].seeds) == ("bf16", "cpu", (0, 1))
+    assert (seen[1].precision, seen[1].device, seen[1].seeds) == ("auto", "auto", DemoConfig().seeds)
+    assert len(DemoConfig().seeds) >= 5  # the paper's few-shot protocol: several draws per shot count
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--device", "tpu:nine"], "--device"),
+    (["--seeds", "0"], "--seeds"),
+    *([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda")]),
+])
+def test_demo_option_mistakes_are_one_line_errors_before_anything_is_written(argv, named, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", *argv, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert one_line_error(err) and named in err
+    assert not out.exists()
+
+
+def test_summary_records_the_precision_and_the_machine(tmp_path):
+    out = tmp_path / "demo"
+    result = run_demo(out, replace(TINY, precision="fp32"), progress=False)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["precision"] == result.precision == "fp32"
+    assert {r["precision"] for r in summary["runs"]} == {"fp32"}
+    assert summary["machine"]["cpu"]["model"] == machine.cpu()["model"] and summary["machine"]["device"] == "cpu"
+    assert summary["machine"]["threads"] == torch.get_num_threads()
+    # the keys other code and the README read are still there
+    assert {"transfer_accuracy", "scratch_accuracy", "runs", "pretrain", "seconds", "config"} <= set(summary)
+    # Continuing in another precision keeps the finished runs, and the summary says what they used.
+    again = run_demo(out, replace(TINY, precision="bf16"), progress=False)
+    assert again.precision == "fp32" and again.runs == result.runs
+
+
+def test_cpu_description_reads_the_model_name_and_kernel_flags(tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n\n"
+                       "processor\t: 1\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    monkeypatch.setattr(machine, "CPUINFO", cpuinfo)
+    assert machine.cpu()["model"] == "AMD EPYC 7B13" and machine.cpu()["flags"] == ["avx2"]
+    monkeypatch.setattr(machine, "CPUINFO", tmp_path / "absent")
+    assert machine.cpu()["flags"] is None and machine.cpu()["model"]  # unknown flags; the platform's name
+    line = machine.one_line({"cpu": machine.cpu(), "threads": 2, "torch": "2.x"})
+    assert "instruction sets unknown" in line and "2 torch threads" in line
