@@ -2,7 +2,8 @@
 fine-tuned directly with the HyperRule, on the same compute budget?
 
 1. Upstream: the demo's recipe (glyphs, 3 epochs) pre-trains the student architecture R14x0.5 and a
-   larger teacher architecture (R26x1 by default), each once (kept under --work).
+   larger teacher architecture (R14x1 by default: 4x the width squared, 8.0M parameters against
+   2.0M), each once (kept under --work).
 2. Teacher: the larger model fine-tuned on the digits' training split (the demo's scaled rule, more
    steps: it may take its time, it is trained once).
 3. For each seed: the student (from its pre-trained weights, a new head) distilled from the teacher
@@ -35,6 +36,7 @@ def pretrain(work: Path, arch: str) -> Path:
     out = work / f"pretrain-{arch}"
     run_pretrain(PretrainOptions(
         data=DEMO.upstream_data, model=arch, out=out, recipe=DEMO.recipe, resolution=DEMO.upstream_resolution,
+        seed=DEMO.pretrain_seed, flip=DEMO.pretrain_flip,
         batch=DEMO.pretrain_batch, epochs=DEMO.pretrain_epochs, base_lr=DEMO.pretrain_base_lr,
         min_crop_area=DEMO.min_crop_area, workers=1, progress=False, log_every=50))
     return out
@@ -52,7 +54,7 @@ def finetune(model: Path, out: Path, steps: int, seed: int) -> tuple[dict, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("runs/distill-digits"))
-    parser.add_argument("--teacher-arch", default="R26x1")
+    parser.add_argument("--teacher-arch", default="R14x1")
     parser.add_argument("--teacher-steps", type=int, default=400)
     parser.add_argument("--distill-steps", type=int, default=400)
     parser.add_argument("--seeds", default="0,1,2")
