@@ -2,7 +2,7 @@
 fine-tuned directly with the HyperRule, on the same compute budget?
 
 1. Upstream: the demo's recipe (glyphs, 3 epochs) pre-trains the student architecture R14x0.5 and a
-   larger teacher architecture (R14x1 by default: 4x the width squared, 8.0M parameters against
+   larger teacher architecture (R14x1 by default: twice the width, 8.0M parameters against
    2.0M), each once (kept under --work).
 2. Teacher: the larger model fine-tuned on the digits' training split (the demo's scaled rule, more
    steps: it may take its time, it is trained once).
