@@ -90,9 +90,11 @@ def _add_dedup(sub) -> None:
     tol.add_argument("--relative-residual", type=float, default=None, metavar="R",
                      help="residual allowed per grey level of contrast (default 0.10)")
     tol.add_argument("--absolute-residual", type=float, default=None, metavar="A",
-                     help="plus this many grey levels (default 1.0)")
+                     help="plus this many grey levels (default 0.5)")
     tol.add_argument("--min-contrast", type=float, default=None, metavar="S",
                      help="images flatter than this standard deviation are never verified (default 4)")
+    tol.add_argument("--min-detail", type=float, default=None, metavar="D",
+                     help="... nor images with less detail than this, e.g. smooth ramps (default 1)")
     tol.add_argument("--max-shift", type=int, default=None, metavar="PX", help="shift search, each way (default 2)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
@@ -109,7 +111,8 @@ def _run_dedup(args) -> int:
 
     overrides = {name: value for name, value in (
         ("relative", args.relative_residual), ("absolute", args.absolute_residual),
-        ("min_contrast", args.min_contrast), ("shift", args.max_shift)) if value is not None}
+        ("min_contrast", args.min_contrast), ("min_detail", args.min_detail), ("shift", args.max_shift))
+        if value is not None}
     summary = run_dedup(DedupOptions(
         upstream=args.upstream, downstream=tuple(d for d in args.downstream.split(",") if d), out=args.out,
         model=args.model, embedding_layer=args.embedding_layer, resolution=args.resolution,

@@ -22,7 +22,7 @@ from .features import Embedder, Features, batches, extract
 from .pixels import CANONICAL, DESCRIPTOR, descriptors
 from .report import write_outputs
 from .selftest import plant, score
-from .verify import Tolerance, Verdicts, verify
+from .verify import Tolerance, Verdicts, featureless, verify
 
 NO_MODEL = "none"
 INDEX_KINDS = ("auto", "exact", "approximate")
@@ -66,13 +66,23 @@ class DedupOptions:
             raise BigTransferError(f"tolerance flags: {err}") from None
 
 
+def _load(spec: str, flag: str):
+    """load_source, its errors naming dedup's flag rather than --data."""
+    try:
+        return load_source(spec, require_test=False, progress=False)
+    except BigTransferError as err:
+        message = str(err)
+        raise BigTransferError(flag + message[len("--data"):] if message.startswith("--data") else
+                               f"{flag} {message}") from None
+
+
 class TestImages:
     """The test images of every downstream source, numbered one after another."""
 
     def __init__(self, specs: tuple[str, ...]):
         self.specs, self.sets = list(specs), []
         for spec in specs:
-            splits = load_source(spec, require_test=False, progress=False)
+            splits = _load(spec, "--downstream")
             self.sets.append(splits.test if splits.test is not None else splits.train)
         self.offsets = np.cumsum([0] + [len(s) for s in self.sets])
 
@@ -98,7 +108,7 @@ class TestImages:
 def upstream_files(spec: str) -> tuple[ImageSet, list[str]]:
     """All images of the upstream source (every split) and the split each came from; they must
     be files, because upstream_filtered.csv lists them."""
-    splits = load_source(spec, require_test=False, progress=False)
+    splits = _load(spec, "--upstream")
     parts = [(name, images) for name, images in (("train", splits.train), ("test", splits.test)) if images is not None]
     if any(images.paths is None for _, images in parts):
         raise BigTransferError(f"--upstream {spec}: dedup needs image files (an image folder or a CSV manifest)")
@@ -207,7 +217,6 @@ def run_dedup(opts: DedupOptions) -> dict:
     """Find the pairs, write the reports and the filtered upstream manifest; returns the summary."""
     opts.check()
     out = Path(opts.out)
-    rundir.check_claim(out, "dedup")
     with rundir.owned(out, "dedup"):
         return _run(opts, out)
 
@@ -269,12 +278,11 @@ def _run(opts: DedupOptions, out: Path) -> dict:
     if unreadable:
         warnings.warn(f"{opts.upstream}: {unreadable} upstream image(s) could not be decoded; they are kept in "
                       "upstream_filtered.csv, unchecked", BigTransferWarning, stacklevel=2)
-    contrast_floor = opts.tolerance.min_contrast
-    featureless = int((_smoothed_contrast(down.thumbnails, opts.tolerance) < contrast_floor)[down.readable].sum())
+    flat = int(featureless(down.thumbnails, opts.tolerance)[down.readable].sum())
     summary = {
         "upstream_images": count, "test_images": len(tests), "candidate_pairs": len(pairs),
         "index": {"kind": "hnsw" if approximate else "exact", "pixel_recall_vs_exact": recall},
-        "featureless_test_images": featureless, "unreadable_upstream": unreadable,
+        "featureless_test_images": flat, "unreadable_upstream": unreadable,
         "unreadable_test_images": int((~down.readable).sum()),
     }
     summary.update(write_outputs(out, found=found, cosines=cosines, tests=tests, upstream=upstream,
@@ -289,9 +297,3 @@ def _run(opts: DedupOptions, out: Path) -> dict:
 
     write_json_atomic(out / "summary.json", summary)
     return summary
-
-
-def _smoothed_contrast(thumbnails: np.ndarray, tol: Tolerance) -> np.ndarray:
-    from .verify import smoothed
-
-    return smoothed(thumbnails, tol.smooth).flatten(1).std(dim=1, unbiased=False).numpy()

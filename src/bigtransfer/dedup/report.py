@@ -23,6 +23,7 @@ STAGES = {
 PAIR_COLUMNS = ["downstream", "downstream_path", "upstream_path", "stage", "proposed_by", "residual", "used",
                 "correlation", "scale", "cosine"]
 THUMB = 96
+PNG_PER_STAGE = 16  # pairs per stage on the PNG (the HTML page shows up to --sheet-pairs)
 
 
 def pair_rows(found, cosines, tests, upstream) -> list[dict]:
@@ -119,7 +120,8 @@ def contact_sheet(out: Path, rows: list[dict], tests, upstream, self_test, plant
                            _thumbnail(lambda c=m["copy"]: load_rgb(planted.blobs[c])),
                            f"missed: {m['edit']}", Path(tests.describe(m["test"])).name))
     groups.append((f"self-test copies that were not found ({len(self_test['missed']) if self_test else 0})", missed))
-    _sheet_png(out / "contact_sheet.png", groups, self_test_lines(self_test))
+    _sheet_png(out / "contact_sheet.png", [(title, cells[:PNG_PER_STAGE]) for title, cells in groups],
+               self_test_lines(self_test))
     _sheet_html(out / "contact_sheet.html", groups, self_test, len(rows))
 
 
@@ -134,7 +136,7 @@ def _sheet_png(path: Path, groups, header: list[str], columns: int = 4) -> None:
         layout.append(("title", title))
         layout.extend(("pairs", cells[k:k + columns]) for k in range(0, len(cells), columns))
     heights = [0.35 if kind == "title" else 1.5 for kind, _ in layout]
-    top = 0.22 * len(header) + 0.3
+    top = 0.125 * len(header) + 0.25  # inches of header text
     fig = plt.figure(figsize=(2 * columns * 1.3, top + sum(heights)))
     fig.text(0.01, 1 - 0.1 / fig.get_figheight(), "\n".join(header), va="top", family="monospace", fontsize=7)
     grid = fig.add_gridspec(len(layout), 2 * columns, height_ratios=heights, top=1 - top / fig.get_figheight(),

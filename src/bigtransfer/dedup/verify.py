@@ -1,21 +1,23 @@
 """The verification of a candidate pair on aligned pixels: is one image an edited copy of the other?
 
-Both images are canonical grey thumbnails (pixels.py), slightly blurred: resampling and JPEG
-destroy the finest detail of a small image, and what a copy keeps is the rest. One is slid over the other within a small
-window of shifts (a copy moved by a pixel or two, or resampled off-grid), and, for copies cropped
-by a few percent, also shrunk to a few smaller scales and slid over the whole other image. At each
-alignment the window is regressed on the template (a gain and an offset: brightness and contrast
-edits), and what is left is the residual, in grey levels. A copy's residual is small in two ways:
-resampling and misalignment leave a residual in proportion to the image's contrast, and
-re-encoding (JPEG) leaves a roughly constant amount of noise. So a pair is a copy when, at some
-alignment,
+Both images are canonical grey thumbnails (pixels.py), slightly blurred first: resampling and JPEG
+destroy the finest detail of a small image, and a copy keeps the rest. One is slid over the other
+within a small window of shifts (a copy moved by a pixel or two), then placed at the sub-pixel
+peak of the correlation (a pixel of a 64 px image is half a canonical pixel); for copies cropped
+by a few percent, it is also shrunk to a few smaller scales and slid over the whole other image.
+At each alignment the window is regressed on the template (a gain and an offset: brightness and
+contrast edits) and what is left is the residual, in grey levels. Resampling and misalignment
+leave a residual in proportion to the image's contrast, re-encoding (JPEG) a roughly constant
+amount of noise. So a pair is a copy when, at some alignment,
 
     residual <= relative * contrast + absolute            (grey levels, on the canonical thumbnail)
 
-with the gain between them within [1/max_gain, max_gain] and both images above min_contrast
-(a nearly uniform image has no structure to check, and is never called a copy of anything).
-Because every image is first reduced to the canonical size, the rule means the same thing for
-a 28 px digit and a 500 px photo. All pairs of a batch are checked at once with one grouped
+with the gain between them within [1/max_gain, max_gain], and both images above min_contrast and
+min_detail: a nearly uniform image, or one that is only a smooth ramp (sky, out-of-focus
+background), has no structure to check, since all such images correlate with each other, and is
+never called a copy of anything (only identical thumbnails pair them, see candidates.py).
+Because every image is first reduced to the canonical size, the rule means the same thing for a
+28 px digit and a 500 px photo. The pairs of a batch are checked together, one grouped
 convolution per alignment hypothesis.
 """
 
@@ -29,14 +31,17 @@ import torch.nn.functional as F
 
 from .pixels import CANONICAL
 
+DETAIL_SCALE = 3.0  # canonical pixels: structure coarser than a Gaussian of this size is not "detail"
+
 
 @dataclass(frozen=True)
 class Tolerance:
     """What a copy may differ by (defaults chosen on a tuning set: benchmarks/dedup_real.py --tune)."""
 
     relative: float = 0.10  # residual allowed per grey level of contrast (misalignment, resampling)
-    absolute: float = 1.0  # plus this many grey levels (re-encoding noise)
+    absolute: float = 0.5  # plus this many grey levels (re-encoding noise)
     min_contrast: float = 4.0  # both images need at least this standard deviation (grey levels)
+    min_detail: float = 1.0  # ... and this much of it finer than DETAIL_SCALE (smooth ramps all look alike)
     max_gain: float = 1.5  # contrast may change by at most this factor
     shift: int = 2  # canonical pixels each way (a pixel at 16 px, a fraction of one at 500 px)
     smooth: float = 0.7  # Gaussian blur (canonical pixels) first: edits destroy the finest detail
@@ -44,7 +49,7 @@ class Tolerance:
 
     def check(self) -> None:
         """Raise ValueError for a tolerance that cannot work."""
-        if min(self.relative, self.absolute, self.min_contrast, self.smooth) < 0 or self.max_gain < 1:
+        if min(self.relative, self.absolute, self.min_contrast, self.min_detail, self.smooth) < 0 or self.max_gain < 1:
             raise ValueError("tolerances must be non-negative and max_gain at least 1")
         if not 0 <= self.shift < CANONICAL // 4:
             raise ValueError(f"the shift search must be between 0 and {CANONICAL // 4 - 1} pixels")
@@ -74,6 +79,18 @@ def smoothed(thumbnails: np.ndarray, sigma: float) -> torch.Tensor:
     x = F.pad(x[:, None], (radius, radius, radius, radius), mode="replicate")
     x = F.conv2d(F.conv2d(x, taps.view(1, 1, 1, -1)), taps.view(1, 1, -1, 1))
     return x[:, 0]
+
+
+def detail(smooth: torch.Tensor) -> torch.Tensor:
+    """[P]: the standard deviation (grey levels) of what a Gaussian of DETAIL_SCALE blurs away."""
+    return (smooth - smoothed(smooth.numpy(), DETAIL_SCALE)).flatten(1).std(dim=1, unbiased=False)
+
+
+def featureless(thumbnails: np.ndarray, tol: Tolerance) -> np.ndarray:
+    """bool [N]: images too flat for the pixel check (below min_contrast or min_detail)."""
+    x = smoothed(thumbnails, tol.smooth)
+    flat = x.flatten(1).std(dim=1, unbiased=False) < tol.min_contrast
+    return (flat | (detail(x) < tol.min_detail)).numpy()
 
 
 def _window_sums(integral: torch.Tensor, m: int) -> torch.Tensor:
@@ -173,6 +190,7 @@ def verify(a: np.ndarray, b: np.ndarray, tol: Tolerance = Tolerance(), chunk: in
         x, y = smoothed(a[start:start + chunk], tol.smooth), smoothed(b[start:start + chunk], tol.smooth)
         integrals = {id(v): (_integral(v.double()).float(), _integral((v * v).double()).float())
                      for v in (x, y)}
+        featureless = torch.minimum(detail(x), detail(y)) < tol.min_detail
         best = None
         for scale in tol.scales:
             for template, window in ((x, y), (y, x)):  # either one may be the cropped copy
@@ -183,6 +201,7 @@ def verify(a: np.ndarray, b: np.ndarray, tol: Tolerance = Tolerance(), chunk: in
                 else:
                     better = used < best[0]
                     best = torch.where(better[None], here, best)
+        best[0] = torch.where(featureless, torch.full_like(best[0], float("inf")), best[0])
         stop = start + len(x)
         for k, row in zip(("used", "residual", "correlation", "scale"), best.numpy()):
             out[k][start:stop] = row
