@@ -182,3 +182,34 @@ def test_self_test_plants_every_edit_and_scores_recall_and_false_pairs(digits28)
     assert result["per_edit"]["jpeg"] == {"planted": 5, "found": 2, "recall": 0.4, "false_pairs": 1}
     assert result["per_edit"]["copy"]["found"] == 0 and result["overall"]["planted"] == 5 * len(EDITS)
     assert len(result["missed"]) == 5 * len(EDITS) - 2
+
+
+def _horizon(seed: int) -> Image.Image:
+    """256 px: a bright sky over a darker ground, with a fine texture of its own (like hazy hills)."""
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(seed)
+    base = np.where(np.arange(256)[:, None] < 128, 200.0, 110.0) + np.zeros((1, 256))
+    noise = Image.fromarray(rng.normal(128, 60, (256, 256)).clip(0, 255).astype(np.uint8))
+    texture = np.asarray(noise.filter(ImageFilter.GaussianBlur(2)), float) - 128
+    return Image.fromarray(np.clip(base + 1.5 * texture, 0, 255).astype(np.uint8))
+
+
+def test_large_look_alikes_that_agree_at_32_px_are_told_apart_at_64():
+    from bigtransfer.dedup.pipeline import FINE, decide, fine_check
+
+    a, b = _horizon(1), _horizon(2)
+    buffer = io.BytesIO()
+    a.save(buffer, format="JPEG", quality=70)
+    images = [a, b, decoded(buffer.getvalue())]  # test image, a look-alike, a copy
+    coarse = verify(thumbs(images[:1] * 2), thumbs(images[1:]))
+    assert coarse.copy.all()  # at 32 x 32 both pass: the texture is finer than that
+    pairs = cand.Candidates(np.array([0, 0]), np.array([1, 2]), np.array([cand.PIXELS, cand.PIXELS]))
+    sides = np.array([256, 256, 256])
+    kept, dropped = fine_check(decide(pairs, coarse), lambda i: images[i], lambda j: images[j], sides, sides,
+                               Tolerance())
+    assert dropped == 1 and kept.pairs.upstream.tolist() == [2] and kept.fine.tolist() == ["passed"]
+    small = np.array([FINE - 1, FINE - 1, FINE - 1])  # below the fine size the first verdict stands
+    kept, dropped = fine_check(decide(pairs, coarse), lambda i: images[i], lambda j: images[j], small, small,
+                               Tolerance())
+    assert dropped == 0 and len(kept.stage) == 2

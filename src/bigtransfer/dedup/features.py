@@ -31,6 +31,7 @@ class Features:
     thumbnails: np.ndarray  # uint8 [N, C, C]
     embeddings: np.ndarray | None  # float32 [N, D], unit length; None without a model
     readable: np.ndarray  # bool [N]: False for a file that could not be decoded
+    sides: np.ndarray  # int64 [N]: each image's shorter side in pixels (0 if unreadable)
 
     def __len__(self) -> int:
         return len(self.thumbnails)
@@ -64,7 +65,8 @@ class Embedder:
 
 
 class _Decoded(Dataset):
-    """(model input or an empty tensor, thumbnail, readable) for each image of a set or each blob."""
+    """(model input or an empty tensor, thumbnail, readable, shorter side) for each image of a set
+    or each blob."""
 
     def __init__(self, images: ImageSet | list[bytes], transform):
         self.images, self.transform = images, transform
@@ -76,18 +78,19 @@ class _Decoded(Dataset):
         try:
             image = load_rgb(self.images[i]) if isinstance(self.images, list) else self.images.load(i)
         except IMAGE_ERRORS:
-            return torch.zeros(0), torch.zeros(CANONICAL, CANONICAL, dtype=torch.uint8), False
+            return torch.zeros(0), torch.zeros(CANONICAL, CANONICAL, dtype=torch.uint8), False, 0
         pixels = torch.zeros(0) if self.transform is None else self.transform(image)
-        return pixels, torch.from_numpy(grey_thumbnail(image)), True
+        return pixels, torch.from_numpy(grey_thumbnail(image)), True, min(image.size)
 
 
 def _collate(items):
-    readable = torch.tensor([ok for _, _, ok in items])
-    thumbs = torch.stack([t for _, t, _ in items])
-    template = next((p for p, _, ok in items if ok), None)  # an unreadable image has no model input
+    readable = torch.tensor([ok for _, _, ok, _ in items])
+    thumbs = torch.stack([t for _, t, _, _ in items])
+    sides = torch.tensor([side for _, _, _, side in items], dtype=torch.int64)
+    template = next((p for p, _, ok, _ in items if ok), None)  # an unreadable image has no model input
     pixels = None if template is None else \
-        torch.stack([p if ok else torch.zeros_like(template) for p, _, ok in items])
-    return pixels, thumbs, readable
+        torch.stack([p if ok else torch.zeros_like(template) for p, _, ok, _ in items])
+    return pixels, thumbs, readable, sides
 
 
 def batches(images: ImageSet | list[bytes], embedder: Embedder | None, *, batch: int = 64, workers: int = 0,
@@ -98,7 +101,7 @@ def batches(images: ImageSet | list[bytes], embedder: Embedder | None, *, batch:
     data = _Decoded(images, embedder.transform if embedder else None)
     loader = DataLoader(data, batch_size=batch, num_workers=workers, collate_fn=_collate)
     with tqdm(total=len(data), desc=desc, unit="img", disable=not progress) as bar:
-        for pixels, thumbs, readable in loader:
+        for pixels, thumbs, readable, sides in loader:
             vectors = None
             if embedder is not None:
                 if pixels is None:  # nothing in this batch decoded
@@ -106,7 +109,7 @@ def batches(images: ImageSet | list[bytes], embedder: Embedder | None, *, batch:
                 else:
                     vectors = embedder(pixels)
                     vectors[~readable.numpy()] = 0
-            yield Features(thumbs.numpy(), vectors, readable.numpy())
+            yield Features(thumbs.numpy(), vectors, readable.numpy(), sides.numpy())
             bar.update(len(thumbs))
 
 
@@ -115,7 +118,8 @@ def extract(images: ImageSet | list[bytes], embedder: Embedder | None, **kwargs)
     parts = list(batches(images, embedder, **kwargs))
     if not parts:
         return Features(np.zeros((0, CANONICAL, CANONICAL), np.uint8),
-                        None if embedder is None else np.zeros((0, embedder.dim), np.float32), np.zeros(0, bool))
+                        None if embedder is None else np.zeros((0, embedder.dim), np.float32), np.zeros(0, bool),
+                        np.zeros(0, np.int64))
     embeddings = None if embedder is None else np.concatenate([p.embeddings for p in parts])
     return Features(np.concatenate([p.thumbnails for p in parts]), embeddings,
-                    np.concatenate([p.readable for p in parts]))
+                    np.concatenate([p.readable for p in parts]), np.concatenate([p.sides for p in parts]))

@@ -13,13 +13,14 @@ import torch
 from PIL import Image
 
 from .. import rundir
+from ..data.images import IMAGE_ERRORS, load_rgb
 from ..data.imageset import ImageSet
 from ..data.sources import load_source
 from ..errors import BigTransferError, BigTransferWarning
 from . import candidates as cand
 from .edits import EDITS
 from .features import Embedder, Features, batches, extract
-from .pixels import CANONICAL, DESCRIPTOR, descriptors
+from .pixels import CANONICAL, DESCRIPTOR, descriptors, grey_thumbnail
 from .report import write_outputs
 from .selftest import plant, score
 from .verify import Tolerance, Verdicts, featureless, verify
@@ -27,6 +28,7 @@ from .verify import Tolerance, Verdicts, featureless, verify
 NO_MODEL = "none"
 INDEX_KINDS = ("auto", "exact", "approximate")
 VERIFY_CHUNK = 20_000  # candidate pairs gathered and verified at a time
+FINE = 64  # side of the second check, for pairs of images that both have this many pixels
 
 
 @dataclass
@@ -136,6 +138,7 @@ class Upstream:
 
     thumbnails: np.ndarray
     readable: np.ndarray
+    sides: np.ndarray
     hashes: np.ndarray
     pixels: cand.VectorIndex
     embeddings: cand.VectorIndex | None
@@ -143,14 +146,15 @@ class Upstream:
 
 def _index_upstream(images: ImageSet, embedder: Embedder | None, opts: DedupOptions, approximate: bool) -> Upstream:
     n = len(images)
-    up = Upstream(np.zeros((n, CANONICAL, CANONICAL), np.uint8), np.zeros(n, bool), np.zeros(n, np.uint64),
+    up = Upstream(np.zeros((n, CANONICAL, CANONICAL), np.uint8), np.zeros(n, bool), np.zeros(n, np.int64),
+                  np.zeros(n, np.uint64),
                   cand.VectorIndex(DESCRIPTOR**2, approximate),
                   cand.VectorIndex(embedder.dim, approximate) if embedder else None)
     at = 0
     for part in batches(images, embedder, batch=opts.batch, workers=opts.workers, progress=opts.progress,
                         desc="upstream"):
         stop = at + len(part)
-        up.thumbnails[at:stop], up.readable[at:stop] = part.thumbnails, part.readable
+        up.thumbnails[at:stop], up.readable[at:stop], up.sides[at:stop] = part.thumbnails, part.readable, part.sides
         up.hashes[at:stop] = cand.thumbnail_hashes(part.thumbnails)
         up.pixels.add(descriptors(part.thumbnails))
         if up.embeddings is not None:
@@ -185,13 +189,8 @@ def _planted_candidates(down: Features, planted: Features, up: Upstream, queries
 
 def _verify(pairs: cand.Candidates, a: np.ndarray, b: np.ndarray, tol: Tolerance) -> Verdicts:
     """Verdicts for every candidate pair (a[test], b[upstream]), gathered a chunk at a time."""
-    parts = [verify(a[pairs.test[s:s + VERIFY_CHUNK]], b[pairs.upstream[s:s + VERIFY_CHUNK]], tol)
-             for s in range(0, len(pairs), VERIFY_CHUNK)]
-    if not parts:
-        empty = np.zeros(0, np.float32)
-        return Verdicts(np.zeros(0, bool), empty, empty, empty, empty)
-    return Verdicts(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                      ("copy", "used", "residual", "correlation", "scale")))
+    return Verdicts.concat([verify(a[pairs.test[s:s + VERIFY_CHUNK]], b[pairs.upstream[s:s + VERIFY_CHUNK]], tol)
+                            for s in range(0, len(pairs), VERIFY_CHUNK)])
 
 
 @dataclass
@@ -201,16 +200,53 @@ class Decided:
     pairs: cand.Candidates
     verdicts: Verdicts
     stage: np.ndarray  # str [P]: identical | aligned | rescaled
+    fine: np.ndarray  # str [P]: the check at FINE px: "passed", "no detail" or "" (not made)
+
+    def take(self, which: np.ndarray) -> Decided:
+        pairs = cand.Candidates(self.pairs.test[which], self.pairs.upstream[which], self.pairs.sources[which])
+        return Decided(pairs, self.verdicts.take(which), self.stage[which], self.fine[which])
 
 
 def decide(pairs: cand.Candidates, verdicts: Verdicts) -> Decided:
     """Keep the pairs with identical thumbnails or a verified copy; name the stage that decided each."""
     same = (pairs.sources & cand.IDENTICAL) > 0
+    stage = np.where(same, "identical", np.where(verdicts.scale >= 1.0, "aligned", "rescaled"))
     keep = same | verdicts.copy
-    stage = np.where(same, "identical", np.where(verdicts.scale >= 1.0, "aligned", "rescaled"))[keep]
-    kept = cand.Candidates(pairs.test[keep], pairs.upstream[keep], pairs.sources[keep])
-    return Decided(kept, Verdicts(*(getattr(verdicts, f)[keep] for f in
-                                    ("copy", "used", "residual", "correlation", "scale"))), stage)
+    return Decided(pairs, verdicts, stage, np.full(len(pairs), "", dtype=object)).take(keep)
+
+
+def fine_check(found: Decided, load_test, load_upstream, test_sides: np.ndarray, up_sides: np.ndarray,
+               tol: Tolerance) -> tuple[Decided, int]:
+    """(the pairs that stand, how many were dropped): pairs of two images at least FINE px on their
+    shorter side are checked again at FINE x FINE, with the same tolerance. At 32 x 32 two photos of
+    a hazy horizon are the same edge on a flat sky; at 64 their detail differs. A pair stands if it
+    passes there too, or if an image has no detail at that size (a small image upscaled)."""
+    t, u = found.pairs.test, found.pairs.upstream
+    todo = np.flatnonzero((found.stage != "identical") & (test_sides[t] >= FINE) & (up_sides[u] >= FINE))
+    if not len(todo):
+        return found, 0
+    cache: dict[int, np.ndarray] = {}
+
+    def test_thumb(i: int) -> np.ndarray:
+        if i not in cache:
+            cache[i] = grey_thumbnail(load_test(i), FINE)
+        return cache[i]
+
+    a, b, loaded = [], [], []
+    for k in todo.tolist():
+        try:
+            b.append(grey_thumbnail(load_upstream(int(u[k])), FINE))
+            a.append(test_thumb(int(t[k])))
+            loaded.append(k)
+        except IMAGE_ERRORS:  # unreadable now: the first check's verdict stands
+            continue
+    if not loaded:
+        return found, 0
+    verdicts = verify(np.stack(a), np.stack(b), tol)
+    keep = np.ones(len(found.stage), bool)
+    keep[loaded] = verdicts.copy | verdicts.featureless
+    found.fine[loaded] = np.where(verdicts.copy, "passed", "no detail")
+    return found.take(keep), int((~keep).sum())
 
 
 def run_dedup(opts: DedupOptions) -> dict:
@@ -243,7 +279,7 @@ def _run(opts: DedupOptions, out: Path) -> dict:
     down_parts = [extract(s, embedder, desc=f"test images {spec}", **common) for spec, s in zip(tests.specs, tests.sets)]
     down = Features(np.concatenate([p.thumbnails for p in down_parts]),
                     None if embedder is None else np.concatenate([p.embeddings for p in down_parts]),
-                    np.concatenate([p.readable for p in down_parts]))
+                    np.concatenate([p.readable for p in down_parts]), np.concatenate([p.sides for p in down_parts]))
     lap("test_images")
     planted, planted_features = None, None
     if opts.self_test:
@@ -261,10 +297,13 @@ def _run(opts: DedupOptions, out: Path) -> dict:
         planted_pairs = _planted_candidates(down, planted_features, up, queries, opts.neighbours)
     lap("search")
     found = decide(pairs, _verify(pairs, down.thumbnails, up.thumbnails, opts.tolerance))
+    found, dropped = fine_check(found, tests.load, upstream.load, down.sides, up.sides, opts.tolerance)
     self_test = None
     if planted is not None:
         found_planted = decide(planted_pairs, _verify(planted_pairs, down.thumbnails, planted_features.thumbnails,
                                                       opts.tolerance))
+        found_planted, _ = fine_check(found_planted, tests.load, lambda c: load_rgb(planted.blobs[c]), down.sides,
+                                      planted_features.sides, opts.tolerance)
         self_test = score(planted, found_planted.pairs.test, found_planted.pairs.upstream)
         self_test.update({"sample": opts.self_test, "seed": opts.seed, "edits": list(EDITS)})
     lap("verify")
@@ -281,6 +320,7 @@ def _run(opts: DedupOptions, out: Path) -> dict:
     flat = int(featureless(down.thumbnails, opts.tolerance)[down.readable].sum())
     summary = {
         "upstream_images": count, "test_images": len(tests), "candidate_pairs": len(pairs),
+        "dropped_at_64px": dropped,
         "index": {"kind": "hnsw" if approximate else "exact", "pixel_recall_vs_exact": recall},
         "featureless_test_images": flat, "unreadable_upstream": unreadable,
         "unreadable_test_images": int((~down.readable).sum()),

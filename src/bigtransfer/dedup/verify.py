@@ -23,7 +23,7 @@ convolution per alignment hypothesis.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -66,6 +66,21 @@ class Verdicts:
     residual: np.ndarray  # float32 [P]: grey levels left at that alignment
     correlation: np.ndarray  # float32 [P]: normalised correlation there
     scale: np.ndarray  # float32 [P]: template scale of that alignment (1: aligned, below 1: rescaled)
+    featureless: np.ndarray  # bool [P]: one of the two is too flat to check (never a copy)
+
+    def __len__(self) -> int:
+        return len(self.copy)
+
+    def take(self, which: np.ndarray) -> Verdicts:
+        """The verdicts of some pairs (a mask or indexes)."""
+        return Verdicts(*(getattr(self, f.name)[which] for f in fields(self)))
+
+    @staticmethod
+    def concat(parts: list[Verdicts]) -> Verdicts:
+        if not parts:
+            empty = np.zeros(0, np.float32)
+            return Verdicts(np.zeros(0, bool), empty, empty, empty, empty, np.zeros(0, bool))
+        return Verdicts(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Verdicts)))
 
 
 def smoothed(thumbnails: np.ndarray, sigma: float) -> torch.Tensor:
@@ -186,11 +201,13 @@ def verify(a: np.ndarray, b: np.ndarray, tol: Tolerance = Tolerance(), chunk: in
     if a.shape != b.shape or a.ndim != 3:
         raise ValueError(f"expected two [P, C, C] arrays of thumbnails, got {a.shape} and {b.shape}")
     out = {k: np.empty(len(a), dtype=np.float32) for k in ("used", "residual", "correlation", "scale")}
+    flat = np.zeros(len(a), bool)
     for start in range(0, len(a), chunk):
         x, y = smoothed(a[start:start + chunk], tol.smooth), smoothed(b[start:start + chunk], tol.smooth)
         integrals = {id(v): (_integral(v.double()).float(), _integral((v * v).double()).float())
                      for v in (x, y)}
-        featureless = torch.minimum(detail(x), detail(y)) < tol.min_detail
+        contrast = torch.minimum(x.flatten(1).std(dim=1, unbiased=False), y.flatten(1).std(dim=1, unbiased=False))
+        featureless = (torch.minimum(detail(x), detail(y)) < tol.min_detail) | (contrast < tol.min_contrast)
         best = None
         for scale in tol.scales:
             for template, window in ((x, y), (y, x)):  # either one may be the cropped copy
@@ -203,7 +220,8 @@ def verify(a: np.ndarray, b: np.ndarray, tol: Tolerance = Tolerance(), chunk: in
                     best = torch.where(better[None], here, best)
         best[0] = torch.where(featureless, torch.full_like(best[0], float("inf")), best[0])
         stop = start + len(x)
+        flat[start:stop] = featureless.numpy()
         for k, row in zip(("used", "residual", "correlation", "scale"), best.numpy()):
             out[k][start:stop] = row
     return Verdicts(copy=out["used"] <= 1.0, used=out["used"], residual=out["residual"],
-                    correlation=out["correlation"], scale=out["scale"])
+                    correlation=out["correlation"], scale=out["scale"], featureless=flat)
