@@ -68,6 +68,9 @@ def test_every_edit_of_a_small_digit_and_a_large_photo_is_verified(edit, digits2
     verdicts = verify(thumbs(images), thumbs(copies))
     if edit == "crop":  # the scale search covers crops of a few percent only approximately
         assert verdicts.copy.mean() >= 0.75, verdicts.copy.mean()
+    elif edit == "brightness":  # x1.1 clips a bright sky to white: where most of an image clips, it can fail
+        clipped = np.array([(np.asarray(c.convert("L")) >= 254).mean() for c in copies])
+        assert verdicts.copy[clipped < 0.2].all() and verdicts.copy.mean() >= 0.9, verdicts.used[~verdicts.copy]
     else:
         assert verdicts.copy.all(), (edit, verdicts.used.max())
     if edit in ("copy", "grey_rgb"):  # lossless for grey digits: nothing left to explain
