@@ -65,20 +65,37 @@ def _add_dedup(sub) -> None:
     p = verb(sub, "dedup", "Find near-duplicates of test images in an upstream collection (paper Supp. C).",
               "  bigtransfer dedup --upstream ~/data/imagenet21k.csv --downstream ~/data/cifar10,~/data/pets \\\n"
               "      --model BiT-M-R50x1 --out runs/dedup\n"
+              "  bigtransfer dedup --upstream ~/data/web --downstream digits --model none --out runs/dd  # pixels only\n"
               "  bigtransfer pretrain --data runs/dedup/upstream_filtered.csv ...   # pre-train without them\n"
+              "Candidates come from identical thumbnails, a pixel descriptor and the model's embedding (faiss);\n"
+              "each is verified on aligned grey pixels at a canonical 32x32 size. A self-test copies --self-test\n"
+              "test images with every web-copy edit, measures what dedup finds of them (per edit) and drops them.\n"
               "Writes pairs.csv, upstream_filtered.csv, contact_sheet.png/.html and summary.json.\n")
     p.add_argument("--upstream", required=True, help="upstream image folder or CSV manifest")
     p.add_argument("--downstream", required=True,
                    help="comma-separated downstream sources; each one's test split (all its images if it has none)")
-    p.add_argument("--model", default="BiT-M-R50x1", help="embedding model (default %(default)s)")
+    p.add_argument("--model", default="BiT-M-R50x1",
+                   help="model whose embedding also proposes candidates (default %(default)s); 'none': pixels only")
+    p.add_argument("--embedding-layer", default="stage3",
+                   help="pre-logits or stage1..stage4: earlier stages tell images of one class apart (default stage3)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--resolution", type=int, default=128, help="embedding input size (default 128)")
-    p.add_argument("--cosine", type=float, default=0.90, help="cosine a nearest neighbour must reach (default 0.90)")
-    p.add_argument("--margin", type=float, default=0.03, help="... and by which it must beat the second (0.03)")
-    p.add_argument("--identical", type=float, default=0.98, help="cosine that makes a duplicate at any rank (0.98)")
-    p.add_argument("--hash-bits", type=int, default=4, help="pHash Hamming radius of the pre-filter (of 64; 4)")
-    p.add_argument("--hash-cosine", type=float, default=0.95, help="cosine a hash match must still reach (0.95)")
-    p.add_argument("--neighbours", type=int, default=5, help="nearest upstream images per test image")
+    p.add_argument("--neighbours", type=int, default=10, help="nearest upstream images per query (default 10)")
+    p.add_argument("--self-test", type=int, default=100, metavar="N",
+                   help="test images copied with every edit to measure recall on your data (default 100; 0: off)")
+    p.add_argument("--seed", type=int, default=0, help="which test images the self-test copies, and how")
+    p.add_argument("--index", choices=("auto", "exact", "approximate"), default="auto",
+                   help="faiss search: exact, HNSW, or auto (HNSW above 200,000 upstream images)")
+    tol = p.add_argument_group("what a copy may differ by (grey levels on the canonical 32x32 thumbnail)")
+    tol.add_argument("--relative-residual", type=float, default=None, metavar="R",
+                     help="residual allowed per grey level of contrast (default 0.10)")
+    tol.add_argument("--absolute-residual", type=float, default=None, metavar="A",
+                     help="plus this many grey levels (default 0.5)")
+    tol.add_argument("--min-contrast", type=float, default=None, metavar="S",
+                     help="images flatter than this standard deviation are never verified (default 4)")
+    tol.add_argument("--min-detail", type=float, default=None, metavar="D",
+                     help="... nor images with less detail than this, e.g. smooth ramps (default 1)")
+    tol.add_argument("--max-shift", type=int, default=None, metavar="PX", help="shift search, each way (default 2)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -87,16 +104,26 @@ def _add_dedup(sub) -> None:
 
 
 def _run_dedup(args) -> int:
-    from ..dedup import DedupOptions, run_dedup
+    from dataclasses import replace
 
+    from ..dedup import DedupOptions, Tolerance, run_dedup
+    from ..dedup.report import self_test_lines
+
+    overrides = {name: value for name, value in (
+        ("relative", args.relative_residual), ("absolute", args.absolute_residual),
+        ("min_contrast", args.min_contrast), ("min_detail", args.min_detail), ("shift", args.max_shift))
+        if value is not None}
     summary = run_dedup(DedupOptions(
         upstream=args.upstream, downstream=tuple(d for d in args.downstream.split(",") if d), out=args.out,
-        model=args.model, resolution=args.resolution, cosine=args.cosine, margin=args.margin,
-        identical=args.identical, hash_bits=args.hash_bits,
-        hash_cosine=args.hash_cosine, neighbours=args.neighbours, batch=args.batch, workers=args.workers,
-        device=args.device, progress=not args.quiet))
-    print(f"{summary['pairs']} near-duplicate pairs; {summary['upstream_duplicates']} of {summary['upstream_images']} "
-          f"upstream images removed in {args.out / 'upstream_filtered.csv'} ({summary['seconds']:.0f}s)")
+        model=args.model, embedding_layer=args.embedding_layer, resolution=args.resolution,
+        neighbours=args.neighbours, tolerance=replace(Tolerance(), **overrides), self_test=args.self_test,
+        seed=args.seed, index=args.index, batch=args.batch, workers=args.workers, device=args.device,
+        progress=not args.quiet))
+    stages = ", ".join(f"{n} {stage}" for stage, n in summary["pairs_by_stage"].items())
+    print(f"{summary['pairs']} near-duplicate pairs ({stages}); {summary['upstream_duplicates']} of "
+          f"{summary['upstream_images']} upstream images removed in {args.out / 'upstream_filtered.csv'} "
+          f"({summary['seconds']['total']:.0f}s)")
+    print("\n".join(self_test_lines(summary.get("self_test"))))
     return 0
 
 

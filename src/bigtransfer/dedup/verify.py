@@ -1,0 +1,227 @@
+"""The verification of a candidate pair on aligned pixels: is one image an edited copy of the other?
+
+Both images are canonical grey thumbnails (pixels.py), slightly blurred first: resampling and JPEG
+destroy the finest detail of a small image, and a copy keeps the rest. One is slid over the other
+within a small window of shifts (a copy moved by a pixel or two), then placed at the sub-pixel
+peak of the correlation (a pixel of a 64 px image is half a canonical pixel); for copies cropped
+by a few percent, it is also shrunk to a few smaller scales and slid over the whole other image.
+At each alignment the window is regressed on the template (a gain and an offset: brightness and
+contrast edits) and what is left is the residual, in grey levels. Resampling and misalignment
+leave a residual in proportion to the image's contrast, re-encoding (JPEG) a roughly constant
+amount of noise. So a pair is a copy when, at some alignment,
+
+    residual <= relative * contrast + absolute            (grey levels, on the canonical thumbnail)
+
+with the gain between them within [1/max_gain, max_gain], and both images above min_contrast and
+min_detail: a nearly uniform image, or one that is only a smooth ramp (sky, out-of-focus
+background), has no structure to check, since all such images correlate with each other, and is
+never called a copy of anything (only identical thumbnails pair them, see candidates.py).
+Because every image is first reduced to the canonical size, the rule means the same thing for a
+28 px digit and a 500 px photo. The pairs of a batch are checked together, one grouped
+convolution per alignment hypothesis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .pixels import CANONICAL
+
+DETAIL_SCALE = 3.0  # canonical pixels: structure coarser than a Gaussian of this size is not "detail"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What a copy may differ by (defaults chosen on a tuning set: benchmarks/dedup_real.py --tune)."""
+
+    relative: float = 0.10  # residual allowed per grey level of contrast (misalignment, resampling)
+    absolute: float = 0.5  # plus this many grey levels (re-encoding noise)
+    min_contrast: float = 4.0  # both images need at least this standard deviation (grey levels)
+    min_detail: float = 1.0  # ... and this much of it finer than DETAIL_SCALE (smooth ramps all look alike)
+    max_gain: float = 1.5  # contrast may change by at most this factor
+    shift: int = 2  # canonical pixels each way (a pixel at 16 px, a fraction of one at 500 px)
+    smooth: float = 0.7  # Gaussian blur (canonical pixels) first: edits destroy the finest detail
+    scales: tuple[float, ...] = (1.0, 0.96, 0.92, 0.88, 0.84)  # template sizes tried (below 1: crops of a few %)
+
+    def check(self) -> None:
+        """Raise ValueError for a tolerance that cannot work."""
+        if min(self.relative, self.absolute, self.min_contrast, self.min_detail, self.smooth) < 0 or self.max_gain < 1:
+            raise ValueError("tolerances must be non-negative and max_gain at least 1")
+        if not 0 <= self.shift < CANONICAL // 4:
+            raise ValueError(f"the shift search must be between 0 and {CANONICAL // 4 - 1} pixels")
+        if not self.scales or any(not 0.5 <= s <= 1 for s in self.scales):
+            raise ValueError("scales must be in [0.5, 1]")
+
+
+@dataclass
+class Verdicts:
+    """Per pair: is it a copy, how much of the allowed residual it used, at which scale."""
+
+    copy: np.ndarray  # bool [P]
+    used: np.ndarray  # float32 [P]: residual / allowed residual at the best alignment (<= 1: a copy)
+    residual: np.ndarray  # float32 [P]: grey levels left at that alignment
+    correlation: np.ndarray  # float32 [P]: normalised correlation there
+    scale: np.ndarray  # float32 [P]: template scale of that alignment (1: aligned, below 1: rescaled)
+    featureless: np.ndarray  # bool [P]: one of the two is too flat to check (never a copy)
+
+    def __len__(self) -> int:
+        return len(self.copy)
+
+    def take(self, which: np.ndarray) -> Verdicts:
+        """The verdicts of some pairs (a mask or indexes)."""
+        return Verdicts(*(getattr(self, f.name)[which] for f in fields(self)))
+
+    @staticmethod
+    def concat(parts: list[Verdicts]) -> Verdicts:
+        if not parts:
+            empty = np.zeros(0, np.float32)
+            return Verdicts(np.zeros(0, bool), empty, empty, empty, empty, np.zeros(0, bool))
+        return Verdicts(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Verdicts)))
+
+
+def smoothed(thumbnails: np.ndarray, sigma: float) -> torch.Tensor:
+    """float32 [P, C, C]: the thumbnails blurred with a Gaussian of `sigma` pixels (edges repeated)."""
+    x = torch.from_numpy(np.ascontiguousarray(thumbnails)).float()
+    if sigma <= 0:
+        return x
+    radius = max(1, int(np.ceil(3 * sigma)))
+    taps = torch.exp(-torch.arange(-radius, radius + 1.0).pow(2) / (2 * sigma**2))
+    taps = taps / taps.sum()
+    x = F.pad(x[:, None], (radius, radius, radius, radius), mode="replicate")
+    x = F.conv2d(F.conv2d(x, taps.view(1, 1, 1, -1)), taps.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def detail(smooth: torch.Tensor) -> torch.Tensor:
+    """[P]: the standard deviation (grey levels) of what a Gaussian of DETAIL_SCALE blurs away."""
+    return (smooth - smoothed(smooth.numpy(), DETAIL_SCALE)).flatten(1).std(dim=1, unbiased=False)
+
+
+def featureless(thumbnails: np.ndarray, tol: Tolerance) -> np.ndarray:
+    """bool [N]: images too flat for the pixel check (below min_contrast or min_detail)."""
+    x = smoothed(thumbnails, tol.smooth)
+    flat = x.flatten(1).std(dim=1, unbiased=False) < tol.min_contrast
+    return (flat | (detail(x) < tol.min_detail)).numpy()
+
+
+def _window_sums(integral: torch.Tensor, m: int) -> torch.Tensor:
+    """[P, h, w] sums over every m x m window, from an integral image [P, C + 1, C + 1]."""
+    return integral[:, m:, m:] - integral[:, :-m, m:] - integral[:, m:, :-m] + integral[:, :-m, :-m]
+
+
+def _integral(x: torch.Tensor) -> torch.Tensor:
+    return F.pad(x.cumsum(1).cumsum(2), (1, 0, 1, 0))
+
+
+def _scores(cross: torch.Tensor, t_var: torch.Tensor, w_var: torch.Tensor, tol: Tolerance):
+    """(used, residual, correlation) from a template's variance, a window's and their covariance;
+    `used` is infinite where the pair fails the gain or contrast condition."""
+    w_std, t_std = w_var.sqrt(), t_var.sqrt()
+    correlation = (cross / (t_std * w_std).clamp_min(1e-6)).clamp(-1, 1)
+    residual = w_std * (1 - correlation * correlation).clamp_min(0).sqrt()
+    used = residual / (tol.relative * w_std + tol.absolute).clamp_min(1e-6)
+    gain = cross / t_var.clamp_min(1e-6)  # least-squares gain from template to window
+    valid = (correlation > 0) & (gain >= 1 / tol.max_gain) & (gain <= tol.max_gain) & \
+        (w_std >= tol.min_contrast) & (t_std >= tol.min_contrast)
+    return torch.where(valid, used, torch.full_like(used, float("inf"))), residual, correlation
+
+
+def _peak_offset(surface: torch.Tensor, best: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sub-pixel (dy, dx) [P] of each surface's peak at flat index `best`, from a parabola through
+    it and its neighbours along each axis (0 at the surface's border)."""
+    pairs, h, w = surface.shape
+    y, x = best // w, best % w
+    rows = torch.arange(pairs)
+
+    def along(pos, size, at):
+        inside = (pos > 0) & (pos < size - 1)
+        lo, hi = at((pos - 1).clamp(0, size - 1)), at((pos + 1).clamp(0, size - 1))
+        mid = at(pos)
+        curvature = lo - 2 * mid + hi
+        offset = torch.where(curvature < -1e-9, 0.5 * (lo - hi) / curvature.clamp_max(-1e-9), torch.zeros_like(mid))
+        return torch.where(inside, offset.clamp(-0.5, 0.5), torch.zeros_like(mid))
+
+    dy = along(y, h, lambda yy: surface[rows, yy, x])
+    dx = along(x, w, lambda xx: surface[rows, y, xx])
+    return y.float() + dy, x.float() + dx
+
+
+def _window_at(source: torch.Tensor, top: torch.Tensor, left: torch.Tensor, m: int) -> torch.Tensor:
+    """[P, m, m]: each source sampled (bicubic) on the m x m grid starting at a fractional corner."""
+    side = source.shape[-1]
+    steps = torch.arange(m, dtype=torch.float32)
+    ys = (top[:, None] + steps) * (2 / (side - 1)) - 1  # align_corners=True: pixel centres at +-1
+    xs = (left[:, None] + steps) * (2 / (side - 1)) - 1
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
+    return F.grid_sample(source[:, None], grid, mode="bicubic", padding_mode="border", align_corners=True)[:, 0]
+
+
+def _hypothesis(template_src: torch.Tensor, window_src: torch.Tensor, integrals, scale: float,
+                tol: Tolerance):
+    """(used, residual, correlation) [P] at the best alignment of one template scale: the best
+    whole-pixel position, or the sub-pixel one at the correlation's peak if that is better."""
+    side = template_src.shape[-1]
+    if scale == 1.0:
+        r = tol.shift
+        template = template_src[:, r:side - r, r:side - r]
+    else:
+        m = round(scale * side)
+        template = F.interpolate(template_src[:, None], size=(m, m), mode="bilinear", antialias=True,
+                                 align_corners=False)[:, 0]
+    m = template.shape[-1]
+    count = m * m
+    centred = template - template.mean(dim=(1, 2), keepdim=True)
+    t_var = (centred * centred).mean(dim=(1, 2))  # [P]
+    # Sum over each window of template * window; the template is centred, so this is the covariance.
+    cross = F.conv2d(window_src[None], centred[:, None], groups=len(template))[0] / count  # [P, h, w]
+    w_mean = _window_sums(integrals[0], m) / count
+    w_var = (_window_sums(integrals[1], m) / count - w_mean * w_mean).clamp_min(0)
+    used, residual, correlation = _scores(cross, t_var[:, None, None], w_var, tol)
+    best = used.flatten(1).argmin(dim=1, keepdim=True)
+    whole = [v.flatten(1).gather(1, best)[:, 0] for v in (used, residual, correlation)]
+    # A copy resampled off the pixel grid (moved by one pixel of a 64 px image is half a
+    # canonical pixel) lines up only between whole pixels: look there too.
+    peak = torch.where(torch.isfinite(used), correlation, torch.full_like(correlation, -2)).flatten(1).argmax(dim=1)
+    top, left = _peak_offset(correlation, peak)
+    window = _window_at(window_src, top, left, m)
+    window = window - window.mean(dim=(1, 2), keepdim=True)
+    fine = _scores((centred * window).mean(dim=(1, 2)), t_var, (window * window).mean(dim=(1, 2)), tol)
+    better = fine[0] < whole[0]
+    return tuple(torch.where(better, f, w) for f, w in zip(fine, whole))
+
+
+@torch.no_grad()
+def verify(a: np.ndarray, b: np.ndarray, tol: Tolerance = Tolerance(), chunk: int = 2048) -> Verdicts:
+    """Judge each pair (a[p], b[p]) of canonical uint8 thumbnails [P, C, C]; see the module doc."""
+    tol.check()
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(f"expected two [P, C, C] arrays of thumbnails, got {a.shape} and {b.shape}")
+    out = {k: np.empty(len(a), dtype=np.float32) for k in ("used", "residual", "correlation", "scale")}
+    flat = np.zeros(len(a), bool)
+    for start in range(0, len(a), chunk):
+        x, y = smoothed(a[start:start + chunk], tol.smooth), smoothed(b[start:start + chunk], tol.smooth)
+        integrals = {id(v): (_integral(v.double()).float(), _integral((v * v).double()).float())
+                     for v in (x, y)}
+        contrast = torch.minimum(x.flatten(1).std(dim=1, unbiased=False), y.flatten(1).std(dim=1, unbiased=False))
+        featureless = (torch.minimum(detail(x), detail(y)) < tol.min_detail) | (contrast < tol.min_contrast)
+        best = None
+        for scale in tol.scales:
+            for template, window in ((x, y), (y, x)):  # either one may be the cropped copy
+                used, residual, corr = _hypothesis(template, window, integrals[id(window)], scale, tol)
+                here = torch.stack([used, residual, corr, torch.full_like(used, scale)])
+                if best is None:
+                    best = here
+                else:
+                    better = used < best[0]
+                    best = torch.where(better[None], here, best)
+        best[0] = torch.where(featureless, torch.full_like(best[0], float("inf")), best[0])
+        stop = start + len(x)
+        flat[start:stop] = featureless.numpy()
+        for k, row in zip(("used", "residual", "correlation", "scale"), best.numpy()):
+            out[k][start:stop] = row
+    return Verdicts(copy=out["used"] <= 1.0, used=out["used"], residual=out["residual"],
+                    correlation=out["correlation"], scale=out["scale"], featureless=flat)
