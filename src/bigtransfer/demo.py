@@ -164,18 +164,27 @@ def _provenance(out: Path, result: DemoResult, config: DemoConfig) -> tuple[str,
 
 
 def table(result: DemoResult, config: DemoConfig) -> str:
+    def accuracies(arm, shots) -> dict[int, float]:
+        return {r["seed"]: r["top1"] for r in result.runs if r["arm"] == arm and r["examples_per_class"] == shots}
+
     def cell(arm, shots):
-        accs = [r["top1"] for r in result.runs if r["arm"] == arm and r["examples_per_class"] == shots]
+        accs = list(accuracies(arm, shots).values())
         return f"{statistics.median(accs):6.1%}  ({min(accs):.1%}-{max(accs):.1%})"
+
+    def draws_won(shots) -> str:
+        # Both arms train on the same draw of a seed: comparing them draw by draw takes out the
+        # draw-to-draw spread that the ranges carry.
+        t, s = accuracies("transfer", shots), accuracies("scratch", shots)
+        return f"{sum(t[k] > s[k] for k in t if k in s)}/{len(t.keys() & s.keys())}"
 
     lines = [f"digits test accuracy, median (min-max) over seeds {list(config.seeds)}",
              (f"computed in {result.precision or config.precision} on "
               f"{machine.one_line(result.machine) if result.machine else 'this machine'}"),
-             f"{'examples/class':<16}{'transfer':<26}{'scratch':<26}winner"]
+             f"{'examples/class':<16}{'transfer':<26}{'scratch':<26}{'winner':<10}transfer ahead on draws"]
     for shots in config.shots:
         t, s = result.transfer_accuracy[str(shots)], result.scratch_accuracy[str(shots)]
         lines.append(f"{shots!s:<16}{cell('transfer', shots):<26}{cell('scratch', shots):<26}"
-                     f"{'transfer' if t > s else 'scratch' if s > t else 'tie'}")
+                     f"{'transfer' if t > s else 'scratch' if s > t else 'tie':<10}{draws_won(shots)}")
     probe = result.pretrain.get("fewshot_probe_on_digits", {})
     if probe:
         lines.append("frozen pre-trained features + ridge probe: "

@@ -55,4 +55,5 @@ def one_line(info: dict) -> str:
     flags = cpu_info["flags"]
     isa = "instruction sets unknown" if flags is None else ", ".join(flags) or "no AVX2"
     where = info.get("gpu") or f"{cpu_info['model']} ({cpu_info['cores']} cores; {isa})"
-    return f"{where}, {info['threads']} torch threads, torch {info['torch']}"
+    threads = info['threads']
+    return f"{where}, {threads} torch thread{'' if threads == 1 else 's'}, torch {info['torch']}"
