@@ -74,3 +74,16 @@ def test_cpu_description_reads_the_model_name_and_kernel_flags(tmp_path, monkeyp
     assert machine.cpu()["flags"] is None and machine.cpu()["model"]  # unknown flags; the platform's name
     line = machine.one_line({"cpu": machine.cpu(), "threads": 2, "torch": "2.x"})
     assert "instruction sets unknown" in line and "2 torch threads" in line
+
+
+def test_table_counts_the_draws_where_transfer_is_ahead():
+    from bigtransfer.demo import DemoResult, table
+
+    config = replace(TINY, shots=(1,), seeds=(0, 1, 2))
+    runs = [{"arm": arm, "examples_per_class": 1, "seed": seed, "top1": top1}
+            for arm, accs in (("transfer", (0.6, 0.5, 0.7)), ("scratch", (0.5, 0.55, 0.6)))
+            for seed, top1 in enumerate(accs)]
+    result = DemoResult(transfer_accuracy={"1": 0.6}, scratch_accuracy={"1": 0.55}, runs=runs,
+                        seconds={"total": 1.0}, precision="fp32")
+    row = next(line for line in table(result, config).splitlines() if line.startswith("1 "))
+    assert row.split()[-2:] == ["transfer", "2/3"]  # seed 1: scratch ahead on the same draw
