@@ -258,7 +258,8 @@ def write_manifest(path: Path, rows: list[tuple[str, str]]) -> Path:
     return path
 
 
-def run_cases(work: Path, models: dict[str, Path], progress: bool, only: str | None) -> list[dict]:
+def run_cases(work: Path, models: dict[str, Path], progress: bool, only: str | None,
+              reuse: bool = False) -> list[dict]:
     """Per (data, size, embedding, edit): one run on the report half with that edit's copies planted."""
     results = []
     for data, size_name in itertools.product(("digits", "photos"), ("small", "large")):
@@ -278,12 +279,15 @@ def run_cases(work: Path, models: dict[str, Path], progress: bool, only: str | N
                 rows, truth = planted[edit]
                 manifest = write_manifest(root / f"upstream_{edit}.csv", case["negatives"] + rows)
                 out = work / "out" / f"{data}-{size}-{embedding}-{edit}"
-                if out.exists():
-                    shutil.rmtree(out)
-                summary = run_dedup(DedupOptions(
-                    upstream=str(manifest), downstream=(str(root / "test"),), out=out,
-                    model=str(model_for(models, embedding, data)), resolution=64, self_test=100, seed=e,
-                    progress=progress))
+                if reuse and (out / "summary.json").is_file():  # finished by an earlier, interrupted report
+                    summary = json.loads((out / "summary.json").read_text())
+                else:
+                    if out.exists():
+                        shutil.rmtree(out)
+                    summary = run_dedup(DedupOptions(
+                        upstream=str(manifest), downstream=(str(root / "test"),), out=out,
+                        model=str(model_for(models, embedding, data)), resolution=64, self_test=100, seed=e,
+                        progress=progress))
                 with open(out / "pairs.csv", newline="") as fh:
                     found = {(r["downstream_path"], r["upstream_path"]) for r in csv.DictReader(fh)}
                 hits = len(found & truth)
@@ -448,6 +452,8 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="the tolerance grid on the tuning halves")
     parser.add_argument("--only", default=None, help="cases whose data/size/embedding label contains this")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--reuse", action="store_true",
+                        help="read back the runs an interrupted report finished (same code, same work folder)")
     args = parser.parse_args()
     start = time.perf_counter()
     args.work = args.work.resolve()  # manifests list absolute paths
@@ -455,7 +461,7 @@ def main() -> None:
     if args.tune:
         tune(args.work, models, args.progress)
         return
-    results = run_cases(args.work, models, args.progress, args.only)
+    results = run_cases(args.work, models, args.progress, args.only, args.reuse)
     lines = tables(results)
     report = {"command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "defaults": Tolerance().__dict__,
