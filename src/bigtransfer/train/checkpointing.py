@@ -141,26 +141,33 @@ class FinalWeights:
     resume: bool = True
 
 
+def _fingerprint_in(metadata: dict | None) -> str | None:
+    """The run fingerprint that a weights file's provenance metadata names, if any."""
+    provenance = json.loads((metadata or {}).get("provenance") or "{}")
+    return provenance.get("fingerprint") if isinstance(provenance, dict) else None
+
+
 def _provenance_fingerprint(path: Path) -> str | None:
     """The fingerprint of the run that wrote a weights file (None if it names none or is unreadable)."""
     try:
         with safe_open(str(path), framework="pt") as fh:
-            provenance = json.loads((fh.metadata() or {}).get("provenance") or "{}")
+            return _fingerprint_in(fh.metadata())
     except (SafetensorError, OSError, ValueError):
         return None
-    return provenance.get("fingerprint") if isinstance(provenance, dict) else None
 
 
 def finished_weights(path: Path, fingerprint: str) -> dict[str, torch.Tensor] | None:
     """The tensors of `path` if it is this run's finished model (its provenance names the
     fingerprint), else None: a run killed between saving its model and evaluating it resumes here."""
-    if not Path(path).is_file() or _provenance_fingerprint(path) != fingerprint:
+    if not Path(path).is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as fh:
+        with safe_open(str(path), framework="pt") as fh:  # one open: the header, then the tensors
+            if _fingerprint_in(fh.metadata()) != fingerprint:
+                return None
             return {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError):
-        return None  # damaged: train again rather than trust it
+    except (SafetensorError, OSError, ValueError):
+        return None  # damaged or unreadable: train again rather than trust it
 
 
 def restore_train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
