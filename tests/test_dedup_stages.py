@@ -134,6 +134,28 @@ def test_pixel_queries_put_a_shifted_copy_first_among_look_alikes(digits28):
     assert all((k, 500 + k) in found for k in range(50))
 
 
+def test_a_black_row_from_a_shift_does_not_hide_a_hazy_copy_from_the_index(photo_crops):
+    """A shift onto a black canvas adds one dark row or column; in a low-contrast (hazy) image
+    that row outweighs the picture, unless the descriptor leaves the border out."""
+    hazy = [Image.fromarray((np.asarray(c, dtype=np.float32) * 0.2 + 200).astype(np.uint8)) for c in photo_crops]
+    hazy = [h.resize((32, 32), Image.BICUBIC) for h in hazy]
+    shifted = [h.transform(h.size, Image.AFFINE, (1, 0, -1, 0, 1, 0), fillcolor=0) for h in hazy]
+    d, q = descriptors(thumbs(hazy)), descriptors(thumbs(shifted))
+    assert (np.argmax(q @ d.T, axis=1) == np.arange(len(hazy))).all()
+
+
+def test_two_smooth_horizons_are_not_copies_for_sharing_their_ramp():
+    """The same bright-sky-over-dark-land ramp, each with its own faint texture: the contrast
+    rule alone would call them copies; the residual is about their detail, so they are not."""
+    rng = np.random.default_rng(0)
+    rows = np.linspace(0, 1, CANONICAL)[:, None]
+    ramp = 215 - 30 / (1 + np.exp(-(rows - 0.55) * 12)) + np.zeros((1, CANONICAL))
+    a, b = (np.clip(ramp + rng.normal(0, 3.0, (5, *ramp.shape)), 0, 255).astype(np.uint8) for _ in range(2))
+    assert not verify(a, b).copy.any()
+    assert verify(a, b, Tolerance(per_detail=100.0)).copy.all()  # what the contrast rule alone says
+    assert verify(a, a).copy.all()  # and each image is still its own copy
+
+
 def test_identical_hashes_and_merged_sources():
     rng = np.random.default_rng(1)
     up = rng.integers(0, 255, (6, CANONICAL, CANONICAL), dtype=np.uint8)

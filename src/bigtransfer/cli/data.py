@@ -91,6 +91,8 @@ def _add_dedup(sub) -> None:
                      help="residual allowed per grey level of contrast (default 0.10)")
     tol.add_argument("--absolute-residual", type=float, default=None, metavar="A",
                      help="plus this many grey levels (default 0.5)")
+    tol.add_argument("--residual-per-detail", type=float, default=None, metavar="K",
+                     help="and at most K times the flatter image's fine detail (default 1.0)")
     tol.add_argument("--min-contrast", type=float, default=None, metavar="S",
                      help="images flatter than this standard deviation are never verified (default 4)")
     tol.add_argument("--min-detail", type=float, default=None, metavar="D",
@@ -111,6 +113,7 @@ def _run_dedup(args) -> int:
 
     overrides = {name: value for name, value in (
         ("relative", args.relative_residual), ("absolute", args.absolute_residual),
+        ("per_detail", args.residual_per_detail),
         ("min_contrast", args.min_contrast), ("min_detail", args.min_detail), ("shift", args.max_shift))
         if value is not None}
     summary = run_dedup(DedupOptions(

@@ -40,10 +40,13 @@ def rescale(image: Image.Image, rng: np.random.Generator) -> bytes:
 
 
 def shift(image: Image.Image, rng: np.random.Generator) -> bytes:
-    """Moved by one pixel in one of eight directions, the border row repeated."""
+    """Moved by one pixel in one of eight directions; the uncovered row and column repeat the
+    border, or are black or white (a copy pasted onto a canvas)."""
     dy, dx = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)][int(rng.integers(8))]
+    fill = ("edge", 0, 255)[int(rng.integers(3))]
     pixels = np.asarray(image)
-    padded = np.pad(pixels, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    pad = ((1, 1), (1, 1), (0, 0))[:pixels.ndim]
+    padded = np.pad(pixels, pad, mode="edge") if fill == "edge" else np.pad(pixels, pad, constant_values=fill)
     h, w = pixels.shape[:2]
     return _png(Image.fromarray(padded[1 - dy:1 - dy + h, 1 - dx:1 - dx + w]))
 

@@ -11,7 +11,10 @@ antialiasing filter.
 The search descriptor is the thumbnail pooled to DESCRIPTOR x DESCRIPTOR, mean-removed and scaled
 to unit length: the inner product of two descriptors is their normalised correlation at that
 coarse size, insensitive to brightness and contrast changes and, because pooling blurs, to
-shifts of a pixel.
+shifts of a pixel. It leaves out a DESCRIPTOR_MARGIN-pixel border: that is where a shifted copy
+gets its filled row or column (often black), and where a cropped one lost its pixels, so the
+border is the least trustworthy part of a copy; one black row in a hazy photo otherwise moves
+its descriptor further than a different photo would.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from PIL import Image
 
 CANONICAL = 32  # side of the grey thumbnail that every check runs on
 DESCRIPTOR = 16  # side of the pooled thumbnail that the candidate index holds
+DESCRIPTOR_MARGIN = 2  # canonical pixels of border the descriptor leaves out (see the module doc)
 # Standard deviation (grey levels, 0-255) below which a descriptor is shortened: a nearly uniform
 # image has no structure to correlate, and a short vector keeps it from being anyone's neighbour.
 DESCRIPTOR_FLOOR = 2.0
@@ -45,7 +49,7 @@ def descriptors(thumbnails: np.ndarray | torch.Tensor, shift: tuple[int, int] = 
     `shift` (dy, dx) moves the thumbnails by whole canonical pixels first (edges repeated): the
     same image seen one pixel off, to query the index with."""
     x = _as_float(thumbnails)[:, None]
-    if x.shape[-1] % DESCRIPTOR:
+    if x.shape[-1] % DESCRIPTOR or x.shape[-1] <= 4 * DESCRIPTOR_MARGIN:
         raise ValueError(f"thumbnails of side {x.shape[-1]} do not pool to {DESCRIPTOR}")
     dy, dx = shift
     if dy or dx:
@@ -53,7 +57,8 @@ def descriptors(thumbnails: np.ndarray | torch.Tensor, shift: tuple[int, int] = 
         x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
         side = x.shape[-1] - 2 * pad
         x = x[..., pad - dy:pad - dy + side, pad - dx:pad - dx + side]
-    pooled = F.avg_pool2d(x, x.shape[-1] // DESCRIPTOR).flatten(1)
+    m, side = DESCRIPTOR_MARGIN, x.shape[-1]
+    pooled = F.adaptive_avg_pool2d(x[..., m:side - m, m:side - m], DESCRIPTOR).flatten(1)
     pooled = pooled - pooled.mean(dim=1, keepdim=True)
     floor = DESCRIPTOR_FLOOR * DESCRIPTOR  # the norm of a vector whose std is DESCRIPTOR_FLOOR
     return (pooled / pooled.norm(dim=1, keepdim=True).clamp_min(floor)).numpy().astype(np.float32)

@@ -12,8 +12,10 @@ amount of noise. So a pair is a copy when, at some alignment,
 
     residual <= relative * contrast + absolute            (grey levels, on the canonical thumbnail)
 
-with the gain between them within [1/max_gain, max_gain], and both images above min_contrast and
-min_detail: a nearly uniform image, or one that is only a smooth ramp (sky, out-of-focus
+and residual <= per_detail * detail of the flatter image (a copy keeps its detail: two
+different hazy horizons agree on their ramp and differ by about as much detail as they have, so
+a tolerance from contrast alone lets them pass), with the gain between them within
+[1/max_gain, max_gain], and both images above min_contrast and min_detail: a nearly uniform image, or one that is only a smooth ramp (sky, out-of-focus
 background), has no structure to check, since all such images correlate with each other, and is
 never called a copy of anything (only identical thumbnails pair them, see candidates.py).
 Because every image is first reduced to the canonical size, the rule means the same thing for a
@@ -42,6 +44,7 @@ class Tolerance:
     absolute: float = 0.5  # plus this many grey levels (re-encoding noise)
     min_contrast: float = 4.0  # both images need at least this standard deviation (grey levels)
     min_detail: float = 1.0  # ... and this much of it finer than DETAIL_SCALE (smooth ramps all look alike)
+    per_detail: float = 1.0  # ... and at most this fraction of the flatter image's detail
     max_gain: float = 1.5  # contrast may change by at most this factor
     shift: int = 2  # canonical pixels each way (a pixel at 16 px, a fraction of one at 500 px)
     smooth: float = 0.7  # Gaussian blur (canonical pixels) first: edits destroy the finest detail
@@ -51,6 +54,8 @@ class Tolerance:
         """Raise ValueError for a tolerance that cannot work."""
         if min(self.relative, self.absolute, self.min_contrast, self.min_detail, self.smooth) < 0 or self.max_gain < 1:
             raise ValueError("tolerances must be non-negative and max_gain at least 1")
+        if self.per_detail <= 0:
+            raise ValueError("per_detail must be positive")
         if not 0 <= self.shift < CANONICAL // 4:
             raise ValueError(f"the shift search must be between 0 and {CANONICAL // 4 - 1} pixels")
         if not self.scales or any(not 0.5 <= s <= 1 for s in self.scales):
@@ -117,13 +122,15 @@ def _integral(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x.cumsum(1).cumsum(2), (1, 0, 1, 0))
 
 
-def _scores(cross: torch.Tensor, t_var: torch.Tensor, w_var: torch.Tensor, tol: Tolerance):
+def _scores(cross: torch.Tensor, t_var: torch.Tensor, w_var: torch.Tensor, ceiling: torch.Tensor, tol: Tolerance):
     """(used, residual, correlation) from a template's variance, a window's and their covariance;
-    `used` is infinite where the pair fails the gain or contrast condition."""
+    `ceiling` is the most residual the pair's detail allows; `used` is infinite where the pair
+    fails the gain or contrast condition."""
     w_std, t_std = w_var.sqrt(), t_var.sqrt()
     correlation = (cross / (t_std * w_std).clamp_min(1e-6)).clamp(-1, 1)
     residual = w_std * (1 - correlation * correlation).clamp_min(0).sqrt()
-    used = residual / (tol.relative * w_std + tol.absolute).clamp_min(1e-6)
+    allowed = torch.minimum(tol.relative * w_std + tol.absolute, ceiling)
+    used = residual / allowed.clamp_min(1e-6)
     gain = cross / t_var.clamp_min(1e-6)  # least-squares gain from template to window
     valid = (correlation > 0) & (gain >= 1 / tol.max_gain) & (gain <= tol.max_gain) & \
         (w_std >= tol.min_contrast) & (t_std >= tol.min_contrast)
@@ -161,7 +168,7 @@ def _window_at(source: torch.Tensor, top: torch.Tensor, left: torch.Tensor, m: i
 
 
 def _hypothesis(template_src: torch.Tensor, window_src: torch.Tensor, integrals, scale: float,
-                tol: Tolerance):
+                ceiling: torch.Tensor, tol: Tolerance):
     """(used, residual, correlation) [P] at the best alignment of one template scale: the best
     whole-pixel position, or the sub-pixel one at the correlation's peak if that is better."""
     side = template_src.shape[-1]
@@ -180,7 +187,7 @@ def _hypothesis(template_src: torch.Tensor, window_src: torch.Tensor, integrals,
     cross = F.conv2d(window_src[None], centred[:, None], groups=len(template))[0] / count  # [P, h, w]
     w_mean = _window_sums(integrals[0], m) / count
     w_var = (_window_sums(integrals[1], m) / count - w_mean * w_mean).clamp_min(0)
-    used, residual, correlation = _scores(cross, t_var[:, None, None], w_var, tol)
+    used, residual, correlation = _scores(cross, t_var[:, None, None], w_var, ceiling[:, None, None], tol)
     best = used.flatten(1).argmin(dim=1, keepdim=True)
     whole = [v.flatten(1).gather(1, best)[:, 0] for v in (used, residual, correlation)]
     # A copy resampled off the pixel grid (moved by one pixel of a 64 px image is half a
@@ -189,7 +196,7 @@ def _hypothesis(template_src: torch.Tensor, window_src: torch.Tensor, integrals,
     top, left = _peak_offset(correlation, peak)
     window = _window_at(window_src, top, left, m)
     window = window - window.mean(dim=(1, 2), keepdim=True)
-    fine = _scores((centred * window).mean(dim=(1, 2)), t_var, (window * window).mean(dim=(1, 2)), tol)
+    fine = _scores((centred * window).mean(dim=(1, 2)), t_var, (window * window).mean(dim=(1, 2)), ceiling, tol)
     better = fine[0] < whole[0]
     return tuple(torch.where(better, f, w) for f, w in zip(fine, whole))
 
@@ -207,11 +214,13 @@ def verify(a: np.ndarray, b: np.ndarray, tol: Tolerance = Tolerance(), chunk: in
         integrals = {id(v): (_integral(v.double()).float(), _integral((v * v).double()).float())
                      for v in (x, y)}
         contrast = torch.minimum(x.flatten(1).std(dim=1, unbiased=False), y.flatten(1).std(dim=1, unbiased=False))
-        featureless = (torch.minimum(detail(x), detail(y)) < tol.min_detail) | (contrast < tol.min_contrast)
+        least_detail = torch.minimum(detail(x), detail(y))
+        featureless = (least_detail < tol.min_detail) | (contrast < tol.min_contrast)
+        ceiling = tol.per_detail * least_detail
         best = None
         for scale in tol.scales:
             for template, window in ((x, y), (y, x)):  # either one may be the cropped copy
-                used, residual, corr = _hypothesis(template, window, integrals[id(window)], scale, tol)
+                used, residual, corr = _hypothesis(template, window, integrals[id(window)], scale, ceiling, tol)
                 here = torch.stack([used, residual, corr, torch.full_like(used, scale)])
                 if best is None:
                     best = here
