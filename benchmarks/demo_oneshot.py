@@ -44,7 +44,7 @@ from bigtransfer.train.logbook import read_metrics
 VAL_FRACTION = 0.3  # of the digits' training split; the demo's test split is not touched
 VAL_SEED = 1
 # The demo's scaled rule before issue 18 (variants override it); the demo now runs what variant
-# "b16:batch=16,steps=160,base_lr=0.0075" describes.
+# "lr3e-3:batch=16,steps=160,base_lr=0.003" describes.
 DEMO_RULE = {"batch": 64, "steps": 40, "base_lr": 0.03, "resolution": (36, 32), "flip": False}
 
 

@@ -8,9 +8,9 @@
 4. Train the same architecture from scratch with exactly the same fine-tuning budget.
 
 The HyperRule is scaled to the time budget, and the report says so: 160 steps of batch 16
-instead of 500 of 512, resolution 36/32 instead of 160/128 (the digits are 8x8), and lr 0.0075
-instead of 0.003, which keeps the rule's learning rate per example in the batch at the
-budget's scale (0.03 at batch 64, linearly). Horizontal flips are off, upstream and
+instead of 500 of 512 and resolution 36/32 instead of 160/128 (the digits are 8x8); the
+learning rate is the rule's own 0.003, as the authors' release keeps it whatever --batch is.
+Horizontal flips are off, upstream and
 downstream: a mirrored digit or glyph is not the same class (the paper's Supp. F drops flips
 wherever they change the label). Everything else is the rule: momentum 0.9, no weight decay,
 zero-initialised head, warm-up then /10 decays at the release's fractions, random crops, no
@@ -23,6 +23,14 @@ The training loss fell to 0.1 within 8 steps, still in the warm-up, the head's l
 as large, and the other 32 steps had nothing left to learn from: 49% on validation against 59%
 for a ridge probe on the same frozen features. The same number of examples in 4x more, smaller
 steps ends at 59% (the probe's level) and is ahead at every shot count, for both arms.
+
+Why lr 0.003 and not the 0.0075 that batch 16 first ran with (same benchmark, same validation
+split, 5 draws per shot count, both arms under the same rule): 0.0075 left transfer ahead of
+scratch by 1-4 points at 5 examples per class and behind on one draw of five; the rule's own
+0.003 keeps the pre-trained features closer (the fine-tuned model ends above the ridge probe's
+level) and puts transfer ahead on every draw at 1, 5, 10 and all examples (smallest paired
+margins +8, +2, +4, +3 points). From scratch, 0.003 is slower to converge in 160 steps, as the
+rule was never meant for random weights; the README gives scratch's figures at its own best lr.
 """
 
 from __future__ import annotations
@@ -59,7 +67,7 @@ class DemoConfig:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # draws per shot count, as in the paper (5)
     finetune_batch: int = 16
     finetune_steps: int = 160
-    finetune_lr: float = 0.0075
+    finetune_lr: float = 0.003  # the HyperRule's own
     finetune_resolution: tuple[int, int] = (36, 32)
     workers: int = 1
     precision: str = "auto"  # auto | fp32 | bf16, as for every training verb
@@ -171,20 +179,27 @@ def table(result: DemoResult, config: DemoConfig) -> str:
         accs = list(accuracies(arm, shots).values())
         return f"{statistics.median(accs):6.1%}  ({min(accs):.1%}-{max(accs):.1%})"
 
-    def draws_won(shots) -> str:
+    def paired(shots) -> tuple[str, str]:
         # Both arms train on the same draw of a seed: comparing them draw by draw takes out the
-        # draw-to-draw spread that the ranges carry.
+        # draw-to-draw spread that the ranges carry (which image of a class is drawn moves a
+        # 1-shot result by ten points in both arms alike).
         t, s = accuracies("transfer", shots), accuracies("scratch", shots)
-        return f"{sum(t[k] > s[k] for k in t if k in s)}/{len(t.keys() & s.keys())}"
+        gaps = [t[k] - s[k] for k in t if k in s]
+        if not gaps:
+            return "-", "0/0"
+        margin = f"{statistics.median(gaps):+.1%} ({min(gaps):+.1%} to {max(gaps):+.1%})"
+        return margin, f"{sum(g > 0 for g in gaps)}/{len(gaps)}"
 
     lines = [f"digits test accuracy, median (min-max) over seeds {list(config.seeds)}",
              (f"computed in {result.precision or config.precision} on "
               f"{machine.one_line(result.machine) if result.machine else 'this machine'}"),
-             f"{'examples/class':<16}{'transfer':<26}{'scratch':<26}{'winner':<10}transfer ahead on draws"]
+             (f"{'examples/class':<16}{'transfer':<26}{'scratch':<26}{'winner':<10}"
+              f"{'margin on the same draw':<32}transfer ahead on draws")]
     for shots in config.shots:
         t, s = result.transfer_accuracy[str(shots)], result.scratch_accuracy[str(shots)]
+        margin, won = paired(shots)
         lines.append(f"{shots!s:<16}{cell('transfer', shots):<26}{cell('scratch', shots):<26}"
-                     f"{'transfer' if t > s else 'scratch' if s > t else 'tie':<10}{draws_won(shots)}")
+                     f"{'transfer' if t > s else 'scratch' if s > t else 'tie':<10}{margin:<32}{won}")
     probe = result.pretrain.get("fewshot_probe_on_digits", {})
     if probe:
         lines.append("frozen pre-trained features + ridge probe: "
