@@ -15,8 +15,8 @@ amount of noise. So a pair is a copy when, at some alignment,
 and residual <= per_detail * detail of the flatter image (a copy keeps its detail: two
 different hazy horizons agree on their ramp and differ by about as much detail as they have, so
 a tolerance from contrast alone lets them pass), with the gain between them within
-[1/max_gain, max_gain], and both images above min_contrast and min_detail: a nearly uniform image, or one that is only a smooth ramp (sky, out-of-focus
-background), has no structure to check, since all such images correlate with each other, and is
+[1/max_gain, max_gain], and both images above min_contrast and min_detail: a nearly uniform
+image, or one that is only a smooth ramp (sky, out-of-focus background), has no structure to check, since all such images correlate with each other, and is
 never called a copy of anything (only identical thumbnails pair them, see candidates.py).
 Because every image is first reduced to the canonical size, the rule means the same thing for a
 28 px digit and a 500 px photo. The pairs of a batch are checked together, one grouped
