@@ -49,8 +49,9 @@ def descriptors(thumbnails: np.ndarray | torch.Tensor, shift: tuple[int, int] = 
     `shift` (dy, dx) moves the thumbnails by whole canonical pixels first (edges repeated): the
     same image seen one pixel off, to query the index with."""
     x = _as_float(thumbnails)[:, None]
-    if x.shape[-1] % DESCRIPTOR or x.shape[-1] <= 4 * DESCRIPTOR_MARGIN:
-        raise ValueError(f"thumbnails of side {x.shape[-1]} do not pool to {DESCRIPTOR}")
+    if x.shape[-1] % DESCRIPTOR or x.shape[-1] - 2 * DESCRIPTOR_MARGIN < DESCRIPTOR:
+        raise ValueError(f"thumbnails of side {x.shape[-1]} do not pool to {DESCRIPTOR} "
+                         f"without their {DESCRIPTOR_MARGIN}-px border")
     dy, dx = shift
     if dy or dx:
         pad = max(abs(dy), abs(dx))
