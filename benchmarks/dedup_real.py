@@ -31,6 +31,7 @@ Embeddings: "pre-trained" is R14x0.5 pre-trained for one epoch on the procedural
 on the data's own classes: the digits' ten classes, or for photos which photograph a crop is from.
 
     python benchmarks/dedup_real.py --tune   # tolerance grid on the tuning halves -> results/dedup_tune.*
+    python benchmarks/dedup_real.py --consistency   # the faint-match check on them -> results/dedup_consistency.*
     python benchmarks/dedup_real.py          # the report halves -> results/dedup_real.{json,md}
 """
 
@@ -54,7 +55,8 @@ from bigtransfer.dedup import DedupOptions, Tolerance, run_dedup
 from bigtransfer.dedup.pixels import contrast, grey_thumbnail
 
 RESULTS = Path(__file__).parent / "results"
-SIZES = {"digits": {"small": 28, "large": 224}, "photos": {"small": 32, "large": 224}}
+SIZES = {"digits": {"small": 28, "large": 224}, "photos": {"small": 32, "large": 224},
+         "more-photos": {"small": 32, "large": 224}}
 ISSUE_EDITS = ("rename", "rescale", "shift", "brightness", "jpeg", "grey_rgb")
 EDITS = (*ISSUE_EDITS, "crop", "combined")
 SELF_TEST_NAME = {"rename": "copy"}  # this script's edit -> the self-test's name for the same edit
@@ -62,6 +64,9 @@ COPIED, CONTROLS = 100, 200  # test images with a planted copy (fewer where a ha
 MAX_IOU = 0.5  # two crops of a photo overlap at most this much (more: one is nearly a crop of the other)
 REPORT_SEED = 3  # the report's draw: crops, test images, copies (seeds 1-2 were looked at while building)
 TUNE_COLUMNS = 192  # photo crops for tuning come from the photos' left 192 columns, report crops from the rest
+MORE_PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "moon", "rocket", "hubble_deep_field",
+               "brick", "grass", "gravel")  # scikit-image's bundled photographs (tuning only)
+PHOTO_NAMES = {"photos": ("china", "flower"), "more-photos": MORE_PHOTOS}
 
 
 # --------------------------------------------------------------------------- the images
@@ -82,22 +87,38 @@ def _iou(a, b) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def photo_crops(half: str, large: bool, seed: int) -> list[tuple[int, tuple[int, int, int, int]]]:
-    """(photo, box) of crops with content, none overlapping another of its photo by IoU > 0.5.
-    Small: 32-256 px wide; large (to be shown at 224 px, at most 2.8x upscaled): 80-320 px."""
-    from sklearn.datasets import load_sample_images
+def sample_photos(data: str) -> list[np.ndarray]:
+    """RGB uint8 photographs: scikit-learn's two ("photos") or scikit-image's bundled real ones
+    ("more-photos": portraits, a cat, coffee, coins, the moon, a rocket on a sky, a deep field,
+    and three textures), which only the tuning uses: they show failures sklearn's two cannot."""
+    if data == "photos":
+        from sklearn.datasets import load_sample_images
 
-    photos = load_sample_images().images
-    x0, x1 = (0, TUNE_COLUMNS) if half == "tune" else (TUNE_COLUMNS, 640)
+        return load_sample_images().images
+    try:
+        import skimage.data
+    except ImportError:
+        sys.exit("the more-photos tuning data needs scikit-image: pip install -e '.[bench]'")
+    photos = [getattr(skimage.data, name)() for name in MORE_PHOTOS]
+    return [np.repeat(p[..., None], 3, axis=2) if p.ndim == 2 else p[..., :3] for p in photos]
+
+
+def photo_crops(half: str, large: bool, seed: int, data: str = "photos") -> list[tuple[int, tuple[int, int, int, int]]]:
+    """(photo, box) of crops with content, none overlapping another of its photo by IoU > 0.5.
+    Small: 32-256 px wide; large (to be shown at 224 px, at most 2.8x upscaled): 80-320 px.
+    sklearn's photos are split by columns into the halves; scikit-image's are all tuning."""
+    photos = sample_photos(data)
     low, high = (80, 320) if large else (32, 256)
     rng = np.random.default_rng(seed)
     boxes: list[tuple[int, tuple[int, int, int, int]]] = []
-    for _ in range(30000):
-        p = int(rng.integers(2))
+    for _ in range(30000 * (1 if data == "photos" else 3)):
+        p = int(rng.integers(len(photos)))
+        height, width = photos[p].shape[:2]
+        x0, x1 = (0, width) if data != "photos" else (0, TUNE_COLUMNS) if half == "tune" else (TUNE_COLUMNS, width)
         side = round(math.exp(rng.uniform(math.log(low), math.log(high))))
-        if side >= min(x1 - x0, photos[p].shape[0]):
+        if side >= min(x1 - x0, height):
             continue
-        x, y = int(rng.integers(x0, x1 - side)), int(rng.integers(0, photos[p].shape[0] - side))
+        x, y = int(rng.integers(x0, x1 - side)), int(rng.integers(0, height - side))
         box = (x, y, x + side, y + side)
         if any(q == p and _iou(box, b) > MAX_IOU for q, b in boxes):
             continue
@@ -109,11 +130,8 @@ def _crop(photos, p: int, box) -> Image.Image:
     return Image.fromarray(photos[p][box[1]:box[3], box[0]:box[2]])
 
 
-def photo_image(p: int, box, size: int) -> Image.Image:
-    from sklearn.datasets import load_sample_images
-
-    photo = load_sample_images().images[p]
-    return Image.fromarray(photo[box[1]:box[3], box[0]:box[2]]).resize((size, size), Image.BICUBIC)
+def photo_image(photos: list[np.ndarray], p: int, box, size: int) -> Image.Image:
+    return _crop(photos, p, box).resize((size, size), Image.BICUBIC)
 
 
 def data_set(data: str, half: str, size: int) -> tuple[list[Image.Image], list[str], np.ndarray]:
@@ -122,14 +140,17 @@ def data_set(data: str, half: str, size: int) -> tuple[list[Image.Image], list[s
         pixels, labels = digits_half(half)
         images = [Image.fromarray(d).resize((size, size), Image.BILINEAR) for d in pixels]
         return images, [str(c) for c in labels], np.arange(len(images))
+    if data == "more-photos" and half != "tune":
+        raise ValueError("scikit-image's photographs are tuning data only")
     large = size >= 224
     seed = REPORT_SEED if half == "report" else 1
-    crops = photo_crops(half, large, seed)
+    crops = photo_crops(half, large, seed, data)
     if large:  # the small crops too, upscaled, as more negatives: the same scenes at other scales
-        crops += [(p, b) for p, b in photo_crops(half, False, seed + 1)
+        crops += [(p, b) for p, b in photo_crops(half, False, seed + 1, data)
                   if not any(q == p and _iou(b, c) > MAX_IOU for q, c in crops)]
-    images = [photo_image(p, b, size) for p, b in crops]
-    names = ["china" if p == 0 else "flower" for p, _ in crops]
+    photos = sample_photos(data)
+    images = [photo_image(photos, p, b, size) for p, b in crops]
+    names = [PHOTO_NAMES[data][p] for p, _ in crops]
     eligible = [k for k, (_, b) in enumerate(crops) if not large or b[2] - b[0] >= 80]
     return images, names, np.asarray(eligible)
 
@@ -370,7 +391,8 @@ def embedding_coverage(models, data, upstream, tests, truth, opts) -> dict:
 
 def tune(work: Path, models: dict[str, Path], progress: bool) -> None:
     """Score a grid of tolerances on the tuning halves (all edits planted at once, one run's
-    candidates verified under every tolerance) and write results/dedup_tune.{json,md}."""
+    candidates verified under every tolerance) and write results/dedup_tune.{json,md}. It
+    scores the pixel check alone; the consistency check after it has its own study."""
     from bigtransfer.dedup import pipeline
     from bigtransfer.dedup.candidates import Candidates
 
@@ -446,10 +468,80 @@ def tune(work: Path, models: dict[str, Path], progress: bool) -> None:
     print("\n".join(lines))
 
 
+def consistency_study(work: Path, models: dict[str, Path], progress: bool) -> None:
+    """The check that an image's faint matches agree (dedup/consistency.py), on the tuning halves
+    and scikit-image's photographs: every edit but the two that keep the thumbnail identical is
+    planted at once, so each copied test image has several copies made with different edits, and
+    the check is scored as dedup makes it (faint matches only) and applied to every match."""
+    from bigtransfer.dedup import pipeline
+    from bigtransfer.dedup.consistency import consistent, decided_by_detail
+
+    edits = [e for e in EDITS if e not in ("rename", "grey_rgb")]
+    rows = []
+    for data, size_name in itertools.product(("digits", "photos", "more-photos"), ("small", "large")):
+        size = SIZES[data][size_name]
+        embedding = "pre-trained" if data == "more-photos" else "class-trained"  # no classes to train on there
+        root = work / "consistency" / f"{data}-{size}"
+        if root.exists():
+            shutil.rmtree(root)
+        case = write_case(root, data, "tune", size, seed=0)
+        manifest, truth = list(case["negatives"]), set()
+        for edit in edits:
+            copies, t = plant_copies(root, case, edit, seed=0)
+            manifest += copies
+            truth |= t
+        opts = DedupOptions(upstream=str(write_manifest(root / "upstream.csv", manifest)),
+                            downstream=(str(root / "test"),), model=str(model_for(models, embedding, data)),
+                            resolution=64, progress=progress)
+        upstream, _ = pipeline.upstream_files(opts.upstream)
+        tests = pipeline.TestImages(opts.downstream)
+        device = torch.device("cpu")
+        embedder = pipeline.Embedder(pipeline.embedding_model(opts.model, device), opts.embedding_layer,
+                                     opts.resolution, device)
+        down = pipeline.extract(tests.sets[0], embedder)
+        up = pipeline._index_upstream(upstream, embedder, opts, approximate=False)
+        pairs = pipeline._real_candidates(down, up, pipeline.cand.pixel_queries(down.thumbnails), opts.neighbours)
+        found = pipeline.decide(pairs, pipeline._verify(pairs, down.thumbnails, up.thumbnails, opts.tolerance))
+        found, _ = pipeline.fine_check(found, tests.load, upstream.load, down.sides, up.sides, opts.tolerance)
+        t, u = found.pairs.test, found.pairs.upstream
+        true = np.array([(tests.describe(int(i)), upstream.paths[int(j)]) in truth for i, j in zip(t, u)], bool)
+        grouped = np.bincount(t, minlength=len(tests))[t] > 1
+        faint = decided_by_detail(down.thumbnails[t], up.thumbnails[u], opts.tolerance)
+        row = {"data": data, "size": size, "copies": len(truth), "found": len(t), "true": int(true.sum()),
+               "true_in_groups": int((true & grouped).sum()), "faint_true_in_groups": int((true & grouped & faint).sum()),
+               "faint_false": int((~true & faint).sum())}
+        for name, only_faint in (("dedup", True), ("every_match", False)):
+            keep = consistent(t, u, found.verdicts.used, found.stage == "identical", down.thumbnails, up.thumbnails,
+                              opts.tolerance, only_faint=only_faint)
+            row[name] = {"true_dropped": int((true & ~keep).sum()), "false_dropped": int((~true & ~keep).sum()),
+                         "false_found": int((~true).sum())}
+        rows.append(row)
+        print(row, flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    command = " ".join(["python", *sys.argv])
+    (RESULTS / "dedup_consistency.json").write_text(json.dumps({"command": command, "edits": edits, "cases": rows},
+                                                               indent=2) + "\n")
+    lines = [("The check that a test image's faint matches agree with one another, on the TUNING halves "
+              f"(and scikit-image's photographs): {', '.join(edits)} planted at once, 100 copies each, "
+              "class-trained embedding (pre-trained for scikit-image's), default tolerances."), "",
+             f"`{command}`", "",
+             ("| data | size | true copies found | of them in groups | faint, in groups | faint false pairs | "
+              "dedup's check: true / false dropped | checking every match: true / false dropped |"),
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['data']} | {r['size']} px | {r['true']} | {r['true_in_groups']} | {r['faint_true_in_groups']} | "
+              f"{r['faint_false']} | {r['dedup']['true_dropped']} / {r['dedup']['false_dropped']} of "
+              f"{r['dedup']['false_found']} | {r['every_match']['true_dropped']} / {r['every_match']['false_dropped']} |"
+              for r in rows]
+    (RESULTS / "dedup_consistency.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("runs/dedup-real"), help="models, generated files, runs")
     parser.add_argument("--tune", action="store_true", help="the tolerance grid on the tuning halves")
+    parser.add_argument("--consistency", action="store_true",
+                        help="the check that an image's faint matches agree, on the tuning halves")
     parser.add_argument("--only", default=None, help="cases whose data/size/embedding label contains this")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--reuse", action="store_true",
@@ -460,6 +552,9 @@ def main() -> None:
     models = build_models(args.work, args.progress)
     if args.tune:
         tune(args.work, models, args.progress)
+        return
+    if args.consistency:
+        consistency_study(args.work, models, args.progress)
         return
     results = run_cases(args.work, models, args.progress, args.only, args.reuse)
     lines = tables(results)
