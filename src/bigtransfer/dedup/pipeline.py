@@ -18,6 +18,7 @@ from ..data.imageset import ImageSet
 from ..data.sources import load_source
 from ..errors import BigTransferError, BigTransferWarning
 from . import candidates as cand
+from .consistency import consistent
 from .edits import EDITS
 from .features import Embedder, Features, batches, extract
 from .pixels import CANONICAL, DESCRIPTOR, descriptors, grey_thumbnail
@@ -249,6 +250,15 @@ def fine_check(found: Decided, load_test, load_upstream, test_sides: np.ndarray,
     return found.take(keep), int((~keep).sum())
 
 
+def agreeing(found: Decided, test_thumbnails: np.ndarray, upstream_thumbnails: np.ndarray,
+             tol: Tolerance) -> tuple[Decided, int]:
+    """(the pairs that stand, how many were dropped): where an image has several matches, they
+    must be copies of one another (consistency.py)."""
+    keep = consistent(found.pairs.test, found.pairs.upstream, found.verdicts.used, found.stage == "identical",
+                      test_thumbnails, upstream_thumbnails, tol)
+    return found.take(keep), int((~keep).sum())
+
+
 def run_dedup(opts: DedupOptions) -> dict:
     """Find the pairs, write the reports and the filtered upstream manifest; returns the summary."""
     opts.check()
@@ -298,12 +308,14 @@ def _run(opts: DedupOptions, out: Path) -> dict:
     lap("search")
     found = decide(pairs, _verify(pairs, down.thumbnails, up.thumbnails, opts.tolerance))
     found, dropped = fine_check(found, tests.load, upstream.load, down.sides, up.sides, opts.tolerance)
+    found, disagreeing = agreeing(found, down.thumbnails, up.thumbnails, opts.tolerance)
     self_test = None
     if planted is not None:
         found_planted = decide(planted_pairs, _verify(planted_pairs, down.thumbnails, planted_features.thumbnails,
                                                       opts.tolerance))
         found_planted, _ = fine_check(found_planted, tests.load, lambda c: load_rgb(planted.blobs[c]), down.sides,
                                       planted_features.sides, opts.tolerance)
+        found_planted, _ = agreeing(found_planted, down.thumbnails, planted_features.thumbnails, opts.tolerance)
         self_test = score(planted, found_planted.pairs.test, found_planted.pairs.upstream)
         self_test.update({"sample": opts.self_test, "seed": opts.seed, "edits": list(EDITS)})
     lap("verify")
@@ -320,7 +332,7 @@ def _run(opts: DedupOptions, out: Path) -> dict:
     flat = int(featureless(down.thumbnails, opts.tolerance)[down.readable].sum())
     summary = {
         "upstream_images": count, "test_images": len(tests), "candidate_pairs": len(pairs),
-        "dropped_at_64px": dropped,
+        "dropped_at_64px": dropped, "dropped_disagreeing": disagreeing,
         "index": {"kind": "hnsw" if approximate else "exact", "pixel_recall_vs_exact": recall},
         "featureless_test_images": flat, "unreadable_upstream": unreadable,
         "unreadable_test_images": int((~down.readable).sum()),
