@@ -45,6 +45,7 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -389,6 +390,44 @@ def embedding_coverage(models, data, upstream, tests, truth, opts) -> dict:
     return out
 
 
+@dataclass
+class Searched:
+    """A tuning half with some edits' copies planted at once, searched as dedup searches it."""
+
+    case: dict
+    truth: set
+    opts: DedupOptions
+    upstream: object  # ImageSet
+    tests: object  # pipeline.TestImages
+    down: object  # Features of the test images
+    up: object  # pipeline.Upstream
+    pairs: object  # candidates.Candidates
+
+
+def search_tuning_half(root: Path, data: str, size: int, edits, model: Path, progress: bool) -> Searched:
+    from bigtransfer.dedup import pipeline
+
+    if root.exists():
+        shutil.rmtree(root)
+    case = write_case(root, data, "tune", size, seed=0)
+    rows, truth = list(case["negatives"]), set()
+    for edit in edits:
+        copies, t = plant_copies(root, case, edit, seed=0)
+        rows += copies
+        truth |= t
+    opts = DedupOptions(upstream=str(write_manifest(root / "upstream.csv", rows)), downstream=(str(root / "test"),),
+                        model=str(model), resolution=64, progress=progress)
+    upstream, _ = pipeline.upstream_files(opts.upstream)
+    tests = pipeline.TestImages(opts.downstream)
+    device = torch.device("cpu")
+    embedder = pipeline.Embedder(pipeline.embedding_model(opts.model, device), opts.embedding_layer,
+                                 opts.resolution, device)
+    down = pipeline.extract(tests.sets[0], embedder)
+    up = pipeline._index_upstream(upstream, embedder, opts, approximate=False)
+    pairs = pipeline._real_candidates(down, up, pipeline.cand.pixel_queries(down.thumbnails), opts.neighbours)
+    return Searched(case, truth, opts, upstream, tests, down, up, pairs)
+
+
 def tune(work: Path, models: dict[str, Path], progress: bool) -> None:
     """Score a grid of tolerances on the tuning halves (all edits planted at once, one run's
     candidates verified under every tolerance) and write results/dedup_tune.{json,md}. It
@@ -401,26 +440,11 @@ def tune(work: Path, models: dict[str, Path], progress: bool) -> None:
     layers = {}
     for data, size_name in itertools.product(("digits", "photos"), ("small", "large")):
         size = SIZES[data][size_name]
-        root = work / "tune" / f"{data}-{size}"
-        if root.exists():
-            shutil.rmtree(root)
-        case = write_case(root, data, "tune", size, seed=0)
-        rows, truth = list(case["negatives"]), set()
-        for edit in ISSUE_EDITS:
-            copies, t = plant_copies(root, case, edit, seed=0)
-            rows += copies
-            truth |= t
-        opts = DedupOptions(upstream=str(write_manifest(root / "upstream.csv", rows)), downstream=(str(root / "test"),),
-                            model=str(model_for(models, "class-trained", data)), resolution=64, progress=progress)
-        upstream, _ = pipeline.upstream_files(opts.upstream)
-        tests = pipeline.TestImages(opts.downstream)
-        device = torch.device("cpu")
-        embedder = pipeline.Embedder(pipeline.embedding_model(opts.model, device), opts.embedding_layer,
-                                     opts.resolution, device)
-        down = pipeline.extract(tests.sets[0], embedder)
-        up = pipeline._index_upstream(upstream, embedder, opts, approximate=False)
-        pairs: Candidates = pipeline._real_candidates(down, up, pipeline.cand.pixel_queries(down.thumbnails),
-                                                      opts.neighbours)
+        run = search_tuning_half(work / "tune" / f"{data}-{size}", data, size, ISSUE_EDITS,
+                                 model_for(models, "class-trained", data), progress)
+        case, truth, opts, upstream, tests, down, up = (run.case, run.truth, run.opts, run.upstream, run.tests,
+                                                         run.down, run.up)
+        pairs: Candidates = run.pairs
         true_pairs = {(tests.describe(int(i)), upstream.paths[int(j)]) for i, j in zip(pairs.test, pairs.upstream)}
         edit_of = {p: Path(p).parts[-3] for _, p in truth}
         if size_name == "small":
@@ -481,26 +505,10 @@ def consistency_study(work: Path, models: dict[str, Path], progress: bool) -> No
     for data, size_name in itertools.product(("digits", "photos", "more-photos"), ("small", "large")):
         size = SIZES[data][size_name]
         embedding = "pre-trained" if data == "more-photos" else "class-trained"  # no classes to train on there
-        root = work / "consistency" / f"{data}-{size}"
-        if root.exists():
-            shutil.rmtree(root)
-        case = write_case(root, data, "tune", size, seed=0)
-        manifest, truth = list(case["negatives"]), set()
-        for edit in edits:
-            copies, t = plant_copies(root, case, edit, seed=0)
-            manifest += copies
-            truth |= t
-        opts = DedupOptions(upstream=str(write_manifest(root / "upstream.csv", manifest)),
-                            downstream=(str(root / "test"),), model=str(model_for(models, embedding, data)),
-                            resolution=64, progress=progress)
-        upstream, _ = pipeline.upstream_files(opts.upstream)
-        tests = pipeline.TestImages(opts.downstream)
-        device = torch.device("cpu")
-        embedder = pipeline.Embedder(pipeline.embedding_model(opts.model, device), opts.embedding_layer,
-                                     opts.resolution, device)
-        down = pipeline.extract(tests.sets[0], embedder)
-        up = pipeline._index_upstream(upstream, embedder, opts, approximate=False)
-        pairs = pipeline._real_candidates(down, up, pipeline.cand.pixel_queries(down.thumbnails), opts.neighbours)
+        run = search_tuning_half(work / "consistency" / f"{data}-{size}", data, size, edits,
+                                 model_for(models, embedding, data), progress)
+        truth, opts, upstream, tests, down, up, pairs = (run.truth, run.opts, run.upstream, run.tests, run.down,
+                                                         run.up, run.pairs)
         found = pipeline.decide(pairs, pipeline._verify(pairs, down.thumbnails, up.thumbnails, opts.tolerance))
         found, _ = pipeline.fine_check(found, tests.load, upstream.load, down.sides, up.sides, opts.tolerance)
         t, u = found.pairs.test, found.pairs.upstream
