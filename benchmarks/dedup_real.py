@@ -498,7 +498,7 @@ def consistency_study(work: Path, models: dict[str, Path], progress: bool) -> No
     planted at once, so each copied test image has several copies made with different edits, and
     the check is scored as dedup makes it (faint matches only) and applied to every match."""
     from bigtransfer.dedup import pipeline
-    from bigtransfer.dedup.consistency import consistent, decided_by_detail
+    from bigtransfer.dedup.consistency import consistent
 
     edits = [e for e in EDITS if e not in ("rename", "grey_rgb")]
     rows = []
@@ -514,13 +514,13 @@ def consistency_study(work: Path, models: dict[str, Path], progress: bool) -> No
         t, u = found.pairs.test, found.pairs.upstream
         true = np.array([(tests.describe(int(i)), upstream.paths[int(j)]) in truth for i, j in zip(t, u)], bool)
         grouped = np.bincount(t, minlength=len(tests))[t] > 1
-        faint = decided_by_detail(down.thumbnails[t], up.thumbnails[u], opts.tolerance)
+        faint = found.verdicts.by_detail
         row = {"data": data, "size": size, "copies": len(truth), "found": len(t), "true": int(true.sum()),
                "true_in_groups": int((true & grouped).sum()), "faint_true_in_groups": int((true & grouped & faint).sum()),
                "faint_false": int((~true & faint).sum())}
-        for name, only_faint in (("dedup", True), ("every_match", False)):
-            keep = consistent(t, u, found.verdicts.used, found.stage == "identical", down.thumbnails, up.thumbnails,
-                              opts.tolerance, only_faint=only_faint)
+        for name, held in (("dedup", faint), ("every_match", np.ones(len(t), bool))):
+            keep = consistent(t, u, found.verdicts.used, held, found.stage == "identical", down.thumbnails,
+                              up.thumbnails, opts.tolerance)
             row[name] = {"true_dropped": int((true & ~keep).sum()), "false_dropped": int((~true & ~keep).sum()),
                          "false_found": int((~true).sum())}
         rows.append(row)

@@ -4,14 +4,14 @@ best match, while every real copy of an image stays, however many there are."""
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 from scipy.ndimage import gaussian_filter
 
 pytest.importorskip("faiss")
 
 from bigtransfer.data.images import load_rgb
 from bigtransfer.dedup import EDITS, DedupOptions, Tolerance, run_dedup
-from bigtransfer.dedup.consistency import consistent, decided_by_detail
+from bigtransfer.dedup.consistency import consistent
 from bigtransfer.dedup.pixels import grey_thumbnail
 from bigtransfer.dedup.verify import verify
 
@@ -33,20 +33,27 @@ def test_the_crafted_images_are_what_the_rule_is_for():
         middle, plus, minus = images
         checks = verify(np.stack([middle, middle, plus]), np.stack([plus, minus, minus]))
         assert checks.copy.tolist() == [True, True, False]
-        assert decided_by_detail(np.stack([middle, middle]), np.stack([plus, minus]), Tolerance()).tolist() == [by_detail] * 2
+        assert checks.by_detail[:2].tolist() == [by_detail] * 2
+
+
+def held(images, test, upstream) -> np.ndarray:
+    """Which pairs verify() says were decided by detail (the ones the rule holds to the others)."""
+    return verify(np.stack([images[i] for i in test]), np.stack([images[j] for j in upstream])).by_detail
 
 
 def test_faint_matches_that_are_not_copies_of_each_other_keep_only_the_best():
     thumbs = np.stack(triple())
     # test image 0 matched by upstream 1 and 2 (2 the better); upstream 0 matched by test 1 and 2
-    keep = consistent(np.array([0, 0]), np.array([1, 2]), np.array([0.7, 0.6]), np.zeros(2, bool),
+    test, upstream = np.array([0, 0]), np.array([1, 2])
+    assert held(thumbs, test, upstream).all()
+    keep = consistent(test, upstream, np.array([0.7, 0.6]), held(thumbs, test, upstream), np.zeros(2, bool),
                       thumbs, thumbs, Tolerance())
     assert keep.tolist() == [False, True]
-    keep = consistent(np.array([1, 2]), np.array([0, 0]), np.array([0.6, 0.7]), np.zeros(2, bool),
+    keep = consistent(upstream, test, np.array([0.6, 0.7]), held(thumbs, upstream, test), np.zeros(2, bool),
                       thumbs, thumbs, Tolerance())
     assert keep.tolist() == [True, False]
     # identical thumbnails are never dropped, and rank first
-    keep = consistent(np.array([0, 0]), np.array([1, 2]), np.array([0.7, 0.6]), np.array([True, False]),
+    keep = consistent(test, upstream, np.array([0.7, 0.6]), held(thumbs, test, upstream), np.array([True, False]),
                       thumbs, thumbs, Tolerance())
     assert keep.tolist() == [True, False]
 
@@ -55,21 +62,27 @@ def test_textured_matches_are_not_held_to_each_other():
     """Where contrast sets the tolerance, two copies made with different edits may fail against
     each other (the edits compound) and still both be copies: they all stand."""
     thumbs = np.stack(triple(texture=40.0, pattern=3.0))
-    keep = consistent(np.array([0, 0]), np.array([1, 2]), np.array([0.7, 0.6]), np.zeros(2, bool),
+    test, upstream = np.array([0, 0]), np.array([1, 2])
+    assert not held(thumbs, test, upstream).any()
+    keep = consistent(test, upstream, np.array([0.7, 0.6]), held(thumbs, test, upstream), np.zeros(2, bool),
                       thumbs, thumbs, Tolerance())
     assert keep.all()
+    everything = consistent(test, upstream, np.array([0.7, 0.6]), np.ones(2, bool), np.zeros(2, bool),
+                            thumbs, thumbs, Tolerance())
+    assert everything.tolist() == [False, True]  # what holding them would do
 
 
 def test_every_copy_of_an_image_stays_however_many_it_has():
-    """Real digits and photo crops, each with its copies made by every edit but the two that give
-    identical thumbnails (so no copy is a stand-in for the original): all that verify stand."""
+    """Real digits and out-of-focus photo crops (blurred: their faint detail sets the tolerance),
+    each with copies made by every edit but the two that give identical thumbnails (so no copy
+    stands in for the original): every copy that verifies also stands."""
     from sklearn.datasets import load_digits, load_sample_images
 
     digits = load_digits().images[:20]
     images = [Image.fromarray(np.round(d * 255 / 16).astype(np.uint8)).resize((28, 28), Image.BILINEAR) for d in digits]
-    photo = load_sample_images().images[0]
-    images += [Image.fromarray(photo[y:y + 96, x:x + 96]).resize((32, 32), Image.BICUBIC)
-               for y in (0, 150, 300) for x in (100, 300, 500)]
+    for photo in load_sample_images().images:
+        images += [Image.fromarray(photo[y:y + 96, x:x + 96]).resize((32, 32), Image.BICUBIC)
+                   .filter(ImageFilter.GaussianBlur(1.5)) for y in range(0, 330, 60) for x in range(0, 540, 60)]
     edits = [name for name in EDITS if name not in ("copy", "grey_rgb")]
     rng = np.random.default_rng(0)
     test, upstream, originals, copies = [], [], [], []
@@ -84,8 +97,9 @@ def test_every_copy_of_an_image_stays_however_many_it_has():
     verdicts = verify(originals[test], copies[upstream])
     found = verdicts.copy
     assert found.mean() > 0.8  # most copies verify at all (crops and the combined edit may not)
-    keep = consistent(test[found], upstream[found], verdicts.used[found], np.zeros(found.sum(), bool),
-                      originals, copies, Tolerance())
+    assert verdicts.by_detail[found].sum() >= 30  # and many are held to the others
+    keep = consistent(test[found], upstream[found], verdicts.used[found], verdicts.by_detail[found],
+                      np.zeros(found.sum(), bool), originals, copies, Tolerance())
     assert keep.all()
 
 

@@ -19,16 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .verify import Tolerance, detail, smoothed, verify
-
-
-def decided_by_detail(a: np.ndarray, b: np.ndarray, tol: Tolerance) -> np.ndarray:
-    """bool [P]: pairs of thumbnails whose tolerance is set by the flatter image's detail (the
-    per_detail ceiling) rather than by their contrast."""
-    x, y = smoothed(a, tol.smooth), smoothed(b, tol.smooth)
-    contrast = np.minimum(x.flatten(1).std(dim=1, unbiased=False).numpy(), y.flatten(1).std(dim=1, unbiased=False).numpy())
-    least = np.minimum(detail(x).numpy(), detail(y).numpy())
-    return tol.per_detail * least < tol.relative * contrast + tol.absolute
+from .verify import Tolerance, verify
 
 
 def _inconsistent(key: np.ndarray, other: np.ndarray, used: np.ndarray, alive: np.ndarray, fixed: np.ndarray,
@@ -52,16 +43,16 @@ def _inconsistent(key: np.ndarray, other: np.ndarray, used: np.ndarray, alive: n
     return bad
 
 
-def consistent(test: np.ndarray, upstream: np.ndarray, used: np.ndarray, identical: np.ndarray,
-               test_thumbnails: np.ndarray, upstream_thumbnails: np.ndarray, tol: Tolerance,
-               only_faint: bool = True) -> np.ndarray:
+def consistent(test: np.ndarray, upstream: np.ndarray, used: np.ndarray, by_detail: np.ndarray,
+               identical: np.ndarray, test_thumbnails: np.ndarray, upstream_thumbnails: np.ndarray,
+               tol: Tolerance) -> np.ndarray:
     """bool [P]: which of the found pairs (test[p], upstream[p]) stand, given how much of the
-    allowed residual each used and which had identical thumbnails (see the module doc;
-    only_faint=False holds every match to the others, which the benchmark uses to show why not)."""
+    allowed residual each used, which were decided by detail (Verdicts.by_detail: the pairs held
+    to the others; all True holds every match, as the benchmark does to show why not) and which
+    had identical thumbnails (see the module doc)."""
     keep = np.ones(len(test), bool)
     if len(test) < 2:
         return keep
-    faint = decided_by_detail(test_thumbnails[test], upstream_thumbnails[upstream], tol) if only_faint else keep.copy()
-    keep &= ~_inconsistent(test, upstream, used, keep, identical, faint, upstream_thumbnails, tol)
-    keep &= ~_inconsistent(upstream, test, used, keep, identical, faint, test_thumbnails, tol)
+    keep &= ~_inconsistent(test, upstream, used, keep, identical, by_detail, upstream_thumbnails, tol)
+    keep &= ~_inconsistent(upstream, test, used, keep, identical, by_detail, test_thumbnails, tol)
     return keep

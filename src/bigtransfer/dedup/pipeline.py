@@ -252,10 +252,10 @@ def fine_check(found: Decided, load_test, load_upstream, test_sides: np.ndarray,
 
 def agreeing(found: Decided, test_thumbnails: np.ndarray, upstream_thumbnails: np.ndarray,
              tol: Tolerance) -> tuple[Decided, int]:
-    """(the pairs that stand, how many were dropped): where an image has several matches, they
-    must be copies of one another (consistency.py)."""
-    keep = consistent(found.pairs.test, found.pairs.upstream, found.verdicts.used, found.stage == "identical",
-                      test_thumbnails, upstream_thumbnails, tol)
+    """(the pairs that stand, how many were dropped): where an image has several matches decided
+    by faint detail, they must be copies of one another (consistency.py)."""
+    keep = consistent(found.pairs.test, found.pairs.upstream, found.verdicts.used, found.verdicts.by_detail,
+                      found.stage == "identical", test_thumbnails, upstream_thumbnails, tol)
     return found.take(keep), int((~keep).sum())
 
 

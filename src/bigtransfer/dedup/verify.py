@@ -72,6 +72,7 @@ class Verdicts:
     correlation: np.ndarray  # float32 [P]: normalised correlation there
     scale: np.ndarray  # float32 [P]: template scale of that alignment (1: aligned, below 1: rescaled)
     featureless: np.ndarray  # bool [P]: one of the two is too flat to check (never a copy)
+    by_detail: np.ndarray  # bool [P]: the flatter image's detail, not contrast, set the allowed residual
 
     def __len__(self) -> int:
         return len(self.copy)
@@ -84,7 +85,7 @@ class Verdicts:
     def concat(parts: list[Verdicts]) -> Verdicts:
         if not parts:
             empty = np.zeros(0, np.float32)
-            return Verdicts(np.zeros(0, bool), empty, empty, empty, empty, np.zeros(0, bool))
+            return Verdicts(np.zeros(0, bool), empty, empty, empty, empty, np.zeros(0, bool), np.zeros(0, bool))
         return Verdicts(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Verdicts)))
 
 
@@ -208,7 +209,7 @@ def verify(a: np.ndarray, b: np.ndarray, tol: Tolerance = Tolerance(), chunk: in
     if a.shape != b.shape or a.ndim != 3:
         raise ValueError(f"expected two [P, C, C] arrays of thumbnails, got {a.shape} and {b.shape}")
     out = {k: np.empty(len(a), dtype=np.float32) for k in ("used", "residual", "correlation", "scale")}
-    flat = np.zeros(len(a), bool)
+    flat, by_detail = np.zeros(len(a), bool), np.zeros(len(a), bool)
     for start in range(0, len(a), chunk):
         x, y = smoothed(a[start:start + chunk], tol.smooth), smoothed(b[start:start + chunk], tol.smooth)
         integrals = {id(v): (_integral(v.double()).float(), _integral((v * v).double()).float())
@@ -230,7 +231,8 @@ def verify(a: np.ndarray, b: np.ndarray, tol: Tolerance = Tolerance(), chunk: in
         best[0] = torch.where(featureless, torch.full_like(best[0], float("inf")), best[0])
         stop = start + len(x)
         flat[start:stop] = featureless.numpy()
+        by_detail[start:stop] = (ceiling < tol.relative * contrast + tol.absolute).numpy()
         for k, row in zip(("used", "residual", "correlation", "scale"), best.numpy()):
             out[k][start:stop] = row
     return Verdicts(copy=out["used"] <= 1.0, used=out["used"], residual=out["residual"],
-                    correlation=out["correlation"], scale=out["scale"], featureless=flat)
+                    correlation=out["correlation"], scale=out["scale"], featureless=flat, by_detail=by_detail)
