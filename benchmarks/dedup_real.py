@@ -104,11 +104,11 @@ def sample_photos(data: str) -> list[np.ndarray]:
     return [np.repeat(p[..., None], 3, axis=2) if p.ndim == 2 else p[..., :3] for p in photos]
 
 
-def photo_crops(half: str, large: bool, seed: int, data: str = "photos") -> list[tuple[int, tuple[int, int, int, int]]]:
+def photo_crops(photos: list[np.ndarray], half: str, large: bool, seed: int,
+                data: str = "photos") -> list[tuple[int, tuple[int, int, int, int]]]:
     """(photo, box) of crops with content, none overlapping another of its photo by IoU > 0.5.
     Small: 32-256 px wide; large (to be shown at 224 px, at most 2.8x upscaled): 80-320 px.
     sklearn's photos are split by columns into the halves; scikit-image's are all tuning."""
-    photos = sample_photos(data)
     low, high = (80, 320) if large else (32, 256)
     rng = np.random.default_rng(seed)
     boxes: list[tuple[int, tuple[int, int, int, int]]] = []
@@ -145,11 +145,11 @@ def data_set(data: str, half: str, size: int) -> tuple[list[Image.Image], list[s
         raise ValueError("scikit-image's photographs are tuning data only")
     large = size >= 224
     seed = REPORT_SEED if half == "report" else 1
-    crops = photo_crops(half, large, seed, data)
-    if large:  # the small crops too, upscaled, as more negatives: the same scenes at other scales
-        crops += [(p, b) for p, b in photo_crops(half, False, seed + 1, data)
-                  if not any(q == p and _iou(b, c) > MAX_IOU for q, c in crops)]
     photos = sample_photos(data)
+    crops = photo_crops(photos, half, large, seed, data)
+    if large:  # the small crops too, upscaled, as more negatives: the same scenes at other scales
+        crops += [(p, b) for p, b in photo_crops(photos, half, False, seed + 1, data)
+                  if not any(q == p and _iou(b, c) > MAX_IOU for q, c in crops)]
     images = [photo_image(photos, p, b, size) for p, b in crops]
     names = [PHOTO_NAMES[data][p] for p, _ in crops]
     eligible = [k for k, (_, b) in enumerate(crops) if not large or b[2] - b[0] >= 80]
