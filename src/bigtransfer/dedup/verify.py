@@ -16,8 +16,9 @@ and residual <= per_detail * detail of the flatter image (a copy keeps its detai
 different hazy horizons agree on their ramp and differ by about as much detail as they have, so
 a tolerance from contrast alone lets them pass), with the gain between them within
 [1/max_gain, max_gain], and both images above min_contrast and min_detail: a nearly uniform
-image, or one that is only a smooth ramp (sky, out-of-focus background), has no structure to check, since all such images correlate with each other, and is
-never called a copy of anything (only identical thumbnails pair them, see candidates.py).
+image, or one that is only a smooth ramp (sky, out-of-focus background), has no structure to
+check, since all such images correlate with each other, and is never called a copy of anything
+(only identical thumbnails pair them, see candidates.py).
 Because every image is first reduced to the canonical size, the rule means the same thing for a
 28 px digit and a 500 px photo. The pairs of a batch are checked together, one grouped
 convolution per alignment hypothesis.
@@ -72,7 +73,7 @@ class Verdicts:
     correlation: np.ndarray  # float32 [P]: normalised correlation there
     scale: np.ndarray  # float32 [P]: template scale of that alignment (1: aligned, below 1: rescaled)
     featureless: np.ndarray  # bool [P]: one of the two is too flat to check (never a copy)
-    by_detail: np.ndarray  # bool [P]: the flatter image's detail, not contrast, set the allowed residual
+    by_detail: np.ndarray  # bool [P]: the flatter image's detail, not the contrast, bounds the allowed residual
 
     def __len__(self) -> int:
         return len(self.copy)
