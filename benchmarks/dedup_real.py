@@ -32,6 +32,7 @@ on the data's own classes: the digits' ten classes, or for photos which photogra
 
     python benchmarks/dedup_real.py --tune   # tolerance grid on the tuning halves -> results/dedup_tune.*
     python benchmarks/dedup_real.py --consistency   # the faint-match check on them -> results/dedup_consistency.*
+    python benchmarks/dedup_real.py --structure   # faint matches' residual structure on them -> results/dedup_structure.*
     python benchmarks/dedup_real.py          # the report halves -> results/dedup_real.{json,md}
 """
 
@@ -43,9 +44,10 @@ import itertools
 import json
 import math
 import shutil
+import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -544,12 +546,59 @@ def consistency_study(work: Path, models: dict[str, Path], progress: bool) -> No
     print("\n".join(lines))
 
 
+def structure_study(work: Path, models: dict[str, Path], progress: bool) -> None:
+    """How much of a faint match's residual survives a blur (verify.residual_structure), on the
+    TUNING halves and scikit-image's photographs at the small size, for the true copies of every
+    edit and for the near misses (different images within 1.5x of the tolerance): the numbers
+    behind Tolerance.max_structure. Written to results/dedup_structure.{json,md}."""
+    from bigtransfer.dedup import pipeline
+    from bigtransfer.dedup.verify import residual_structure
+
+    edits = [e for e in EDITS if e != "rename"]
+    tol = Tolerance()
+    rows = []
+    for data in ("photos", "more-photos"):
+        size = SIZES[data]["small"]
+        embedding = "pre-trained" if data == "more-photos" else "class-trained"
+        run = search_tuning_half(work / "structure" / f"{data}-{size}", data, size, edits,
+                                 model_for(models, embedding, data), progress)
+        t, u = run.pairs.test, run.pairs.upstream
+        strict = pipeline._verify(run.pairs, run.down.thumbnails, run.up.thumbnails, replace(tol, max_structure=1.0))
+        true = np.array([(run.tests.describe(int(i)), run.upstream.paths[int(j)]) in run.truth for i, j in zip(t, u)])
+        # the faint true copies the check is asked about, and faint different images that came close
+        faint = strict.by_detail & ~strict.featureless
+        asked = faint & np.where(true, strict.copy & (strict.used > tol.structure_from), strict.used <= 1.5)
+        structure = residual_structure(run.down.thumbnails[t[asked]], run.up.thumbnails[u[asked]], strict.scale[asked])
+        for k, p in enumerate(np.flatnonzero(asked)):
+            edit = Path(run.upstream.paths[int(u[p])]).parts[-3] if true[p] else "different image"
+            rows.append({"data": data, "size": size, "edit": edit, "used": round(float(strict.used[p]), 3),
+                         "structure": round(float(structure[k]), 3)})
+    RESULTS.mkdir(exist_ok=True)
+    command = " ".join(["python", *sys.argv])
+    (RESULTS / "dedup_structure.json").write_text(json.dumps({"command": command, "pairs": rows}, indent=2) + "\n")
+    lines = [("Share of a faint match's residual that survives a 1.5 px blur, on the TUNING halves (and "
+              "scikit-image's photographs), small size, all edits planted at once: true copies that use over "
+              f"half of their allowed residual, and different images within 1.5x of the tolerance. dedup asks "
+              f"for at most {tol.max_structure}."), "", f"`{command}`", "",
+             "| data | pairs | count | structure min | median | max |", "|---|---|---|---|---|---|"]
+    for data in ("photos", "more-photos"):
+        for edit in [*edits, "different image"]:
+            values = [r["structure"] for r in rows if r["data"] == data and r["edit"] == edit]
+            if values:
+                lines.append(f"| {data} | {edit} | {len(values)} | {min(values):.2f} | "
+                             f"{statistics.median(values):.2f} | {max(values):.2f} |")
+    (RESULTS / "dedup_structure.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("runs/dedup-real"), help="models, generated files, runs")
     parser.add_argument("--tune", action="store_true", help="the tolerance grid on the tuning halves")
     parser.add_argument("--consistency", action="store_true",
                         help="the check that an image's faint matches agree, on the tuning halves")
+    parser.add_argument("--structure", action="store_true",
+                        help="what share of faint matches' residuals survives a blur, on the tuning halves")
     parser.add_argument("--only", default=None, help="cases whose data/size/embedding label contains this")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--reuse", action="store_true",
@@ -563,6 +612,9 @@ def main() -> None:
         return
     if args.consistency:
         consistency_study(args.work, models, args.progress)
+        return
+    if args.structure:
+        structure_study(args.work, models, args.progress)
         return
     results = run_cases(args.work, models, args.progress, args.only, args.reuse)
     lines = tables(results)

@@ -156,6 +156,43 @@ def test_two_smooth_horizons_are_not_copies_for_sharing_their_ramp():
     assert verify(a, a).copy.all()  # and each image is still its own copy
 
 
+def hazy_pair(seed: int, pattern: float) -> tuple[np.ndarray, np.ndarray]:
+    """Two crops of one hazy scene: the same ramp and fine texture, each with its own faint cloud
+    (smooth structure of `pattern` grey levels)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    rows = np.linspace(0, 1, CANONICAL)[:, None]
+    base = 200 - 60 / (1 + np.exp(-(rows - 0.55) * 10)) + 6 * gaussian_filter(rng.normal(size=(CANONICAL,) * 2), 1.0)
+    clouds = [gaussian_filter(rng.normal(size=(CANONICAL,) * 2), 2.5) for _ in range(2)]
+    return tuple(np.clip(base + c * pattern / c.std(), 0, 255).round().astype(np.uint8) for c in clouds)
+
+
+@pytest.mark.parametrize("pattern", [1.0, 1.5])
+def test_hazy_crops_are_told_apart_by_the_structure_of_their_residual(pattern):
+    """Faint clouds that differ pass the detail bound (each uses over half of it) and are caught
+    by what their residual looks like; the JPEG copy of the same image still passes."""
+    a, b = hazy_pair(3, pattern)
+    copy = grey_thumbnail(decoded(EDITS["jpeg"](Image.fromarray(a).convert("RGB"), np.random.default_rng(0))))
+    lenient = verify(np.stack([a, a]), np.stack([b, copy]), Tolerance(max_structure=1.0))
+    assert lenient.copy.tolist() == [True, True] and lenient.by_detail.all() and lenient.used[0] > 0.5
+    checked = verify(np.stack([a, a]), np.stack([b, copy]))
+    assert checked.copy.tolist() == [False, True]
+    assert checked.structure[0] > Tolerance().max_structure
+
+
+def test_the_residual_of_real_copies_is_fine_grained(photo_crops):
+    """On real photographs, what each web-copy edit leaves mostly blurs away."""
+    from bigtransfer.dedup.verify import residual_structure
+
+    originals = photo_crops[:8]
+    for edit in ("rescale", "jpeg", "shift"):
+        copies = [decoded(EDITS[edit](c, np.random.default_rng(k))) for k, c in enumerate(originals)]
+        a, b = thumbs(originals), thumbs(copies)
+        structure = residual_structure(a, b, np.ones(len(a), np.float32))
+        assert (structure < Tolerance().max_structure).all(), (edit, structure)
+
+
 def test_identical_hashes_and_merged_sources():
     rng = np.random.default_rng(1)
     up = rng.integers(0, 255, (6, CANONICAL, CANONICAL), dtype=np.uint8)

@@ -93,6 +93,10 @@ def _add_dedup(sub) -> None:
                      help="plus this many grey levels (default 0.5)")
     tol.add_argument("--residual-per-detail", type=float, default=None, metavar="K",
                      help="and at most K times the flatter image's fine detail (default 1.0)")
+    tol.add_argument("--max-residual-structure", type=float, default=None, metavar="F",
+                     help="a faint match using over half its allowed residual: at most this share of the "
+                          "residual may survive a 1.5 px blur (edits leave noise, different images structure; "
+                          "default 0.7, 1 turns the check off)")
     tol.add_argument("--min-contrast", type=float, default=None, metavar="S",
                      help="images flatter than this standard deviation are never verified (default 4)")
     tol.add_argument("--min-detail", type=float, default=None, metavar="D",
@@ -113,7 +117,7 @@ def _run_dedup(args) -> int:
 
     overrides = {name: value for name, value in (
         ("relative", args.relative_residual), ("absolute", args.absolute_residual),
-        ("per_detail", args.residual_per_detail),
+        ("per_detail", args.residual_per_detail), ("max_structure", args.max_residual_structure),
         ("min_contrast", args.min_contrast), ("min_detail", args.min_detail), ("shift", args.max_shift))
         if value is not None}
     summary = run_dedup(DedupOptions(

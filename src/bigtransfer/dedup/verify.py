@@ -19,6 +19,9 @@ a tolerance from contrast alone lets them pass), with the gain between them with
 image, or one that is only a smooth ramp (sky, out-of-focus background), has no structure to
 check, since all such images correlate with each other, and is never called a copy of anything
 (only identical thumbnails pair them, see candidates.py).
+A match that the detail bound decided and that uses over half of what it allows is also asked
+what its residual looks like (residual_structure): an edit leaves fine-grained noise that a blur
+averages away, two different crops of one hazy scene leave their different faint structure.
 Because every image is first reduced to the canonical size, the rule means the same thing for a
 28 px digit and a 500 px photo. The pairs of a batch are checked together, one grouped
 convolution per alignment hypothesis.
@@ -47,6 +50,8 @@ class Tolerance:
     min_detail: float = 1.0  # ... and this much of it finer than DETAIL_SCALE (smooth ramps all look alike)
     per_detail: float = 1.0  # ... and at most this fraction of the flatter image's detail
     max_gain: float = 1.5  # contrast may change by at most this factor
+    max_structure: float = 0.7  # a faint match using over half its allowed residual: at most this share of it
+    structure_from: float = 0.5  # ... may survive a blur (see residual_structure); from this much used residual
     shift: int = 2  # canonical pixels each way (a pixel at 16 px, a fraction of one at 500 px)
     smooth: float = 0.7  # Gaussian blur (canonical pixels) first: edits destroy the finest detail
     scales: tuple[float, ...] = (1.0, 0.96, 0.92, 0.88, 0.84)  # template sizes tried (below 1: crops of a few %)
@@ -57,6 +62,8 @@ class Tolerance:
             raise ValueError("tolerances must be non-negative and max_gain at least 1")
         if self.per_detail <= 0:
             raise ValueError("per_detail must be positive")
+        if not 0 < self.max_structure <= 1 or self.structure_from < 0:
+            raise ValueError("max_structure (--max-residual-structure) must be in (0, 1], structure_from >= 0")
         if not 0 <= self.shift < CANONICAL // 4:
             raise ValueError(f"the shift search must be between 0 and {CANONICAL // 4 - 1} pixels")
         if not self.scales or any(not 0.5 <= s <= 1 for s in self.scales):
@@ -74,6 +81,7 @@ class Verdicts:
     scale: np.ndarray  # float32 [P]: template scale of that alignment (1: aligned, below 1: rescaled)
     featureless: np.ndarray  # bool [P]: one of the two is too flat to check (never a copy)
     by_detail: np.ndarray  # bool [P]: the flatter image's detail, not the contrast, bounds the allowed residual
+    structure: np.ndarray  # float32 [P]: residual_structure() where it was checked, NaN elsewhere
 
     def __len__(self) -> int:
         return len(self.copy)
@@ -86,7 +94,7 @@ class Verdicts:
     def concat(parts: list[Verdicts]) -> Verdicts:
         if not parts:
             empty = np.zeros(0, np.float32)
-            return Verdicts(np.zeros(0, bool), empty, empty, empty, empty, np.zeros(0, bool), np.zeros(0, bool))
+            return Verdicts(np.zeros(0, bool), empty, empty, empty, empty, np.zeros(0, bool), np.zeros(0, bool), empty)
         return Verdicts(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(Verdicts)))
 
 
@@ -235,5 +243,79 @@ def verify(a: np.ndarray, b: np.ndarray, tol: Tolerance = Tolerance(), chunk: in
         by_detail[start:stop] = (ceiling < tol.relative * contrast + tol.absolute).numpy()
         for k, row in zip(("used", "residual", "correlation", "scale"), best.numpy()):
             out[k][start:stop] = row
-    return Verdicts(copy=out["used"] <= 1.0, used=out["used"], residual=out["residual"],
-                    correlation=out["correlation"], scale=out["scale"], featureless=flat, by_detail=by_detail)
+    copy = out["used"] <= 1.0
+    # A faint match that uses much of its allowed residual must leave fine-grained noise, not structure.
+    structure = np.full(len(a), np.nan, dtype=np.float32)
+    check = np.flatnonzero(copy & by_detail & (out["used"] > tol.structure_from)) if tol.max_structure < 1 else []
+    if len(check):
+        structure[check] = residual_structure(a[check], b[check], out["scale"][check], tol)
+        copy[check] = structure[check] <= tol.max_structure
+    return Verdicts(copy=copy, used=out["used"], residual=out["residual"], correlation=out["correlation"],
+                    scale=out["scale"], featureless=flat, by_detail=by_detail, structure=structure)
+
+
+RESIDUAL_BLUR = 1.5  # canonical pixels: what is left of a copy's residual after this blur is noise that averaged out
+SUBPIXEL = (-0.5, -0.25, 0.0, 0.25, 0.5)  # offsets (pixels) tried around the best whole-pixel position
+
+
+def _residual(centred: torch.Tensor, t_var: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """[P, m, m]: the window minus the template at the least-squares gain and offset."""
+    window = window - window.mean(dim=(1, 2), keepdim=True)
+    return window - ((centred * window).mean(dim=(1, 2)) / t_var)[:, None, None] * centred
+
+
+def _least_residual(template_src: torch.Tensor, window_src: torch.Tensor, scale: float, tol: Tolerance):
+    """(std [P], map [P, m, m]) of the smallest residual of the template (at `scale`) over every
+    whole-pixel position in the window, then sub-pixel offsets around the best of them."""
+    side = template_src.shape[-1]
+    if scale >= 1.0:
+        template = template_src[:, tol.shift:side - tol.shift, tol.shift:side - tol.shift]
+    else:
+        template = F.interpolate(template_src[:, None], size=(round(scale * side),) * 2, mode="bilinear",
+                                 antialias=True, align_corners=False)[:, 0]
+    m = template.shape[-1]
+    centred = template - template.mean(dim=(1, 2), keepdim=True)
+    t_var = (centred * centred).mean(dim=(1, 2)).clamp_min(1e-6)
+    best_std = torch.full((len(template),), float("inf"))
+    best_map = torch.zeros_like(template)
+    top = torch.zeros(len(template))
+    left = torch.zeros(len(template))
+
+    def keep(residual, y, x):
+        nonlocal best_std, best_map, top, left
+        std = residual.flatten(1).std(dim=1, unbiased=False)
+        better = std < best_std
+        best_std = torch.where(better, std, best_std)
+        best_map = torch.where(better[:, None, None], residual, best_map)
+        top, left = torch.where(better, y, top), torch.where(better, x, left)
+
+    for y in range(side - m + 1):
+        for x in range(side - m + 1):
+            keep(_residual(centred, t_var, window_src[:, y:y + m, x:x + m]), torch.full_like(top, y),
+                 torch.full_like(left, x))
+    whole_top, whole_left = top.clone(), left.clone()
+    for dy in SUBPIXEL:
+        for dx in SUBPIXEL:
+            y, x = whole_top + dy, whole_left + dx
+            keep(_residual(centred, t_var, _window_at(window_src, y, x, m)), y, x)
+    return best_std, best_map
+
+
+@torch.no_grad()
+def residual_structure(a: np.ndarray, b: np.ndarray, scale: np.ndarray, tol: Tolerance = Tolerance()) -> np.ndarray:
+    """float32 [P]: how much of a pair's residual at its best alignment (at the template scale
+    verify() chose, either image the template) survives a blur, as a fraction of it. What an edit
+    leaves (resampling, JPEG noise) is fine-grained and mostly blurs away; two different images that
+    merely share a smooth ramp differ by their structure, which does not."""
+    result = np.ones(len(a), dtype=np.float32)
+    x, y = smoothed(a, tol.smooth), smoothed(b, tol.smooth)
+    sigma = RESIDUAL_BLUR * x.shape[-1] / CANONICAL
+    for s in np.unique(scale):
+        rows = np.flatnonzero(scale == s)
+        (std_a, map_a), (std_b, map_b) = (_least_residual(t, w, float(s), tol)
+                                          for t, w in ((x[rows], y[rows]), (y[rows], x[rows])))
+        std = torch.minimum(std_a, std_b)
+        residual = torch.where((std_a <= std_b)[:, None, None], map_a, map_b)
+        blurred = smoothed(residual.numpy(), sigma)
+        result[rows] = (blurred.flatten(1).std(dim=1, unbiased=False) / std.clamp_min(1e-6)).numpy()
+    return result
