@@ -177,24 +177,30 @@ def _window_at(source: torch.Tensor, top: torch.Tensor, left: torch.Tensor, m: i
     return F.grid_sample(source[:, None], grid, mode="bicubic", padding_mode="border", align_corners=True)[:, 0]
 
 
-def _hypothesis(template_src: torch.Tensor, window_src: torch.Tensor, integrals, scale: float,
-                ceiling: torch.Tensor, tol: Tolerance):
-    """(used, residual, correlation) [P] at the best alignment of one template scale: the best
-    whole-pixel position, or the sub-pixel one at the correlation's peak if that is better."""
+def _centred_template(template_src: torch.Tensor, scale: float, tol: Tolerance) -> tuple[torch.Tensor, torch.Tensor]:
+    """(template minus its mean [P, m, m], its variance [P]) of one hypothesis: at scale 1 the
+    image without a border of the shift search, below 1 the whole image shrunk to that scale."""
     side = template_src.shape[-1]
-    if scale == 1.0:
+    if scale >= 1.0:
         r = tol.shift
         template = template_src[:, r:side - r, r:side - r]
     else:
         m = round(scale * side)
         template = F.interpolate(template_src[:, None], size=(m, m), mode="bilinear", antialias=True,
                                  align_corners=False)[:, 0]
-    m = template.shape[-1]
-    count = m * m
     centred = template - template.mean(dim=(1, 2), keepdim=True)
-    t_var = (centred * centred).mean(dim=(1, 2))  # [P]
+    return centred, (centred * centred).mean(dim=(1, 2))
+
+
+def _hypothesis(template_src: torch.Tensor, window_src: torch.Tensor, integrals, scale: float,
+                ceiling: torch.Tensor, tol: Tolerance):
+    """(used, residual, correlation) [P] at the best alignment of one template scale: the best
+    whole-pixel position, or the sub-pixel one at the correlation's peak if that is better."""
+    centred, t_var = _centred_template(template_src, scale, tol)
+    m = centred.shape[-1]
+    count = m * m
     # Sum over each window of template * window; the template is centred, so this is the covariance.
-    cross = F.conv2d(window_src[None], centred[:, None], groups=len(template))[0] / count  # [P, h, w]
+    cross = F.conv2d(window_src[None], centred[:, None], groups=len(centred))[0] / count  # [P, h, w]
     w_mean = _window_sums(integrals[0], m) / count
     w_var = (_window_sums(integrals[1], m) / count - w_mean * w_mean).clamp_min(0)
     used, residual, correlation = _scores(cross, t_var[:, None, None], w_var, ceiling[:, None, None], tol)
@@ -268,18 +274,13 @@ def _least_residual(template_src: torch.Tensor, window_src: torch.Tensor, scale:
     """(std [P], map [P, m, m]) of the smallest residual of the template (at `scale`) over every
     whole-pixel position in the window, then sub-pixel offsets around the best of them."""
     side = template_src.shape[-1]
-    if scale >= 1.0:
-        template = template_src[:, tol.shift:side - tol.shift, tol.shift:side - tol.shift]
-    else:
-        template = F.interpolate(template_src[:, None], size=(round(scale * side),) * 2, mode="bilinear",
-                                 antialias=True, align_corners=False)[:, 0]
-    m = template.shape[-1]
-    centred = template - template.mean(dim=(1, 2), keepdim=True)
-    t_var = (centred * centred).mean(dim=(1, 2)).clamp_min(1e-6)
-    best_std = torch.full((len(template),), float("inf"))
-    best_map = torch.zeros_like(template)
-    top = torch.zeros(len(template))
-    left = torch.zeros(len(template))
+    centred, t_var = _centred_template(template_src, scale, tol)
+    t_var = t_var.clamp_min(1e-6)
+    m = centred.shape[-1]
+    best_std = torch.full((len(centred),), float("inf"))
+    best_map = torch.zeros_like(centred)
+    top = torch.zeros(len(centred))
+    left = torch.zeros(len(centred))
 
     def keep(residual, y, x):
         nonlocal best_std, best_map, top, left
