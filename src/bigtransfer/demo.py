@@ -172,20 +172,25 @@ def _provenance(out: Path, result: DemoResult, config: DemoConfig) -> tuple[str,
     return precision, machine.describe(pretrain["device"])
 
 
-def table(result: DemoResult, config: DemoConfig) -> str:
-    def accuracies(arm, shots) -> dict[int, float]:
-        return {r["seed"]: r["top1"] for r in result.runs if r["arm"] == arm and r["examples_per_class"] == shots}
+def _accuracies(result: DemoResult, arm: str, shots) -> dict[int, float]:
+    return {r["seed"]: r["top1"] for r in result.runs if r["arm"] == arm and r["examples_per_class"] == shots}
 
+
+def draw_margins(result: DemoResult, shots) -> list[float]:
+    """Transfer minus scratch accuracy, draw by draw. Both arms train on the same draw of a seed:
+    comparing them draw by draw takes out the draw-to-draw spread that the ranges carry (which
+    image of a class is drawn moves a 1-shot result by ten points in both arms alike)."""
+    t, s = _accuracies(result, "transfer", shots), _accuracies(result, "scratch", shots)
+    return [t[k] - s[k] for k in t if k in s]
+
+
+def table(result: DemoResult, config: DemoConfig) -> str:
     def cell(arm, shots):
-        accs = list(accuracies(arm, shots).values())
+        accs = list(_accuracies(result, arm, shots).values())
         return f"{statistics.median(accs):6.1%}  ({min(accs):.1%}-{max(accs):.1%})"
 
     def paired(shots) -> tuple[str, str]:
-        # Both arms train on the same draw of a seed: comparing them draw by draw takes out the
-        # draw-to-draw spread that the ranges carry (which image of a class is drawn moves a
-        # 1-shot result by ten points in both arms alike).
-        t, s = accuracies("transfer", shots), accuracies("scratch", shots)
-        gaps = [t[k] - s[k] for k in t if k in s]
+        gaps = draw_margins(result, shots)
         if not gaps:
             return "-", "0/0"
         margin = f"{statistics.median(gaps):+.1%} ({min(gaps):+.1%} to {max(gaps):+.1%})"
