@@ -121,10 +121,12 @@ def test_a_folder_of_the_users_is_refused_and_help_has_examples(data, tmp_path, 
     assert "examples:" in text and "--self-test" in text and "--model none" in text
 
 
-def test_a_tolerance_out_of_range_is_one_line_and_exit_2(data, tmp_path, capsys):
+@pytest.mark.parametrize("flag, value, named", [("--max-residual-structure", "1.5", "max_structure"),
+                                                ("--min-detail-correlation", "2", "min_detail_correlation")])
+def test_a_tolerance_out_of_range_is_one_line_and_exit_2(flag, value, named, data, tmp_path, capsys):
     root, _ = data
     code = main(["dedup", "--upstream", str(root / "up"), "--downstream", str(root / "test"), "--model", "none",
-                 "--out", str(tmp_path / "o"), "--max-residual-structure", "1.5", "--quiet"])
+                 "--out", str(tmp_path / "o"), flag, value, "--quiet"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "max_structure" in err and len(err.splitlines()) == 1
+    assert code == 2 and named in err and len(err.splitlines()) == 1
     assert not (tmp_path / "o").exists()  # checked before anything is written

@@ -97,6 +97,10 @@ def _add_dedup(sub) -> None:
                      help="a faint match using over half its allowed residual: at most this share of the "
                           "residual may survive a 1.5 px blur (edits leave noise, different images structure; "
                           "default 0.7, 1 turns the check off)")
+    tol.add_argument("--min-detail-correlation", type=float, default=None, metavar="C",
+                     help="at the best alignment, the two images' fine detail less a shared line profile (a "
+                          "horizon) must correlate at least this much (a copy keeps its detail; default 0.5, "
+                          "-1 turns the check off)")
     tol.add_argument("--min-contrast", type=float, default=None, metavar="S",
                      help="images flatter than this standard deviation are never verified (default 4)")
     tol.add_argument("--min-detail", type=float, default=None, metavar="D",
@@ -118,6 +122,7 @@ def _run_dedup(args) -> int:
     overrides = {name: value for name, value in (
         ("relative", args.relative_residual), ("absolute", args.absolute_residual),
         ("per_detail", args.residual_per_detail), ("max_structure", args.max_residual_structure),
+        ("min_detail_correlation", args.min_detail_correlation),
         ("min_contrast", args.min_contrast), ("min_detail", args.min_detail), ("shift", args.max_shift))
         if value is not None}
     summary = run_dedup(DedupOptions(

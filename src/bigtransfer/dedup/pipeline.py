@@ -243,9 +243,9 @@ def fine_check(found: Decided, load_test, load_upstream, test_sides: np.ndarray,
             continue
     if not loaded:
         return found, 0
-    # The residual-structure check is for faint matches at the canonical size: at FINE px an image
-    # upscaled from a small one is smooth, and its copies' residuals are smooth too.
-    verdicts = verify(np.stack(a), np.stack(b), replace(tol, max_structure=1.0))
+    # The residual-structure and detail-agreement checks were measured at the canonical size: at
+    # FINE px an image upscaled from a small one is smooth, and so are its copies' residual and detail.
+    verdicts = verify(np.stack(a), np.stack(b), replace(tol, max_structure=1.0, min_detail_correlation=-1.0))
     keep = np.ones(len(found.stage), bool)
     keep[loaded] = verdicts.copy | verdicts.featureless
     found.fine[loaded] = np.where(verdicts.copy, "passed", "no detail")

@@ -21,7 +21,7 @@ STAGES = {
     "rescaled": "verified on pixels after rescaling: one image is a crop of the other by a few percent",
 }
 PAIR_COLUMNS = ["downstream", "downstream_path", "upstream_path", "stage", "proposed_by", "residual", "used",
-                "correlation", "scale", "structure", "fine_check", "cosine"]
+                "correlation", "scale", "structure", "detail_correlation", "fine_check", "cosine"]
 THUMB = 96
 PNG_PER_STAGE = 16  # pairs per stage on the PNG (the HTML page shows up to --sheet-pairs)
 
@@ -38,6 +38,7 @@ def pair_rows(found, cosines, tests, upstream) -> list[dict]:
                      "residual": _rounded(v.residual[k], 3), "used": _rounded(v.used[k], 3),
                      "correlation": _rounded(v.correlation[k], 4), "scale": _rounded(v.scale[k], 2),
                      "structure": _rounded(v.structure[k], 3),  # blank where not checked
+                     "detail_correlation": _rounded(v.detail_correlation[k], 3),
                      "fine_check": found.fine[k],
                      "cosine": "" if cosines is None else _rounded(cosines[k], 4),
                      "_test": i, "_upstream": j})
