@@ -385,10 +385,9 @@ def _detail_agreement(aligned: Aligned) -> torch.Tensor:
     best = torch.full((len(t),), float("inf"))
     result = torch.zeros(len(t))
     for line in _line_index(t.shape[-1]):
-        left = _less_line_means(t + w, line).pow(2).mean(dim=1)
-        tl, wl = _less_line_means(t, line), _less_line_means(w, line)
-        tl, wl = tl - tl.mean(dim=1, keepdim=True), wl - wl.mean(dim=1, keepdim=True)
-        corr = (tl * wl).mean(dim=1) / (tl.std(dim=1, unbiased=False) * wl.std(dim=1, unbiased=False)).clamp_min(1e-6)
+        tl, wl = _less_line_means(t, line), _less_line_means(w, line)  # each has mean 0: its lines' means are
+        left = (tl + wl).pow(2).mean(dim=1)  # what this profile leaves of the two (the removal is linear)
+        corr = (tl * wl).mean(dim=1) / (tl.pow(2).mean(dim=1) * wl.pow(2).mean(dim=1)).sqrt().clamp_min(1e-6)
         better = left < best
         best, result = torch.where(better, left, best), torch.where(better, corr, result)
     return result
