@@ -434,6 +434,12 @@ def search_tuning_half(root: Path, data: str, size: int, edits, model: Path, pro
     return Searched(case, truth, opts, upstream, tests, down, up, pairs)
 
 
+def planted_pairs(run: Searched, test: np.ndarray, upstream: np.ndarray) -> np.ndarray:
+    """bool [P]: which pairs (test image, upstream image) of a searched half are a planted copy."""
+    return np.array([(run.tests.describe(int(i)), run.upstream.paths[int(j)]) in run.truth
+                     for i, j in zip(test, upstream)], bool)
+
+
 def tune(work: Path, models: dict[str, Path], progress: bool) -> None:
     """Score a grid of tolerances on the tuning halves (all edits planted at once, one run's
     candidates verified under every tolerance) and write results/dedup_tune.{json,md}. It
@@ -518,7 +524,7 @@ def consistency_study(work: Path, models: dict[str, Path], progress: bool) -> No
         found = pipeline.decide(pairs, pipeline._verify(pairs, down.thumbnails, up.thumbnails, opts.tolerance))
         found, _ = pipeline.fine_check(found, tests.load, upstream.load, down.sides, up.sides, opts.tolerance)
         t, u = found.pairs.test, found.pairs.upstream
-        true = np.array([(tests.describe(int(i)), upstream.paths[int(j)]) in truth for i, j in zip(t, u)], bool)
+        true = planted_pairs(run, t, u)
         grouped = np.bincount(t, minlength=len(tests))[t] > 1
         faint = found.verdicts.by_detail
         row = {"data": data, "size": size, "copies": len(truth), "found": len(t), "true": int(true.sum()),
@@ -568,7 +574,7 @@ def structure_study(work: Path, models: dict[str, Path], progress: bool) -> None
                                  model_for(models, embedding, data), progress)
         t, u = run.pairs.test, run.pairs.upstream
         strict = pipeline._verify(run.pairs, run.down.thumbnails, run.up.thumbnails, replace(tol, max_structure=1.0))
-        true = np.array([(run.tests.describe(int(i)), run.upstream.paths[int(j)]) in run.truth for i, j in zip(t, u)])
+        true = planted_pairs(run, t, u)
         # the faint true copies the check is asked about, and faint different images that came close
         faint = strict.by_detail & ~strict.featureless
         asked = faint & np.where(true, strict.copy & (strict.used > tol.structure_from), strict.used <= 1.5)
@@ -614,7 +620,7 @@ def agreement_study(work: Path, models: dict[str, Path], progress: bool) -> None
         t, u = run.pairs.test, run.pairs.upstream
         residual_only = pipeline._verify(run.pairs, run.down.thumbnails, run.up.thumbnails,
                                          Tolerance(min_detail_correlation=-1.0))
-        true = np.array([(run.tests.describe(int(i)), run.upstream.paths[int(j)]) in run.truth for i, j in zip(t, u)])
+        true = planted_pairs(run, t, u)
         found = np.flatnonzero(residual_only.copy)
         agreement = detail_correlation(run.down.thumbnails[t[found]], run.up.thumbnails[u[found]],
                                        residual_only.scale[found])

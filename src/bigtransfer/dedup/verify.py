@@ -269,7 +269,8 @@ def verify(a: np.ndarray, b: np.ndarray, tol: Tolerance = Tolerance(), chunk: in
             agreement[pairs] = _detail_agreement(aligned).numpy()
             copy[pairs] &= agreement[pairs] >= tol.min_detail_correlation
         # A faint match that uses much of its allowed residual must leave fine-grained noise, not structure.
-        faint = by_detail[pairs] & (out["used"][pairs] > tol.structure_from) if checks[0] else np.zeros(0, bool)
+        faint = copy[pairs] & by_detail[pairs] & (out["used"][pairs] > tol.structure_from) if checks[0] \
+            else np.zeros(0, bool)
         if faint.any():
             structure[pairs[faint]] = _blurred_share(aligned.take(np.flatnonzero(faint))).numpy()
             copy[pairs[faint]] &= structure[pairs[faint]] <= tol.max_structure
