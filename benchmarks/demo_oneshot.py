@@ -10,7 +10,7 @@ far the body moved; beside it, the ridge probe of the pre-training monitor on th
         --shots 1 --seeds 0,1,2,3,4 --variant demo --variant "lr3e-3:base_lr=0.003" \\
         --variant "head-only:freeze_until=stage4"
 
-A variant is NAME[:key=value,...] over FinetuneOptions fields (base_lr, steps, batch, ...).
+A variant is NAME[:key=value,...] over FinetuneOptions fields (base_lr, steps, batch, resolution=44/40, ...).
 Results: one JSON line per run in OUT/results.jsonl and a table on stdout.
 """
 
@@ -63,9 +63,9 @@ def parse_variant(text: str) -> tuple[str, dict]:
         key, _, value = item.partition("=")
         if key not in known:
             raise SystemExit(f"--variant {text}: unknown option {key!r}")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
+        try:  # resolution=44/40 (the commas of a JSON list would split the variant)
+            options[key] = tuple(int(v) for v in value.split("/")) if "/" in value else json.loads(value)
+        except (json.JSONDecodeError, ValueError):
             options[key] = value  # a plain string, e.g. freeze_until=stage4
         if isinstance(options[key], list):
             options[key] = tuple(options[key])

@@ -3,17 +3,16 @@
 Another CPU runs other fp32 kernels (AVX2 instead of AVX-512, other blockings), so its sums are
 added in another order and a run ends a few draws' worth of noise away from ours. On one machine
 the same variation comes from the kernels' instruction set (`isa=avx2` runs oneDNN and ATen as on
-an AVX2-only CPU, such as the AMD EPYC of issue 18, bf16 then in emulation), the thread count
-(the sums are split differently), bf16 autocast, and, for a fresh set of pseudo-random choices,
-another pre-training seed.
+an AVX2-only CPU, such as the AMD EPYC of issue 18, bf16 then in emulation), bf16 autocast, and,
+for a fresh set of pseudo-random choices, another pre-training seed. (The thread count no longer
+varies: the demo computes every run in one thread, several runs side by side.)
 This script runs the whole demo once per setting, each in its own process, and tabulates
 transfer vs scratch per shot count: median (min-max) over the draws, and whether the ranges
 separate.
 
     python benchmarks/demo_robustness.py --out /tmp/robust \\
-        --setting fp32-2t:precision=fp32,threads=2 --setting fp32-1t:precision=fp32,threads=1 \\
-        --setting bf16-2t:precision=bf16,threads=2 --setting avx2:precision=fp32,isa=avx2 \\
-        --setting seed1:precision=fp32,threads=2,pretrain_seed=1
+        --setting fp32:precision=fp32 --setting bf16:precision=bf16 \\
+        --setting avx2-fp32:precision=fp32,isa=avx2 --setting seed1:precision=fp32,pretrain_seed=1
 
 Results: OUT/<setting>/summary.json, and benchmarks/results/demo_robustness.{json,md} (--results).
 """
@@ -31,20 +30,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
-import json, sys, torch
+import json, sys
 from dataclasses import replace
 from pathlib import Path
 from bigtransfer.demo import DemoConfig, run_demo
-settings = json.loads(sys.argv[1])
-torch.set_num_threads(settings.pop("threads"))
-config = replace(DemoConfig(), **settings)
+config = replace(DemoConfig(), **json.loads(sys.argv[1]))
 run_demo(Path(sys.argv[2]), config, progress=False)
 """
 
 
 def parse_setting(text: str) -> tuple[str, dict]:
     name, _, spec = text.partition(":")
-    settings = {"threads": os.cpu_count() or 1}
+    settings = {}
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
         settings[key] = int(value) if value.lstrip("-").isdigit() else value
@@ -83,14 +80,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="one demo folder per setting goes here")
     parser.add_argument("--setting", action="append", required=True,
-                        help="NAME:key=value,... over DemoConfig fields, plus threads=N and isa=avx2|avx512")
+                        help="NAME:key=value,... over DemoConfig fields (e.g. jobs=1), plus isa=avx2|avx512")
     parser.add_argument("--results", type=Path, default=None,
                         help="write NAME.json and NAME.md here (e.g. benchmarks/results/demo_robustness)")
     args = parser.parse_args()
     results = {}
     for name, settings in map(parse_setting, args.setting):
         out = args.out / name
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": str(settings["threads"])}
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         isa = settings.pop("isa", None)
         if isa:  # the kernels an older CPU would run: oneDNN's (convolutions) and ATen's (the rest)
             env.update(ONEDNN_MAX_CPU_ISA=isa.upper(), ATEN_CPU_CAPABILITY=isa.lower())
@@ -98,7 +95,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-c", CHILD, json.dumps(settings), str(out)], env=env, check=True)
         summary = json.loads((out / "summary.json").read_text())
         results[name] = {"settings": settings, "isa": isa or "native", "precision": summary["precision"],
-                         "threads": settings["threads"],
+                         "threads": summary["machine"]["threads"], "runs_at_once": summary["machine"].get("runs_at_once", 1),
                          "machine": summary["machine"], "wall_s": time.perf_counter() - began,
                          "seconds": summary["seconds"], "rows": separation(summary)}
         print(markdown({name: results[name]}), flush=True)

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from bigtransfer import machine
 from bigtransfer.cli import main
-from bigtransfer.demo import FULL, DemoConfig, draw_margins, run_demo
+from bigtransfer.demo import FULL, DemoConfig, draw_margins, run_demo, table
 
 # Small enough to run in seconds: it tests the machinery, not the headline.
 TINY = DemoConfig(upstream_data="glyphs:classes=6,per_class=8,test_per_class=2,size=24", upstream_resolution=24,
                   pretrain_epochs=1, pretrain_batch=16, shots=(1, FULL), seeds=(0, 1), finetune_batch=16,
-                  finetune_steps=2, finetune_resolution=(28, 24), workers=0)
+                  finetune_steps=2, finetune_resolution=(28, 24), jobs=1)
 
 
 def one_line_error(err: str) -> bool:
@@ -30,16 +34,18 @@ def test_demo_takes_precision_and_device_like_the_training_verbs(tmp_path, monke
     seen = []
     monkeypatch.setattr(bigtransfer.demo, "run_demo", lambda out, config, **kwargs: seen.append(config))
     out = str(tmp_path / "demo")
-    assert main(["demo", "--precision", "bf16", "--device", "cpu", "--seeds", "2", "--out", out, "--quiet"]) == 0
+    assert main(["demo", "--precision", "bf16", "--device", "cpu", "--seeds", "2", "--jobs", "1", "--out", out,
+                 "--quiet"]) == 0
     assert main(["demo", "--out", out, "--quiet"]) == 0
-    assert (seen[0].precision, seen[0].device, seen[0].seeds) == ("bf16", "cpu", (0, 1))
-    assert (seen[1].precision, seen[1].device, seen[1].seeds) == ("auto", "auto", DemoConfig().seeds)
+    assert (seen[0].precision, seen[0].device, seen[0].seeds, seen[0].jobs) == ("bf16", "cpu", (0, 1), 1)
+    assert (seen[1].precision, seen[1].device, seen[1].seeds, seen[1].jobs) == ("auto", "auto", DemoConfig().seeds, 0)
     assert len(DemoConfig().seeds) >= 5  # the paper's few-shot protocol: several draws per shot count
 
 
 @pytest.mark.parametrize("argv, named", [
     (["--device", "tpu:nine"], "--device"),
     (["--seeds", "0"], "--seeds"),
+    (["--jobs", "-1"], "--jobs"),
     *([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda")]),
 ])
 def test_demo_option_mistakes_are_one_line_errors_before_anything_is_written(argv, named, tmp_path, capsys):
@@ -57,12 +63,86 @@ def test_summary_records_the_precision_and_the_machine(tmp_path):
     assert summary["precision"] == result.precision == "fp32"
     assert {r["precision"] for r in summary["runs"]} == {"fp32"}
     assert summary["machine"]["cpu"]["model"] == machine.cpu()["model"] and summary["machine"]["device"] == "cpu"
-    assert summary["machine"]["threads"] == torch.get_num_threads()
+    # on a CPU every run computes in one thread, whatever the core count: the figures do not depend on it
+    assert summary["machine"]["threads"] == summary["threads_per_run"] == 1
+    assert summary["machine"]["runs_at_once"] == summary["jobs"] == TINY.jobs
     # the keys other code and the README read are still there
     assert {"transfer_accuracy", "scratch_accuracy", "runs", "pretrain", "seconds", "config"} <= set(summary)
     # Continuing in another precision keeps the finished runs, and the summary says what they used.
     again = run_demo(out, replace(TINY, precision="bf16"), progress=False)
     assert again.precision == "fp32" and again.runs == result.runs
+
+
+def test_runs_side_by_side_give_the_figures_of_runs_one_at_a_time(tmp_path):
+    """Two worker processes, the pre-training beside the scratch runs, and every run in one thread:
+    the same numbers as the same runs one after the other here."""
+    alone = run_demo(tmp_path / "alone", replace(TINY, jobs=1), progress=False)
+    paired = run_demo(tmp_path / "paired", replace(TINY, jobs=2), progress=False)
+    assert paired.jobs == 2 and paired.machine["runs_at_once"] == 2 and paired.machine["threads"] == 1
+    assert [r["top1"] for r in paired.runs] == [r["top1"] for r in alone.runs]
+    assert (paired.transfer_accuracy, paired.scratch_accuracy) == (alone.transfer_accuracy, alone.scratch_accuracy)
+    assert "2 runs at once" in table(paired, TINY) and "1 torch thread per run" in table(paired, TINY)
+
+
+# A demo in its own process (a file, so its spawned workers can import it), killed outright below.
+KILLED_DEMO = """
+import sys
+from dataclasses import replace
+from pathlib import Path
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[2])
+from test_demo import TINY
+from bigtransfer.demo import run_demo
+
+if __name__ == "__main__":
+    run_demo(Path(sys.argv[1]), replace(TINY, jobs=2, finetune_steps=int(sys.argv[3])), progress=False)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="finds the demo's workers in /proc")
+def test_a_demo_killed_outright_leaves_no_workers_and_continues_to_the_same_figures(tmp_path):
+    steps = 40  # long enough that the kill lands while runs are training
+    config = replace(TINY, jobs=2, finetune_steps=steps)
+    script, out = tmp_path / "demo.py", tmp_path / "demo"
+    script.write_text(KILLED_DEMO)
+    demo = subprocess.Popen([sys.executable, str(script), str(out), str(Path(__file__).parent), str(steps)])
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(out.glob("*/*shot/seed*/summary.json"))) < 2:
+            assert time.monotonic() < deadline and demo.poll() is None, "the demo did not get going"
+            time.sleep(0.05)
+        workers = children(demo.pid)
+    finally:
+        demo.kill()
+        demo.wait()
+    assert workers, "the demo ran no worker processes"
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() and not zombie(pid) for pid in workers):
+        assert time.monotonic() < deadline, f"workers still running after the demo was killed: {workers}"
+        time.sleep(0.2)
+    continued = run_demo(out, config, progress=False)  # would fail on a lock a worker still held
+    reference = run_demo(tmp_path / "whole", replace(config, jobs=1), progress=False)
+    assert [r["top1"] for r in continued.runs] == [r["top1"] for r in reference.runs]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def test_cpu_description_reads_the_model_name_and_kernel_flags(tmp_path, monkeypatch):

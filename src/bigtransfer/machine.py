@@ -56,4 +56,6 @@ def one_line(info: dict) -> str:
     isa = "instruction sets unknown" if flags is None else ", ".join(flags) or "no AVX2"
     where = info.get("gpu") or f"{cpu_info['model']} ({cpu_info['cores']} cores; {isa})"
     threads = info['threads']
-    return f"{where}, {threads} torch thread{'' if threads == 1 else 's'}, torch {info['torch']}"
+    at_once = info.get("runs_at_once", 1)
+    runs = f" per run, {at_once} runs at once" if at_once > 1 else ""
+    return f"{where}, {threads} torch thread{'' if threads == 1 else 's'}{runs}, torch {info['torch']}"

@@ -177,11 +177,15 @@ def _add_demo(sub) -> None:
               "  bigtransfer demo                 # writes runs/demo/summary.json and accuracy_vs_examples.png\n"
               "  bigtransfer demo --out /tmp/demo --seeds 3\n"
               "  bigtransfer demo --precision bf16 --out runs/demo-bf16\n"
+              "  bigtransfer demo --jobs 1       # one run at a time (leaves the other cores free)\n"
               "Re-running continues where an interrupted demo stopped; --restart starts over.\n")
     g = p.add_argument_group("run")
     g.add_argument("--out", type=Path, default=Path("runs/demo"))
     g.add_argument("--seeds", type=int, default=None,
                    help="fine-tuning draws per shot count (default 5, as in the paper's few-shot runs)")
+    g.add_argument("--jobs", type=int, default=0,
+                   help="fine-tuning runs trained at once on a CPU, one torch thread each, the pre-training "
+                        "beside them (default 0: one per usable core; on a GPU, one at a time)")
     add_device_args(g)
     g.add_argument("--restart", action="store_true",
                    help="start over: delete what an earlier demo wrote in OUT (only that)")
@@ -194,7 +198,7 @@ def _run_demo(args) -> int:
 
     if args.seeds is not None and args.seeds < 1:
         raise BigTransferError(f"--seeds must be at least 1, got {args.seeds}")
-    config = DemoConfig(precision=args.precision, device=args.device)
+    config = DemoConfig(precision=args.precision, device=args.device, jobs=args.jobs)
     if args.seeds is not None:
         config = replace(config, seeds=tuple(range(args.seeds)))
     run_demo(args.out, config, progress=not args.quiet, restart=args.restart)
