@@ -112,3 +112,18 @@ def test_workers_of_a_killed_parent_save_and_exit(tmp_path):
         assert time.monotonic() < deadline, f"workers still running after their parent died: {workers}"
         time.sleep(0.2)
     assert (folder / "saved").exists(), "the training worker was not given the chance to save"
+
+
+def test_a_stop_signal_during_an_update_waits_until_the_update_is_whole():
+    """The loop's guard (train/loop.py): a signal mid-update raises only once the step is counted,
+    so a checkpoint never holds half an update; anywhere else it stops at once."""
+    from bigtransfer.train.loop import UpdateGuard
+
+    guard, applied = UpdateGuard(), []
+    with pytest.raises(KeyboardInterrupt), guard.update():
+        applied.append("momentum")
+        guard.handle(signal.SIGTERM, None)  # arrives here: must not cut the update short
+        applied.append("weights and step count")
+    assert applied == ["momentum", "weights and step count"]
+    with pytest.raises(KeyboardInterrupt):
+        UpdateGuard().handle(signal.SIGINT, None)

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,21 +104,50 @@ def resolve_precision(precision: str, device: torch.device, flops_per_image: flo
     return "bf16" if device.type == "cuda" or flops_per_image >= CPU_BF16_MIN_FLOPS else "fp32"
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (a scheduler preempting the job) takes the same path as Ctrl-C: save, then stop."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class UpdateGuard:
+    """Ctrl-C and SIGTERM (a scheduler preempting the job, or a worker whose parent died) stop a
+    run the same way: the loop saves what it completed, then stops. A signal landing while an
+    update is being applied (momentum, then weights, then the step count) waits until the update
+    is whole: stopped halfway, the checkpoint would hold a half-applied step under either count,
+    and the resumed run would differ from one never interrupted."""
 
-    def interrupt(signum, frame):
+    def __init__(self):
+        self.updating = False
+        self.pending: int | None = None
+
+    def handle(self, signum, frame) -> None:
+        if self.updating:
+            self.pending = signum
+            return
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    @contextlib.contextmanager
+    def update(self) -> Iterator[None]:
+        self.updating = True
+        try:
+            yield
+        finally:
+            self.updating = False
+        if self.pending is not None:
+            raise KeyboardInterrupt(f"signal {self.pending}")
+
+
+@contextlib.contextmanager
+def _interrupts_between_updates() -> Iterator[UpdateGuard]:
+    guard = UpdateGuard()
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield guard
+        return
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        # SIGINT only where Ctrl-C would raise anyway (a worker that ignores it keeps ignoring it)
+        if signum == signal.SIGTERM or signal.getsignal(signum) is signal.default_int_handler:
+            previous[signum] = signal.signal(signum, guard.handle)
     try:
-        yield
+        yield guard
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _chunk_generator(seed: int, step: int, chunk: int) -> torch.Generator:
@@ -267,7 +296,7 @@ def train(
     final_metrics: dict = {}
     completed = start  # steps whose update is in the model (what a checkpoint must say)
     final_written = start == cfg.steps and final is not None and not checkpoint.is_file()  # resumed from it
-    with _sigterm_as_interrupt():
+    with _interrupts_between_updates() as guard:
         try:
             model.train()
             for module in frozen_modules or []:
@@ -298,9 +327,10 @@ def train(
                             p.grad.add_(p.detach() - p0, alpha=cfg.l2_to_init)
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                done = completed = step + 1
+                with guard.update():
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    done = completed = step + 1
                 window_loss += step_loss
                 window_steps += 1
                 bar.update(1)
