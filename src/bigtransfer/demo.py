@@ -180,8 +180,7 @@ def _run_demo(out: Path, config: DemoConfig, progress: bool) -> DemoResult:
             started = {}
             for a, shots, seed in plan:
                 if a == arm:
-                    future = executor.submit(_finetune, config, out / arm / f"{shots}shot" / f"seed{seed}", model,
-                                             shots, seed)
+                    future = executor.submit(_finetune, config, _run_dir(out, arm, shots, seed), model, shots, seed)
                     future.add_done_callback(lambda _: bar.update())
                     started[future] = (arm, shots, seed)
             return started
@@ -200,7 +199,7 @@ def _run_demo(out: Path, config: DemoConfig, progress: bool) -> DemoResult:
                         arm, shots, seed = key
                         top1, took = future.result()
                         seconds[arm] += took
-                        run_dir = out / arm / f"{shots}shot" / f"seed{seed}"
+                        run_dir = _run_dir(out, arm, shots, seed)
                         result.runs.append({"arm": arm, "examples_per_class": shots, "seed": seed, "top1": top1,
                                             "run": str(run_dir), "precision": _run_config(run_dir)["precision"]})
         finally:
@@ -217,6 +216,10 @@ def _run_demo(out: Path, config: DemoConfig, progress: bool) -> DemoResult:
     plot(result, config, out / "accuracy_vs_examples.png")
     print(table(result, config))
     return result
+
+
+def _run_dir(out: Path, arm: str, shots, seed: int) -> Path:
+    return out / arm / f"{shots}shot" / f"seed{seed}"
 
 
 def _run_config(run_dir: Path) -> dict:
