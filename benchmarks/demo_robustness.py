@@ -29,6 +29,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from bigtransfer import machine
+
 CHILD = """
 import json, sys
 from dataclasses import replace
@@ -102,8 +106,13 @@ def main() -> None:
     if args.results:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-        args.results.with_suffix(".md").write_text(
-            "Demo headline under what varies between machines (`python benchmarks/demo_robustness.py`)\n\n"
+        args.results.with_suffix(".md").write_text(report(results, " ".join(sys.argv[1:])))
+
+
+def report(results: dict, argv: str) -> str:
+    first = next(iter(results.values()))["machine"]
+    return (f"Demo headline under what varies between machines, on {machine.one_line(first)}\n\n"
+            f"    python benchmarks/demo_robustness.py {argv}\n\n"
             + markdown(results) + "\n")
 
 
