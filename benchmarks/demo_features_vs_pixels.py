@@ -41,6 +41,16 @@ def pixels(images) -> torch.Tensor:
                         dtype=torch.float64)
 
 
+def features(pretrained, splits, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-logits of a pre-trained run's model for the pool and the validation set."""
+    name, weights = model_source(pretrained, None)
+    model = create_model(name, num_classes=10, weights=weights)
+    transform = eval_transform(resolution)
+    cpu = torch.device("cpu")
+    return (extract_features(model, TransformedImages(splits.train, transform), cpu)[0],
+            extract_features(model, TransformedImages(splits.test, transform), cpu)[0])
+
+
 def classifiers(train_x, train_y, test_x, test_y) -> dict[str, float]:
     """Test accuracy of ridge regression, 1-nearest-neighbour and nearest centroid (cosine)."""
     a, b = _normalise(train_x), _normalise(test_x)
@@ -60,13 +70,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=32, help="the demo's fine-tuning crop")
     args = parser.parse_args()
     splits = validation_splits()
-    name, weights = model_source(args.pretrained, None)
-    model = create_model(name, num_classes=10, weights=weights)
-    transform = eval_transform(args.resolution)
-    cpu = torch.device("cpu")
     representations = {
-        "pre-trained features": (extract_features(model, TransformedImages(splits.train, transform), cpu)[0],
-                                 extract_features(model, TransformedImages(splits.test, transform), cpu)[0]),
+        "pre-trained features": features(args.pretrained, splits, args.resolution),
         "raw pixels": (pixels(splits.train), pixels(splits.test)),
     }
     train_y, test_y = torch.as_tensor(splits.train.labels), torch.as_tensor(splits.test.labels)
