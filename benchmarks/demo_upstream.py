@@ -16,23 +16,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bigtransfer.demo import DemoConfig
-from bigtransfer.pretrain import PretrainOptions, run_pretrain
+from bigtransfer.demo import DemoConfig, _pretrain
 
 
-def configured(overrides: list[str]) -> DemoConfig:
+def configured(overrides: list[str], where: str = "demo_upstream") -> DemoConfig:
+    """The demo's config with each KEY=VALUE applied; `where` names the input in the error."""
     config = DemoConfig()
     changes = {}
     for item in overrides:
         key, _, value = item.partition("=")
         if key not in {f.name for f in dataclasses.fields(DemoConfig)} or not value:
-            sys.exit(f"demo_upstream: expected KEY=VALUE over DemoConfig's fields, got {item!r}")
-        changes[key] = type(getattr(config, key))(value)
+            sys.exit(f"{where}: expected KEY=VALUE over DemoConfig's fields, got {item!r}")
+        kind = type(getattr(config, key))
+        try:
+            changes[key] = kind(value)
+        except ValueError:
+            sys.exit(f"{where}: {key} wants a {kind.__name__}, got {value!r}")
     return dataclasses.replace(config, **changes)
 
 
@@ -41,14 +44,9 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="the pretrain run directory to write")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE over DemoConfig")
     args = parser.parse_args()
-    c = configured(args.overrides)
-    start = time.perf_counter()
-    run_pretrain(PretrainOptions(
-        data=c.upstream_data, model=c.arch, out=args.out, recipe=c.recipe, seed=c.pretrain_seed, flip=c.pretrain_flip,
-        resolution=c.upstream_resolution, batch=c.pretrain_batch, epochs=c.pretrain_epochs, base_lr=c.pretrain_base_lr,
-        min_crop_area=c.min_crop_area, probe_data="digits", probe_resolution=c.finetune_resolution[1], workers=1,
-        precision="fp32", progress=False, log_every=50))
-    print(f"pre-trained {args.out} in {time.perf_counter() - start:.0f} s ({', '.join(args.overrides) or 'the demo'})")
+    config = configured(args.overrides)
+    _, seconds = _pretrain(dataclasses.replace(config, workers=1, precision="fp32"), args.out, progress=False)
+    print(f"pre-trained {args.out} in {seconds:.0f} s ({', '.join(args.overrides) or 'the demo'})")
 
 
 if __name__ == "__main__":

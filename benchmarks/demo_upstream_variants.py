@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo_features_vs_pixels import classifiers, features
 from demo_oneshot import validation_splits
+from demo_upstream import configured
 
 from bigtransfer import machine
 from bigtransfer.data.fewshot import sample_per_class
@@ -40,17 +41,7 @@ from bigtransfer.train import side_by_side
 
 def parse_variant(text: str) -> tuple[str, DemoConfig]:
     name, *assignments = text.split(";")
-    types = {f.name: type(getattr(DemoConfig(), f.name)) for f in dataclasses.fields(DemoConfig)}
-    changes = {}
-    for assignment in assignments:
-        key, _, value = assignment.partition("=")
-        if key not in types:
-            raise SystemExit(f"--variant {text}: unknown DemoConfig field {key!r}")
-        try:
-            changes[key] = types[key](value)
-        except ValueError:
-            raise SystemExit(f"--variant {text}: {key} wants a {types[key].__name__}, got {value!r}") from None
-    return name, dataclasses.replace(DemoConfig(), **changes)
+    return name, configured(assignments, where=f"--variant {text}")
 
 
 def pretrain_and_probe(config: DemoConfig, out: Path, shots: list[int], seeds: list[int]) -> dict:
@@ -88,7 +79,8 @@ def main() -> None:
     variants = dict(parse_variant(v) for v in args.variant or ["demo"])
     shots, seeds = [int(k) for k in args.shots.split(",")], [int(s) for s in args.seeds.split(",")]
     default = dataclasses.asdict(DemoConfig())
-    with side_by_side.pool(args.jobs or side_by_side.auto_jobs(len(variants)), 1) as executor:
+    jobs = args.jobs or side_by_side.auto_jobs(len(variants))
+    with side_by_side.pool(jobs, 1) as executor:
         futures = {name: executor.submit(pretrain_and_probe, config, args.out / name, shots, seeds)
                    for name, config in variants.items()}
         results = {}
@@ -98,7 +90,7 @@ def main() -> None:
     table = markdown(results, shots)
     print(table)
     if args.results:
-        info = {**machine.describe("cpu"), "threads": 1, "runs_at_once": args.jobs or side_by_side.auto_jobs(len(variants))}
+        info = {**machine.describe("cpu"), "threads": 1, "runs_at_once": jobs}
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.with_suffix(".json").write_text(json.dumps({"machine": info, "results": results}, indent=1) + "\n")
         args.results.with_suffix(".md").write_text(
