@@ -51,6 +51,11 @@ def features(pretrained, splits, resolution: int) -> tuple[torch.Tensor, torch.T
             extract_features(model, TransformedImages(splits.test, transform), cpu)[0])
 
 
+def draws(labels: torch.Tensor, k: int, seeds) -> list[torch.Tensor]:
+    """The few-shot draws' indices into `labels`: k examples per class, one draw per seed."""
+    return [torch.as_tensor(sample_per_class(labels.numpy(), k, int(seed))) for seed in seeds]
+
+
 def classifiers(train_x, train_y, test_x, test_y) -> dict[str, float]:
     """Test accuracy of ridge regression, 1-nearest-neighbour and nearest centroid (cosine)."""
     a, b = _normalise(train_x), _normalise(test_x)
@@ -77,9 +82,9 @@ def main() -> None:
     train_y, test_y = torch.as_tensor(splits.train.labels), torch.as_tensor(splits.test.labels)
     print("| examples/class | representation | ridge | 1-NN | nearest centroid |\n|---|---|---|---|---|")
     for k in map(int, args.shots.split(",")):
-        draws = [torch.as_tensor(sample_per_class(train_y.numpy(), k, int(seed))) for seed in args.seeds.split(",")]
+        indices = draws(train_y, k, args.seeds.split(","))
         for label, (train_x, test_x) in representations.items():
-            scores = [classifiers(train_x[idx], train_y[idx], test_x, test_y) for idx in draws]
+            scores = [classifiers(train_x[idx], train_y[idx], test_x, test_y) for idx in indices]
             cells = []
             for method in ("ridge", "1-NN", "nearest centroid"):
                 values = [s[method] for s in scores]

@@ -29,12 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demo_features_vs_pixels import classifiers, features
+from demo_features_vs_pixels import classifiers, draws, features
 from demo_oneshot import validation_splits
 from demo_upstream import configured
 
 from bigtransfer import machine
-from bigtransfer.data.fewshot import sample_per_class
 from bigtransfer.demo import DemoConfig, _pretrain
 from bigtransfer.train import side_by_side
 
@@ -51,8 +50,7 @@ def pretrain_and_probe(config: DemoConfig, out: Path, shots: list[int], seeds: l
     train_y, test_y = torch.as_tensor(splits.train.labels), torch.as_tensor(splits.test.labels)
     ridge = {}
     for k in shots:
-        draws = [torch.as_tensor(sample_per_class(train_y.numpy(), k, seed)) for seed in seeds]
-        ridge[str(k)] = [classifiers(train_x[i], train_y[i], test_x, test_y)["ridge"] for i in draws]
+        ridge[str(k)] = [classifiers(train_x[i], train_y[i], test_x, test_y)["ridge"] for i in draws(train_y, k, seeds)]
     return {"upstream_validation_top1": summary["final"]["top1"], "seconds": seconds, "ridge": ridge}
 
 
