@@ -56,13 +56,18 @@ def draws(labels: torch.Tensor, k: int, seeds) -> list[torch.Tensor]:
     return [torch.as_tensor(sample_per_class(labels.numpy(), k, int(seed))) for seed in seeds]
 
 
+def ridge_guesses(train_x, train_y, test_x) -> torch.Tensor:
+    """The ridge probe's class for every test example (features normalised as the probe does)."""
+    w, bias = ridge_classifier(_normalise(train_x), train_y, 10)
+    return (_normalise(test_x) @ w + bias).argmax(1)
+
+
 def classifiers(train_x, train_y, test_x, test_y) -> dict[str, float]:
     """Test accuracy of ridge regression, 1-nearest-neighbour and nearest centroid (cosine)."""
     a, b = _normalise(train_x), _normalise(test_x)
-    w, bias = ridge_classifier(a, train_y, 10)
     centre = a.mean(0)
     centroids = torch.stack([(a[train_y == c] - centre).mean(0) for c in range(10)])
-    guesses = {"ridge": (b @ w + bias).argmax(1), "1-NN": train_y[(b @ a.T).argmax(1)],
+    guesses = {"ridge": ridge_guesses(train_x, train_y, test_x), "1-NN": train_y[(b @ a.T).argmax(1)],
                "nearest centroid": ((b - centre) @ centroids.T).argmax(1)}
     return {name: (guess == test_y).double().mean().item() for name, guess in guesses.items()}
 

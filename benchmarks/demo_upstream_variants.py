@@ -11,7 +11,8 @@ read), 5 draws per shot count. The pre-training seed alone shows how far the sam
         --variant "classes200;upstream_data=glyphs:deform=3,classes=200,per_class=100"
 
 A variant is NAME[;field=value;...] (";" because a glyphs spec has commas). Finished pre-trainings
-are reused on a re-run. Prints a Markdown table; --results writes it with the JSON beside it.
+are reused on a re-run, with the seconds they first took. Prints a Markdown table; --results
+writes it with the JSON beside it.
 """
 
 from __future__ import annotations
@@ -43,8 +44,20 @@ def parse_variant(text: str) -> tuple[str, DemoConfig]:
     return name, configured(assignments, where=f"--variant {text}")
 
 
-def pretrain_and_probe(config: DemoConfig, out: Path, shots: list[int], seeds: list[int]) -> dict:
+def timed_pretrain(config: DemoConfig, out: Path) -> tuple[dict, float]:
+    """The variant's pre-training and the seconds it took. A finished pre-training is reused
+    and returns at once, so its seconds come from the first time, kept beside its folder."""
+    timing, wanted = out.with_name(out.name + ".seconds.json"), dataclasses.asdict(config)
+    earlier = json.loads(timing.read_text()) if timing.exists() else {}
     summary, seconds = _pretrain(config, out, progress=False)
+    if earlier.get("config") == json.loads(json.dumps(wanted)):
+        return summary, earlier["seconds"]
+    timing.write_text(json.dumps({"config": wanted, "seconds": seconds}) + "\n")
+    return summary, seconds
+
+
+def pretrain_and_probe(config: DemoConfig, out: Path, shots: list[int], seeds: list[int]) -> dict:
+    summary, seconds = timed_pretrain(config, out)
     splits = validation_splits()
     train_x, test_x = features(out, splits, config.finetune_resolution[1])
     train_y, test_y = torch.as_tensor(splits.train.labels), torch.as_tensor(splits.test.labels)
