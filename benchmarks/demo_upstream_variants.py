@@ -46,13 +46,14 @@ def parse_variant(text: str) -> tuple[str, DemoConfig]:
 
 def timed_pretrain(config: DemoConfig, out: Path) -> tuple[dict, float]:
     """The variant's pre-training and the seconds it took. A finished pre-training is reused
-    and returns at once, so its seconds come from the first time, kept beside its folder."""
-    timing, wanted = out.with_name(out.name + ".seconds.json"), dataclasses.asdict(config)
-    earlier = json.loads(timing.read_text()) if timing.exists() else {}
+    and returns at once (a different one in its folder is refused), so its seconds come from
+    the first time, kept beside its folder."""
+    timing = out.with_name(out.name + ".seconds.json")
+    reused = (out / "summary.json").exists() and timing.exists()
     summary, seconds = _pretrain(config, out, progress=False)
-    if earlier.get("config") == json.loads(json.dumps(wanted)):
-        return summary, earlier["seconds"]
-    timing.write_text(json.dumps({"config": wanted, "seconds": seconds}) + "\n")
+    if reused:
+        return summary, json.loads(timing.read_text())["seconds"]
+    timing.write_text(json.dumps({"seconds": seconds}) + "\n")
     return summary, seconds
 
 
