@@ -3,7 +3,7 @@
 The baseline is written the way the authors' reference PyTorch code trains: torchvision
 ImageFolder + DataLoader(shuffle) + Resize/RandomCrop/Flip/ToTensor/Normalize, fp32, NCHW,
 loss.backward(), optimizer.step(). Ours is bigtransfer's own loop (train/loop.py) as
-`finetune --precision auto` runs it: channels_last everywhere, and bf16 autocast where the
+`finetune --precision auto` runs it: channels_last at this size (train/layout.py), and bf16 autocast where the
 device does bf16 natively and it pays (GPUs; AMX/AVX512-BF16 CPUs for >= 1 GFLOP per image). Both see the same generated JPEG
 folder (decoding is part of the cost) and the same R50x1 weights. The loader-only rate shows
 whether data loading could be the bottleneck. Rounds alternate (ours, baseline, ...) so drift

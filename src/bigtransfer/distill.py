@@ -317,7 +317,7 @@ def _distill(opts: DistillOptions, ctx: DistContext) -> dict:
         seed=opts.seed, batch_split=opts.batch_split if opts.batch_split != "auto" else 1,
         eval_every=opts.eval_every, checkpoint_every=opts.checkpoint_every, log_every=opts.log_every,
         workers=opts.workers, eval_batch=2 * (plan.batch // ctx.world_size), precision=precision,
-        compile=opts.compile, fsdp=opts.fsdp, progress=opts.progress and ctx.is_main)
+        compile=opts.compile, fsdp=opts.fsdp, progress=opts.progress and ctx.is_main, image_side=plan.resolution)
     def write_final(state: dict) -> None:
         save_checkpoint(student, out / "final.safetensors", class_names=classes, resolution=plan.resolution,
                         provenance={"distilled_from": str(teacher_path), "student": opts.student, "data": opts.data,

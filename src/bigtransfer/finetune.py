@@ -237,7 +237,7 @@ def _finetune(opts: FinetuneOptions, splits: Splits | None, ctx: DistContext) ->
             checkpoint_every=opts.checkpoint_every, log_every=opts.log_every, workers=opts.workers,
             eval_batch=2 * (plan.batch // (ctx.world_size * split)),  # no saved activations: 2x a training micro-batch fits
             precision=precision, compile=opts.compile, fsdp=opts.fsdp, progress=opts.progress and ctx.is_main,
-            prelogit_dropout=opts.dropout, l2_to_init=opts.l2_to_init,
+            prelogit_dropout=opts.dropout, l2_to_init=opts.l2_to_init, image_side=plan.crop,
         )
         metrics = train(model, train_data, test_data, cfg, out, ctx, fingerprint, frozen_modules=frozen,
                         final=FinalWeights(out / "final.safetensors", write_final, resume=not opts.restart))

@@ -207,7 +207,8 @@ def _pretrain(opts: PretrainOptions, ctx: DistContext) -> dict:
         decayed=plan.decayed, seed=opts.seed, batch_split=opts.batch_split, eval_every=opts.eval_every,
         checkpoint_every=opts.checkpoint_every, log_every=opts.log_every, workers=opts.workers,
         eval_batch=2 * (plan.batch // (ctx.world_size * opts.batch_split)), precision=precision,
-        compile=opts.compile, fsdp=opts.fsdp, progress=opts.progress and ctx.is_main, multilabel=data.multilabel)
+        compile=opts.compile, fsdp=opts.fsdp, progress=opts.progress and ctx.is_main, multilabel=data.multilabel,
+        image_side=resolution)
     loss_fn = sigmoid_cross_entropy if plan.loss == "sigmoid" else softmax_cross_entropy
     def write_final(state: dict) -> None:
         save_checkpoint(model, out / "final.safetensors", class_names=data.classes, resolution=resolution,

@@ -35,6 +35,7 @@ from .checkpointing import (
     save_train_state,
 )
 from .distributed import DistContext, gradient_sync, wrap_for_training
+from .layout import training_layout
 from .logbook import Logbook
 from .losses import softmax_cross_entropy
 from .schedule import LRSchedule
@@ -58,6 +59,7 @@ class LoopConfig:
     log_every: int = 10
     workers: int = 0
     eval_batch: int = 64
+    image_side: int = 0  # side of the training crops, for the memory layout (0: unknown, channels_last)
     precision: str = "fp32"  # fp32 | bf16 (autocast); see resolve_precision for "auto"
     compile: bool = False
     progress: bool = True
@@ -236,10 +238,10 @@ def train(
 
     device = ctx.device
     bf16 = cfg.precision == "bf16"
-    # channels_last: what tensor cores want, and 1.1x the fp32 training step on CPU too. FSDP
-    # only shards contiguous parameters, so there only the inputs are channels_last (the
-    # convolutions follow the input's layout).
-    model.to(device=device, memory_format=torch.contiguous_format if cfg.fsdp else torch.channels_last)
+    # channels_last, or NCHW for small steps on a CPU (layout.py). FSDP only shards contiguous
+    # parameters, so there only the inputs take the layout (the convolutions follow the input's).
+    memory_format = training_layout(device, cfg.precision, cfg.batch // (ctx.world_size * cfg.batch_split), cfg.image_side)
+    model.to(device=device, memory_format=torch.contiguous_format if cfg.fsdp else memory_format)
     if cfg.fsdp and isinstance(eval_data, torch.utils.data.IterableDataset):
         raise BigTransferError("--fsdp needs a folder or manifest for validation (streams split unevenly over "
                                "processes, and FSDP's forward passes must run in step)")
@@ -309,7 +311,7 @@ def train(
                 step_loss = 0.0
                 for i, chunk in enumerate(my_chunks):
                     images, labels = next(loader)
-                    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                    images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
                     labels = labels.to(device, non_blocking=True)
                     perm, mixed = None, lam
                     if lam < 1.0:
