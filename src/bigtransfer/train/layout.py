@@ -5,9 +5,10 @@ activations are large. For small ones it costs: one training step of the demo's 
 (R14x0.5, 16 images of 32 px, fp32, one thread) took 0.89 of the time in NCHW on a 2-core
 Intel Xeon (AVX-512, AMX) and 0.74 with AVX2 kernels; with bf16 autocast there NCHW took
 0.67-0.91 up to 16 images of 128 px. In fp32 the two were even at 64k pixels per micro-batch
-(64 images of 32 px, 16 of 64 px) and channels_last was 1.05-1.17x faster above it (R14x0.5 at
-128 x 32 px and 16 x 128 px; R50x1 at 32 x 224 px). Above these sizes the loop keeps
-channels_last, as it always did. `python benchmarks/cpu_layout.py` re-measures them on any CPU
+(64 images of 32 px, 16 of 64 px); above it channels_last was 1.05-1.17x faster for R14x0.5
+(128 x 32 and 16 x 128 px) and 1.10x for R50x1 at 32 x 224 px (AVX2 kernels), and the two were
+close for R50x1 at 32 x 128 px (NCHW/channels_last 1.01; 0.95 with AVX2 kernels). Above these
+sizes the loop keeps channels_last, as it always did. `python benchmarks/cpu_layout.py` re-measures them on any CPU
 (`benchmarks/results/cpu_layout*.md`).
 """
 
