@@ -7,7 +7,9 @@ Intel Xeon (AVX-512, AMX) and 0.74 with AVX2 kernels; with bf16 autocast there N
 0.67-0.91 up to 16 images of 128 px. In fp32 the two were even at 64k pixels per micro-batch
 (64 images of 32 px, 16 of 64 px); above it channels_last was 1.05-1.17x faster for R14x0.5
 (128 x 32 and 16 x 128 px) and 1.10x for R50x1 at 32 x 224 px (AVX2 kernels), and the two were
-close for R50x1 at 32 x 128 px (NCHW/channels_last 1.01; 0.95 with AVX2 kernels). Above these
+close for R50x1 at 32 x 128 px (NCHW/channels_last 1.01; 0.95 with AVX2 kernels). A 2-core AMD
+EPYC (AVX-512, AVX512-BF16, no AMX) puts the fp32 crossover at the same place (0.83 at the demo's
+step, 0.95 at 64 x 32 px, 1.07 at 128 x 32 px) and NCHW 0.61-0.77 in bf16. Above these
 sizes the loop keeps channels_last, as it always did. `python benchmarks/cpu_layout.py` re-measures them on any CPU
 (`benchmarks/results/cpu_layout*.md`).
 """
