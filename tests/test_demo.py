@@ -15,6 +15,7 @@ import torch
 
 from bigtransfer import machine
 from bigtransfer.cli import main
+from bigtransfer.data.dataset import TransformedImages
 from bigtransfer.demo import FULL, DemoConfig, draw_margins, run_demo, table
 
 # Small enough to run in seconds: it tests the machinery, not the headline.
@@ -71,6 +72,37 @@ def test_summary_records_the_precision_and_the_machine(tmp_path):
     # Continuing in another precision keeps the finished runs, and the summary says what they used.
     again = run_demo(out, replace(TINY, precision="bf16"), progress=False)
     assert again.precision == "fp32" and again.runs == result.runs
+
+
+def test_ridge_probe_is_fitted_on_the_images_each_fine_tuning_run_trained_on(tmp_path):
+    """The table's probe line compares with the fine-tuned runs draw by draw: for every seed, a ridge
+    probe fitted here on the frozen features of exactly the images `finetune` drew for that seed
+    (its own prepare_data) scores what the summary says."""
+    from bigtransfer.data.transforms import eval_transform
+    from bigtransfer.evaluate.fewshot_probe import _normalise, ridge_classifier
+    from bigtransfer.finetune import FinetuneOptions, prepare_data
+    from bigtransfer.models import create_model
+    from bigtransfer.models.factory import model_source
+    from bigtransfer.train.linear_probe import extract_features
+
+    out = tmp_path / "demo"
+    result = run_demo(out, TINY, progress=False)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ridge_probe"] == result.ridge_probe and set(result.ridge_probe) == {"1"}
+    name, weights = model_source(str(out / "pretrain"), None)
+    model = create_model(name, weights=weights)
+    features = lambda images: extract_features(model, TransformedImages(images, eval_transform(24)), torch.device("cpu"))
+    for seed in TINY.seeds:
+        drawn = prepare_data(FinetuneOptions(data="digits", model=name, out=tmp_path / "x", examples_per_class=1,
+                                             seed=seed), warn=False)
+        assert len(drawn.train) == 10
+        (train_x, train_y), (test_x, test_y) = features(drawn.train), features(drawn.test)
+        w, b = ridge_classifier(_normalise(train_x), train_y, 10)
+        top1 = float(((_normalise(test_x) @ w + b).argmax(1) == test_y).double().mean())
+        assert result.ridge_probe["1"][str(seed)] == pytest.approx(top1, abs=1e-9), seed
+    line = next(line for line in table(result, TINY).splitlines() if "ridge probe" in line)
+    accs = list(result.ridge_probe["1"].values())
+    assert f"1 shot {statistics.median(accs):.1%} ({min(accs):.1%}-{max(accs):.1%})" in line
 
 
 def test_runs_side_by_side_give_the_figures_of_runs_one_at_a_time(tmp_path):

@@ -52,7 +52,9 @@ from pathlib import Path
 from . import machine, rundir
 from .errors import BigTransferError
 from .finetune import FinetuneOptions, run_finetune
-from .pretrain import PretrainOptions, run_pretrain
+from .models import create_model
+from .models.factory import model_source
+from .pretrain import PretrainOptions, TransferProbe, run_pretrain
 from .train import side_by_side
 from .train.checkpointing import write_json_atomic
 from .train.execution import ExecutionOptions
@@ -95,6 +97,8 @@ class DemoResult:
     machine: dict = field(default_factory=dict)  # the CPU (and GPU) that produced the figures
     jobs: int = 1  # runs trained at once, each in its own process
     threads_per_run: int | None = None  # torch threads of each run (None: torch's default, on a GPU)
+    # frozen pre-trained features + ridge probe on the fine-tuning runs' own draws: {"K": {"seed": top1}}
+    ridge_probe: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _finetune(config: DemoConfig, out: Path, model: str, shots, seed: int) -> tuple[float, float]:
@@ -109,8 +113,8 @@ def _finetune(config: DemoConfig, out: Path, model: str, shots, seed: int) -> tu
     return summary["final"]["top1"], time.perf_counter() - start
 
 
-def _pretrain(config: DemoConfig, out: Path, progress: bool) -> tuple[dict, float]:
-    """The demo's upstream pre-training: (its summary, the seconds it took)."""
+def _pretrain(config: DemoConfig, out: Path, progress: bool) -> tuple[dict, dict, float]:
+    """The demo's upstream pre-training: (its summary, its ridge probe on the demo's draws, the seconds)."""
     start = time.perf_counter()
     summary = run_pretrain(PretrainOptions(
         data=config.upstream_data, model=config.arch, out=out, recipe=config.recipe, seed=config.pretrain_seed,
@@ -119,7 +123,24 @@ def _pretrain(config: DemoConfig, out: Path, progress: bool) -> tuple[dict, floa
         min_crop_area=config.min_crop_area, probe_data="digits", probe_resolution=config.finetune_resolution[1],
         workers=config.workers, precision=config.precision, device=config.device, progress=progress,
         log_every=50))
-    return summary, time.perf_counter() - start
+    return summary, ridge_on_draws(config, out), time.perf_counter() - start
+
+
+def ridge_on_draws(config: DemoConfig, pretrained: Path) -> dict[str, dict[str, float]]:
+    """The frozen pre-trained features' ridge probe on the very images each fine-tuning run trains
+    on ({"K": {"seed": top1}}): draw s of K per class is the draw of `--examples-per-class K --seed
+    s`. The pre-training's own monitor averages three draws; this compares with the runs draw by draw."""
+    import torch
+
+    run = _run_config(pretrained)
+    device = torch.device(run["device"])
+    name, weights = model_source(str(pretrained), None)
+    model = create_model(name, weights=weights).to(device)
+    shots = [k for k in config.shots if k != FULL]
+    probe = TransferProbe("digits", config.finetune_resolution[1], shots, device, run["precision"] == "bf16",
+                          config.seeds)
+    per_draw = probe.per_draw(model)
+    return {str(k): {str(seed): top1 for seed, top1 in zip(config.seeds, per_draw[f"{k}shot"])} for k in shots}
 
 
 def check_config(config: DemoConfig) -> None:
@@ -192,8 +213,9 @@ def _run_demo(out: Path, config: DemoConfig, progress: bool) -> DemoResult:
                 for future in done:
                     key = pending.pop(future)
                     if key[0] == "pretrain":
-                        pre, result.seconds["pretrain"] = future.result()
+                        pre, ridge, result.seconds["pretrain"] = future.result()
                         result.pretrain = {"validation": pre["final"], "fewshot_probe_on_digits": pre["fewshot"]}
+                        result.ridge_probe = ridge
                         pending.update(start_arm("transfer", str(out / "pretrain")))
                     else:
                         arm, shots, seed = key
@@ -278,10 +300,10 @@ def table(result: DemoResult, config: DemoConfig) -> str:
         margin, won = paired(shots)
         lines.append(f"{shots!s:<16}{cell('transfer', shots):<26}{cell('scratch', shots):<26}"
                      f"{'transfer' if t > s else 'scratch' if s > t else 'tie':<10}{margin:<32}{won}")
-    probe = result.pretrain.get("fewshot_probe_on_digits", {})
-    if probe:
-        lines.append("frozen pre-trained features + ridge probe: "
-                     + ", ".join(f"{k} {v:.1%}" for k, v in probe.items()))
+    if result.ridge_probe:
+        lines.append("frozen pre-trained features + ridge probe, the same draws: " + ", ".join(
+            f"{k} shot {statistics.median(accs.values()):.1%} ({min(accs.values()):.1%}-{max(accs.values()):.1%})"
+            for k, accs in result.ridge_probe.items()))
     lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())
                  + (f" (the arms: their runs' seconds summed, {result.jobs} runs at a time)" if result.jobs > 1 else ""))
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from .data.shards import ShardSet, ShardStream, is_shard_dir
 from .data.sources import Splits, load_source, report_skipped
 from .data.transforms import eval_transform, upstream_transform
 from .errors import BigTransferError
-from .evaluate.fewshot_probe import DEFAULT_SHOTS, fewshot_accuracy
+from .evaluate.fewshot_probe import DEFAULT_SHOTS, fewshot_accuracies, mean_over_draws
 from .models import create_model, save_checkpoint
 from .train.checkpointing import (
     FinalWeights,
@@ -93,7 +93,7 @@ def open_upstream_data(opts: PretrainOptions, resolution: int) -> UpstreamData:
 class TransferProbe:
     """Few-shot ridge probes on a downstream set, run at every evaluation (on the main process)."""
 
-    def __init__(self, spec: str, resolution: int, shots, device: torch.device, bf16: bool):
+    def __init__(self, spec: str, resolution: int, shots, device: torch.device, bf16: bool, seeds=(0, 1, 2)):
         splits = load_source(spec, progress=False)
         if splits.test is None:
             raise BigTransferError(f"--probe-data {spec}: needs a test split")
@@ -101,11 +101,17 @@ class TransferProbe:
         self.train = TransformedImages(splits.train, transform)
         self.test = TransformedImages(splits.test, transform)
         self.num_classes, self.shots, self.device, self.bf16 = len(splits.classes), shots, device, bf16
+        self.seeds = tuple(seeds)
 
     def __call__(self, model) -> dict[str, float]:
+        """Mean test accuracy over the draws, per shot count (what the run logs)."""
+        return mean_over_draws(self.per_draw(model))
+
+    def per_draw(self, model) -> dict[str, list[float]]:
+        """Test accuracy of every draw, per shot count: {"Kshot": [one per seed]}."""
         train_x, train_y = extract_features(model, self.train, self.device, bf16=self.bf16)
         test_x, test_y = extract_features(model, self.test, self.device, bf16=self.bf16)
-        return fewshot_accuracy(train_x, train_y, test_x, test_y, self.num_classes, self.shots)
+        return fewshot_accuracies(train_x, train_y, test_x, test_y, self.num_classes, self.shots, self.seeds)
 
 
 def make_plan(opts: PretrainOptions, data: UpstreamData) -> upstream.UpstreamPlan:

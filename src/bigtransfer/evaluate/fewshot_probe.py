@@ -38,10 +38,11 @@ def _normalise(features: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(features.double(), dim=1)
 
 
-def fewshot_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                     test_labels: torch.Tensor, num_classes: int, shots=DEFAULT_SHOTS, seeds=(0, 1, 2),
-                     l2: float = DEFAULT_L2) -> dict[str, float]:
-    """Mean test accuracy over `seeds` draws of K images per class, for every K in `shots`."""
+def fewshot_accuracies(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                       test_labels: torch.Tensor, num_classes: int, shots=DEFAULT_SHOTS, seeds=(0, 1, 2),
+                       l2: float = DEFAULT_L2) -> dict[str, list[float]]:
+    """Test accuracy of every draw: {"Kshot": [one per seed]}. Seed s draws what fine-tuning with
+    `--examples-per-class K --seed s` trains on, so the two compare draw by draw."""
     train_x, test_x = _normalise(train_features), _normalise(test_features)
     out = {}
     for k in shots:
@@ -51,5 +52,10 @@ def fewshot_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, t
             w, b = ridge_classifier(train_x[idx], train_labels[idx], num_classes, l2)
             predicted = (test_x @ w + b).argmax(1)
             accuracies.append(float((predicted == test_labels).double().mean()))
-        out[f"{k}shot"] = float(np.mean(accuracies))
+        out[f"{k}shot"] = accuracies
     return out
+
+
+def mean_over_draws(per_draw: dict[str, list[float]]) -> dict[str, float]:
+    """{"Kshot": mean accuracy over the draws}, what a pre-training run logs."""
+    return {key: float(np.mean(accuracies)) for key, accuracies in per_draw.items()}
