@@ -8,7 +8,8 @@ for a fresh set of pseudo-random choices, another pre-training seed. (The thread
 varies: the demo computes every run in one thread, several runs side by side.)
 This script runs the whole demo once per setting, each in its own process, and tabulates
 transfer vs scratch per shot count: median (min-max) over the draws, and whether the ranges
-separate.
+separate; beside them the frozen features' ridge probe on the same draws, and whether its range
+is above scratch's.
 
     python benchmarks/demo_robustness.py --out /tmp/robust \\
         --setting fp32:precision=fp32 --setting bf16:precision=bf16 \\
@@ -60,23 +61,30 @@ def separation(summary: dict) -> list[dict]:
                 for arm in ("transfer", "scratch")}
         t, s = accs["transfer"], accs["scratch"]
         paired = [a - b for a, b in zip(t, s)]  # the same draw (seed) in both arms
+        # the frozen features' ridge probe on the same draws (none for the full set)
+        probe = list(summary.get("ridge_probe", {}).get(str(shots), {}).values())
         rows.append({"shots": shots, "transfer": [statistics.median(t), min(t), max(t)],
                      "scratch": [statistics.median(s), min(s), max(s)],
                      "ranges_separate": min(t) > max(s), "draws_won": sum(d > 0 for d in paired),
-                     "draws": len(paired), "median_gap": statistics.median(t) - statistics.median(s)})
+                     "draws": len(paired), "median_gap": statistics.median(t) - statistics.median(s),
+                     "probe": [statistics.median(probe), min(probe), max(probe)] if probe else None,
+                     "probe_separates": min(probe) > max(s) if probe else None})
     return rows
 
 
 def markdown(results: dict) -> str:
+    yes_no = {True: "yes", False: "no", None: "-"}
     lines = [("| setting | kernels | precision | threads | examples/class | transfer | scratch | gap (medians) | "
-             "ranges separate | draws won |"), "|---|---|---|---|---|---|---|---|---|---|"]
+              "ranges separate | draws won | ridge probe, same draws | probe's range above scratch's |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in results.items():
         for row in entry["rows"]:
-            t, s = row["transfer"], row["scratch"]
+            t, s, probe = row["transfer"], row["scratch"], row.get("probe")
+            probe_cell = f"{probe[0]:.1%} ({probe[1]:.1%}-{probe[2]:.1%})" if probe else "-"
             lines.append(f"| {name} | {entry['isa']} | {entry['precision']} | {entry['threads']} | {row['shots']} | "
                          f"{t[0]:.1%} ({t[1]:.1%}-{t[2]:.1%}) | {s[0]:.1%} ({s[1]:.1%}-{s[2]:.1%}) | "
-                         f"{row['median_gap']:+.1%} | {'yes' if row['ranges_separate'] else 'no'} | "
-                         f"{row['draws_won']}/{row['draws']} |")
+                         f"{row['median_gap']:+.1%} | {yes_no[row['ranges_separate']]} | "
+                         f"{row['draws_won']}/{row['draws']} | {probe_cell} | {yes_no[row.get('probe_separates')]} |")
     return "\n".join(lines)
 
 
