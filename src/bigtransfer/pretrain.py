@@ -20,7 +20,12 @@ from .data.shards import ShardSet, ShardStream, is_shard_dir
 from .data.sources import Splits, load_source, report_skipped
 from .data.transforms import eval_transform, upstream_transform
 from .errors import BigTransferError
-from .evaluate.fewshot_probe import DEFAULT_SHOTS, fewshot_accuracies, mean_over_draws
+from .evaluate.fewshot_probe import (
+    DEFAULT_SEEDS,
+    DEFAULT_SHOTS,
+    fewshot_accuracies,
+    mean_over_draws,
+)
 from .models import create_model, save_checkpoint
 from .train.checkpointing import (
     FinalWeights,
@@ -93,7 +98,8 @@ def open_upstream_data(opts: PretrainOptions, resolution: int) -> UpstreamData:
 class TransferProbe:
     """Few-shot ridge probes on a downstream set, run at every evaluation (on the main process)."""
 
-    def __init__(self, spec: str, resolution: int, shots, device: torch.device, bf16: bool, seeds=(0, 1, 2)):
+    def __init__(self, spec: str, resolution: int, shots, device: torch.device, bf16: bool,
+                 seeds=DEFAULT_SEEDS):
         splits = load_source(spec, progress=False)
         if splits.test is None:
             raise BigTransferError(f"--probe-data {spec}: needs a test split")

@@ -14,6 +14,7 @@ import torch
 from ..data.fewshot import sample_per_class
 
 DEFAULT_SHOTS = (1, 5, 10)
+DEFAULT_SEEDS = (0, 1, 2)  # draws per shot count a pre-training run's monitor averages
 DEFAULT_L2 = 1e-2
 
 
@@ -39,7 +40,7 @@ def _normalise(features: torch.Tensor) -> torch.Tensor:
 
 
 def fewshot_accuracies(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-                       test_labels: torch.Tensor, num_classes: int, shots=DEFAULT_SHOTS, seeds=(0, 1, 2),
+                       test_labels: torch.Tensor, num_classes: int, shots=DEFAULT_SHOTS, seeds=DEFAULT_SEEDS,
                        l2: float = DEFAULT_L2) -> dict[str, list[float]]:
     """Test accuracy of every draw: {"Kshot": [one per seed]}. Seed s draws what fine-tuning with
     `--examples-per-class K --seed s` trains on, so the two compare draw by draw."""
