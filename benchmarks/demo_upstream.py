@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bigtransfer.demo import DemoConfig, _pretrain
+from bigtransfer.demo import DemoConfig, pretrain_upstream
 
 
 def configured(overrides: list[str], where: str = "demo_upstream") -> DemoConfig:
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE over DemoConfig")
     args = parser.parse_args()
     config = configured(args.overrides)
-    _, seconds = _pretrain(dataclasses.replace(config, workers=1, precision="fp32"), args.out, progress=False)
+    _, seconds = pretrain_upstream(dataclasses.replace(config, workers=1, precision="fp32"), args.out, progress=False)
     print(f"pre-trained {args.out} in {seconds:.0f} s ({', '.join(args.overrides) or 'the demo'})")
 
 

@@ -35,7 +35,7 @@ from demo_oneshot import validation_splits
 from demo_upstream import configured
 
 from bigtransfer import machine
-from bigtransfer.demo import DemoConfig, _pretrain
+from bigtransfer.demo import DemoConfig, pretrain_upstream
 from bigtransfer.train import side_by_side
 
 
@@ -50,7 +50,7 @@ def timed_pretrain(config: DemoConfig, out: Path) -> tuple[dict, float]:
     the first time, kept beside its folder."""
     timing = out.with_name(out.name + ".seconds.json")
     reused = (out / "summary.json").exists() and timing.exists()
-    summary, seconds = _pretrain(config, out, progress=False)
+    summary, seconds = pretrain_upstream(config, out, progress=False)
     if reused:
         return summary, json.loads(timing.read_text())["seconds"]
     timing.write_text(json.dumps({"seconds": seconds}) + "\n")

@@ -1,0 +1,46 @@
+"""The benchmark scripts keep working as the package changes under them: each one imports (a
+renamed or removed function fails here, not on the next person to re-run a figure), and the
+demo's upstream benchmarks pre-train end to end on a tiny configuration."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+# a deliberately plain 35-line script, the baseline of fixed_costs.py: it runs at import
+RUNS_AT_IMPORT = {"plain_finetune.py"}
+TINY_UPSTREAM = ["upstream_data=glyphs:classes=4,per_class=16", "pretrain_epochs=1", "pretrain_batch=16"]
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], check=False, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_every_benchmark_script_imports(tmp_path):
+    scripts = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name not in RUNS_AT_IMPORT)
+    assert len(scripts) > 10
+    # one process for all of them: each script puts benchmarks/ and src/ on its own path
+    probe = ("import runpy\n"
+             f"for name in {scripts!r}:\n"
+             f"    runpy.run_path({str(BENCHMARKS)!r} + '/' + name, run_name='imported')\n")
+    done = run("-c", probe, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("script", ["demo_upstream.py", "demo_upstream_variants.py"])
+def test_the_demo_upstream_benchmarks_pre_train_and_report(tmp_path, script):
+    if script == "demo_upstream.py":
+        done = run(str(BENCHMARKS / script), str(tmp_path / "pre"), *TINY_UPSTREAM, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "pre-trained" in done.stdout and (tmp_path / "pre" / "final.safetensors").exists()
+    else:
+        variant = ";".join(["tiny", *TINY_UPSTREAM])
+        done = run(str(BENCHMARKS / script), "--out", str(tmp_path / "variants"), "--variant", variant,
+                   "--results", str(tmp_path / "table"), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        table = (tmp_path / "table.md").read_text()
+        assert "| tiny |" in table and "ridge 1-shot" in table
