@@ -53,6 +53,15 @@ def parse_setting(text: str) -> tuple[str, dict]:
     return name, settings
 
 
+def spread(accuracies: list[float]) -> list[float] | None:
+    """[median, min, max] of the draws (None for none)."""
+    return [statistics.median(accuracies), min(accuracies), max(accuracies)] if accuracies else None
+
+
+def spread_cell(triple: list[float] | None) -> str:
+    return f"{triple[0]:.1%} ({triple[1]:.1%}-{triple[2]:.1%})" if triple else "-"
+
+
 def separation(summary: dict) -> list[dict]:
     """Per shot count: both arms' median and range, and how the ranges relate."""
     rows = []
@@ -63,11 +72,10 @@ def separation(summary: dict) -> list[dict]:
         paired = [a - b for a, b in zip(t, s)]  # the same draw (seed) in both arms
         # the frozen features' ridge probe on the same draws (none for the full set)
         probe = list(summary.get("ridge_probe", {}).get(str(shots), {}).values())
-        rows.append({"shots": shots, "transfer": [statistics.median(t), min(t), max(t)],
-                     "scratch": [statistics.median(s), min(s), max(s)],
+        rows.append({"shots": shots, "transfer": spread(t), "scratch": spread(s),
                      "ranges_separate": min(t) > max(s), "draws_won": sum(d > 0 for d in paired),
                      "draws": len(paired), "median_gap": statistics.median(t) - statistics.median(s),
-                     "probe": [statistics.median(probe), min(probe), max(probe)] if probe else None,
+                     "probe": spread(probe),
                      "probe_separates": min(probe) > max(s) if probe else None})
     return rows
 
@@ -79,12 +87,10 @@ def markdown(results: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, entry in results.items():
         for row in entry["rows"]:
-            t, s, probe = row["transfer"], row["scratch"], row.get("probe")
-            probe_cell = f"{probe[0]:.1%} ({probe[1]:.1%}-{probe[2]:.1%})" if probe else "-"
             lines.append(f"| {name} | {entry['isa']} | {entry['precision']} | {entry['threads']} | {row['shots']} | "
-                         f"{t[0]:.1%} ({t[1]:.1%}-{t[2]:.1%}) | {s[0]:.1%} ({s[1]:.1%}-{s[2]:.1%}) | "
+                         f"{spread_cell(row['transfer'])} | {spread_cell(row['scratch'])} | "
                          f"{row['median_gap']:+.1%} | {yes_no[row['ranges_separate']]} | "
-                         f"{row['draws_won']}/{row['draws']} | {probe_cell} | {yes_no[row.get('probe_separates')]} |")
+                         f"{row['draws_won']}/{row['draws']} | {spread_cell(row.get('probe'))} | {yes_no[row.get('probe_separates')]} |")
     return "\n".join(lines)
 
 
