@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 # a deliberately plain 35-line script, the baseline of fixed_costs.py: it runs at import
 RUNS_AT_IMPORT = {"plain_finetune.py"}
@@ -31,16 +29,16 @@ def test_every_benchmark_script_imports(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("script", ["demo_upstream.py", "demo_upstream_variants.py"])
-def test_the_demo_upstream_benchmarks_pre_train_and_report(tmp_path, script):
-    if script == "demo_upstream.py":
-        done = run(str(BENCHMARKS / script), str(tmp_path / "pre"), *TINY_UPSTREAM, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert "pre-trained" in done.stdout and (tmp_path / "pre" / "final.safetensors").exists()
-    else:
-        variant = ";".join(["tiny", *TINY_UPSTREAM])
-        done = run(str(BENCHMARKS / script), "--out", str(tmp_path / "variants"), "--variant", variant,
-                   "--results", str(tmp_path / "table"), cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-3000:]
-        table = (tmp_path / "table.md").read_text()
-        assert "| tiny |" in table and "ridge 1-shot" in table
+def test_demo_upstream_pre_trains(tmp_path):
+    done = run(str(BENCHMARKS / "demo_upstream.py"), str(tmp_path / "pre"), *TINY_UPSTREAM, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pre-trained" in done.stdout and (tmp_path / "pre" / "final.safetensors").exists()
+
+
+def test_demo_upstream_variants_pre_trains_and_reports(tmp_path):
+    variant = ";".join(["tiny", *TINY_UPSTREAM])
+    done = run(str(BENCHMARKS / "demo_upstream_variants.py"), "--out", str(tmp_path / "variants"),
+               "--variant", variant, "--results", str(tmp_path / "table"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "table.md").read_text()
+    assert "| tiny |" in table and "ridge 1-shot" in table
