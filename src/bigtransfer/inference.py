@@ -22,7 +22,7 @@ from .data.sources import IMAGE_EXTENSIONS, ImageSet, load_source
 from .data.transforms import eval_transform
 from .errors import BigTransferError
 from .evaluate.metrics import ClassificationMeter
-from .models import checkpoint
+from .models import checkpoint, zoo
 from .models.factory import create_model, resolve_weights
 
 DEFAULT_RESOLUTION = 224
@@ -45,6 +45,79 @@ def load_model(spec: str | Path, device: torch.device, resolution: int | None = 
     names = meta.get("class_names") or [str(i) for i in range(summary.num_classes)]
     model = create_model(summary.arch.name, weights=path).to(device).eval()
     return LoadedModel(model, names, resolution or meta.get("resolution") or DEFAULT_RESOLUTION, path)
+
+
+@dataclass
+class Predictor:
+    """A trained model ready to answer: how to prepare an image, and its forward passes.
+
+    The one path for everything that only runs a model forward (predict, embed, serve)."""
+
+    model: torch.nn.Module
+    class_names: list[str] | None  # None: the file has no head (features only)
+    resolution: int
+    source: Path
+    device: torch.device
+    multi_label: bool  # a sigmoid head: each class's probability on its own
+    fingerprint: str | None  # the training run's fingerprint, when the file records one
+
+    @property
+    def name(self) -> str:
+        return self.source.parent.name if self.source.name == "final.safetensors" else self.source.name
+
+    def transform(self):
+        """Image (PIL or array) -> the model's input tensor [3, R, R] in [-1, 1]."""
+        return eval_transform(self.resolution)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(images.to(self.device)).float()
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Softmax over the classes, or per-class sigmoids for a multi-label head."""
+        logits = self.logits(images)
+        return torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=1)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pre-logits [N, 2048 * width]."""
+        with torch.inference_mode():
+            return self.model.forward_features(images.to(self.device)).float()
+
+    def top_k(self, probabilities: torch.Tensor, k: int) -> list[list[dict]]:
+        """Each row's `k` most likely classes by name, most likely first."""
+        if self.class_names is None:
+            raise BigTransferError(f"{self.source}: the file has no head, so it cannot classify")
+        k = max(1, min(k, len(self.class_names)))
+        p, c = probabilities.topk(k, dim=1)
+        return [[{"label": self.class_names[j], "probability": round(float(q), 6)} for q, j in zip(ps, cs)]
+                for ps, cs in zip(p.tolist(), c.tolist())]
+
+
+def load_predictor(spec: str | Path, *, device: str = "auto", resolution: int | None = None,
+                   need_head: bool = True) -> Predictor:
+    """The model that `spec` names (run directory, weights file, released name) ready to run forward."""
+    path = resolve_weights(spec)
+    summary = checkpoint.summarize(path)
+    if need_head and summary.num_classes is None:
+        raise BigTransferError(f"{path}: the file has no head, so it cannot classify; use `bigtransfer embed`")
+    meta = checkpoint.read_metadata(path)
+    dev = resolve_device(device)
+    model = create_model(summary.arch.name, weights=path, num_classes=summary.num_classes or 1).to(dev).eval()
+    names = None
+    if summary.num_classes is not None:
+        names = meta.get("class_names") or [str(i) for i in range(summary.num_classes)]
+    provenance = meta.get("provenance") if isinstance(meta.get("provenance"), dict) else {}
+    return Predictor(model, names, resolution or meta.get("resolution") or DEFAULT_RESOLUTION, path, dev,
+                     _multi_label(spec, summary.num_classes, provenance), provenance.get("fingerprint"))
+
+
+def _multi_label(spec: str | Path, num_classes: int | None, provenance: dict) -> bool:
+    """Was the head trained with a sigmoid? Our pre-training records it; the authors' BiT-M
+    upstream files (the 21k head) were trained with one; everything else is softmax."""
+    if provenance.get("loss") in ("sigmoid", "softmax"):
+        return provenance["loss"] == "sigmoid"
+    entry = zoo.lookup(str(spec))
+    return entry is not None and entry.group == "upstream" and num_classes == zoo.IMAGENET21K_CLASSES
 
 
 def resolve_device(name: str) -> torch.device:
@@ -178,38 +251,31 @@ def _collate(batch):
     return images, [i for _, i in good], bad
 
 
-def _run_files(model, files, resolution, fn, *, batch, workers, device, progress):
-    """Apply `fn(model, images)` over the files in batches; returns ({index: output row}, unreadable)."""
+def _run_files(predictor: Predictor, files, fn, *, batch, workers, progress):
+    """Apply `fn(images)` over the files in batches; returns ({index: output row}, unreadable)."""
     from tqdm.auto import tqdm
 
-    loader = DataLoader(_Files(files, eval_transform(resolution)), batch_size=batch, num_workers=workers,
+    loader = DataLoader(_Files(files, predictor.transform()), batch_size=batch, num_workers=workers,
                         collate_fn=_collate)
     rows, unreadable = {}, []
-    with torch.inference_mode():
-        for images, index, bad in tqdm(loader, desc="images", unit="batch", disable=not progress):
-            unreadable.extend(files[i] for i in bad)
-            if images is not None:
-                for i, row in zip(index, fn(model, images.to(device)).float().cpu()):
-                    rows[i] = row
+    for images, index, bad in tqdm(loader, desc="images", unit="batch", disable=not progress):
+        unreadable.extend(files[i] for i in bad)
+        if images is not None:
+            for i, row in zip(index, fn(images).cpu()):
+                rows[i] = row
     return rows, unreadable
 
 
 def predict(spec: str, inputs: list[str], *, top_k: int = 5, batch: int = 32, workers: int = 0,
             device: str = "auto", resolution: int | None = None, progress: bool = True) -> tuple[list[dict], list[Path]]:
     """Top-k class names and probabilities for every image; also returns the files that could not be read."""
-    dev = resolve_device(device)
-    loaded = load_model(spec, dev, resolution)
+    predictor = load_predictor(spec, device=device, resolution=resolution)
     files = collect_images(inputs)
-    k = max(1, min(top_k, len(loaded.class_names)))
-    rows, unreadable = _run_files(loaded.model, files, loaded.resolution,
-                                  lambda m, x: torch.softmax(m(x).float(), dim=1),
-                                  batch=batch, workers=workers, device=dev, progress=progress)
-    results = []
-    for i, probs in sorted(rows.items()):
-        p, c = probs.topk(k)
-        results.append({"path": str(files[i]),
-                        "predictions": [{"label": loaded.class_names[j], "probability": round(float(q), 6)}
-                                        for q, j in zip(p.tolist(), c.tolist())]})
+    rows, unreadable = _run_files(predictor, files, predictor.probabilities, batch=batch, workers=workers,
+                                  progress=progress)
+    order = sorted(rows)
+    ranked = predictor.top_k(torch.stack([rows[i] for i in order]), top_k) if order else []
+    results = [{"path": str(files[i]), "predictions": best} for i, best in zip(order, ranked)]
     return results, unreadable
 
 
@@ -219,17 +285,13 @@ def embed(spec: str, inputs: list[str], out: Path, *, batch: int = 32, workers: 
     npy, index_csv = Path(out).with_suffix(".npy"), Path(out).with_suffix(".csv")
     for target in (npy, index_csv):
         rundir.check_new_file(target, overwrite=overwrite)
-    dev = resolve_device(device)
-    path = resolve_weights(spec)
-    summary = checkpoint.summarize(path)
-    meta = checkpoint.read_metadata(path)
-    model = create_model(summary.arch.name, weights=path, num_classes=summary.num_classes or 1).to(dev).eval()
-    res = resolution or meta.get("resolution") or DEFAULT_RESOLUTION
+    predictor = load_predictor(spec, device=device, resolution=resolution, need_head=False)
     files = collect_images(inputs)
-    rows, unreadable = _run_files(model, files, res, lambda m, x: m.forward_features(x),
-                                  batch=batch, workers=workers, device=dev, progress=progress)
+    rows, unreadable = _run_files(predictor, files, predictor.features, batch=batch, workers=workers,
+                                  progress=progress)
     order = sorted(rows)
-    features = np.stack([rows[i].numpy() for i in order]) if order else np.zeros((0, model.num_features), np.float32)
+    width = predictor.model.num_features
+    features = np.stack([rows[i].numpy() for i in order]) if order else np.zeros((0, width), np.float32)
     npy.parent.mkdir(parents=True, exist_ok=True)
     np.save(npy, features.astype(np.float32))
     with open(index_csv, "w", newline="") as fh:
@@ -237,4 +299,4 @@ def embed(spec: str, inputs: list[str], out: Path, *, batch: int = 32, workers: 
         writer.writerow(["row", "path"])
         writer.writerows((row, str(files[i])) for row, i in enumerate(order))
     return {"features": str(npy), "index": str(index_csv), "shape": list(features.shape),
-            "resolution": res, "unreadable": [str(p) for p in unreadable]}
+            "resolution": predictor.resolution, "unreadable": [str(p) for p in unreadable]}

@@ -225,7 +225,7 @@ def _pretrain(opts: PretrainOptions, ctx: DistContext) -> dict:
     def write_final(state: dict) -> None:
         save_checkpoint(model, out / "final.safetensors", class_names=data.classes, resolution=resolution,
                         provenance={"pretrained_on": opts.data, "recipe": plan.recipe, "steps": plan.steps,
-                                    "fingerprint": fingerprint}, state_dict=state)
+                                    "loss": plan.loss, "fingerprint": fingerprint}, state_dict=state)
 
     metrics = train(model, data.train, data.test, cfg, out, ctx, fingerprint, loss_fn=loss_fn, on_eval=on_eval,
                     final=FinalWeights(out / "final.safetensors", write_final, resume=not opts.restart))
