@@ -9,8 +9,8 @@ Embeddings come from a small glyph-pre-trained model (`make demo` writes runs/de
 benchmarks/dedup_real.py writes runs/dedup-real/models/pretrained), the stand-in for a BiT
 checkpoint that nothing can download here; they only propose candidates, pixels decide. The
 tolerances are dedup's defaults, chosen on other data (benchmarks/dedup_real.py --tune).
-These copies are cropped by up to 8% per side, more than the edits of issue 15
-(benchmarks/dedup_real.py measures those).
+These copies are cropped by up to 8% per side, more than the web-copy edits
+benchmarks/dedup_real.py measures.
 
     python benchmarks/dedup_planted.py --model runs/dedup-real/models/pretrained
 """

@@ -1,4 +1,4 @@
-"""Near-duplicates of real images (issue 15): precision and recall per web-copy edit, at small and
+"""Near-duplicates of real images: precision and recall per web-copy edit, at small and
 large sizes, with a class-trained and a pre-trained embedding, and the self-test's estimate beside
 the measured recall.
 

@@ -3,7 +3,7 @@
 Another CPU runs other fp32 kernels (AVX2 instead of AVX-512, other blockings), so its sums are
 added in another order and a run ends a few draws' worth of noise away from ours. On one machine
 the same variation comes from the kernels' instruction set (`isa=avx2` runs oneDNN and ATen as on
-an AVX2-only CPU, such as the AMD EPYC of issue 18, bf16 then in emulation), bf16 autocast, and,
+an AVX2-only CPU, such as an older AMD EPYC, bf16 then in emulation), bf16 autocast, and,
 for a fresh set of pseudo-random choices, another pre-training seed. (The thread count no longer
 varies: the demo computes every run in one thread, several runs side by side.)
 This script runs the whole demo once per setting, each in its own process, and tabulates

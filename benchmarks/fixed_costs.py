@@ -1,6 +1,6 @@
 """The fixed costs of a short fine-tune, and the whole job against a plain timm + torchvision script.
 
-The job (issue 14): R50x1, an image folder of 4000 training and 1000 test images (scikit-learn's
+The job: R50x1, an image folder of 4000 training and 1000 test images (scikit-learn's
 real handwritten digits, upscaled to 28x28 grey PNGs with a random shift each, written once),
 30 steps of 32 at 80/64 px, then top-1 on the 1000 test images. Whole processes, alternating
 with the plain script (benchmarks/plain_finetune.py) round by round; then each fixed cost of

@@ -206,6 +206,32 @@ def test_plan_prints_the_rule_and_a_memory_estimate(tmp_path, capsys):
     assert report["plan"]["schedule"]["warmup_steps"] == 20 and report["memory"]["activations_per_image_gib_fp32"] > 0
 
 
+def test_plan_needs_no_download_and_names_the_one_finetune_will_need(tmp_path, capsys):
+    """A plan is arithmetic on the data: with the default model (BiT-M-R50x1) not downloaded it
+    still prints, says what the head will be and which command fetches the weights; once the
+    file is in the cache that line goes. Fine-tuning itself still refuses without the weights."""
+    from bigtransfer.models import zoo
+
+    data = write_colour_folder(tmp_path / "colours", per_class_train=4, per_class_val=2)
+    assert main(["plan", "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "head           3 classes, zero-initialised" in out
+    assert "BiT-M-R50x1 not downloaded yet: bigtransfer download BiT-M-R50x1" in out
+    assert main(["plan", "--data", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["download"] == "bigtransfer download BiT-M-R50x1"
+
+    assert finetune("--data", str(data), "--out", str(tmp_path / "run"), "--quiet") == 2
+    assert "not in the cache" in capsys.readouterr().err
+
+    cached = zoo.cached_path(zoo.lookup("BiT-M-R50x1"))  # a plan only asks whether the file is there
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(b"not read by a plan")
+    assert main(["plan", "--data", str(data)]) == 0
+    assert "not downloaded" not in capsys.readouterr().out
+    assert main(["plan", "--data", str(data), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["download"] is None
+
+
 def test_batch_split_auto_picks_the_largest_micro_batch_that_fits(monkeypatch):
     from bigtransfer.models.resnetv2 import ModelConfig, parse_arch
     from bigtransfer.train import memory

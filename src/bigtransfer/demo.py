@@ -22,7 +22,7 @@ wherever they change the label). Everything else is the rule: momentum 0.9, no w
 zero-initialised head, warm-up then /10 decays at the release's fractions, random crops, no
 MixUp (small task).
 
-Why batch 16 and not 64 (issue 18, `benchmarks/demo_oneshot.py`, on a validation split carved
+Why batch 16 and not 64 (`experiments/demo/demo_oneshot.py`, on a validation split carved
 from the digits' training part): at 1 example per class the training set is 10 images, so a
 batch of 64 is six copies of the same 10 and each step at lr 0.03 is a sixfold step on them.
 The training loss fell to 0.1 within 8 steps, still in the warm-up, the head's logits grew twice
@@ -122,7 +122,7 @@ def _pretrain(config: DemoConfig, out: Path, progress: bool) -> tuple[dict, dict
 
 def pretrain_upstream(config: DemoConfig, out: Path, progress: bool) -> tuple[dict, float]:
     """The pre-training alone (its summary, the seconds), without the demo's probe on the digits'
-    test split: what the benchmarks that score pre-trainings on a validation split call."""
+    test split: what the experiments that score pre-trainings on a validation split call."""
     start = time.perf_counter()
     summary = run_pretrain(PretrainOptions(
         data=config.upstream_data, model=config.arch, out=out, recipe=config.recipe, seed=config.pretrain_seed,

@@ -114,9 +114,10 @@ def _freeze(model, until: str | None) -> list[torch.nn.Module]:
     return frozen
 
 
-def check_options(opts: FinetuneOptions, check_out: bool = True) -> None:
+def check_options(opts: FinetuneOptions, check_out: bool = True, need_weights: bool = True) -> None:
     """Every check that needs no data, run first: a mistyped flag costs a second, not a data scan.
-    (`check_out=False` for a protocol's template options, whose jobs each check their own folder.)"""
+    (`check_out=False` for a protocol's template options, whose jobs each check their own folder;
+    `need_weights=False` for a plan, which is arithmetic on the data and runs before a download.)"""
     from .models import checkpoint, zoo
 
     def at_least(flag: str, value, low, inclusive: bool = True) -> None:
@@ -126,7 +127,7 @@ def check_options(opts: FinetuneOptions, check_out: bool = True) -> None:
     name, weights = model_source(opts.model, opts.weights)  # a run or weights file: its header is read
     arch = resolve_arch_name(name)  # an unknown architecture or released name fails here
     entry = zoo.lookup(name)
-    if weights is None and entry is not None:
+    if need_weights and weights is None and entry is not None:
         zoo.require_cached(entry)
     if weights is not None:
         summary = checkpoint.summarize(Path(weights))

@@ -195,8 +195,10 @@ def describe(p: Plan) -> str:
         (f"schedule       {p.steps} steps ({p.schedule_variant}): warm-up to step {sched.warmup_steps}, "
          f"lr /10 after steps {', '.join(map(str, sched.decay_steps))}"),
         f"mixup          {'alpha ' + format(p.mixup_alpha, 'g') if p.mixup_alpha > 0 else 'off'}",
-        ("head           kept from the weights file (--keep-head)" if p.overrides.get("keep_head")
-         else "head           zero-initialised: a new all-zero head (weights and bias), whatever the file's head"),
+        (f"head           {p.num_classes} classes, kept from the weights file (--keep-head)"
+         if p.overrides.get("keep_head") else
+         f"head           {p.num_classes} classes, zero-initialised: a new all-zero head (weights and bias), "
+         "whatever the file's head"),
     ]
     if p.image_area >= SMALL_IMAGE_AREA and "resolution" not in p.overrides and p.resize != 512:
         lines.append("               (the paper's 448/384; the authors' release uses 512/480 for every "

@@ -21,7 +21,7 @@ from .common import (
 
 def _add_plan(sub) -> None:
     p = verb(sub, "plan", "Print the BiT-HyperRule plan for a dataset, without training.",
-              "  bigtransfer plan --data ~/data/flowers --model BiT-M-R50x1\n"
+              "  bigtransfer plan --data ~/data/flowers        # BiT-M-R50x1; no download needed for a plan\n"
               "  bigtransfer plan --data digits --model R50x1 -k 5\n"
               "  bigtransfer plan --data labels.csv --model BiT-M-R101x3 --steps 2000 --json\n")
     add_data_args(p, training=True)
@@ -40,16 +40,20 @@ def _run_plan(args) -> int:
     from ..train import memory
 
     opts = finetune_options(args, progress=not args.json)
-    check_options(opts, check_out=False)
+    check_options(opts, check_out=False, need_weights=False)  # a plan is arithmetic on the data
     splits = prepare_data(opts)
     plan = make_plan(opts, splits)
     name, _ = model_source(args.model, args.weights)  # --model may be a run directory or a weights file
     config = ModelConfig(parse_arch(resolve_arch_name(name)), len(splits.classes))
     estimate = memory.report(config, plan.crop, plan.batch, args.memory_for)
+    download = _download_still_needed(name, args.weights)
     if args.json:
-        print(json.dumps({"plan": plan.to_dict(), "classes": splits.classes, "memory": estimate}, indent=2))
+        print(json.dumps({"plan": plan.to_dict(), "classes": splits.classes, "memory": estimate,
+                          "download": download}, indent=2))
         return 0
     print(hyperrule.describe(plan))
+    if download:
+        print(f"weights        {name} not downloaded yet: {download} (finetune needs it; the plan does not)")
     print(f"memory         weights+grads+momentum {estimate['weights_grads_momentum_gib']:.2f} GiB; "
           f"activations {estimate['activations_per_image_gib_fp32'] * 1024:.0f} MiB/image fp32, "
           f"{estimate['activations_per_image_gib_bf16'] * 1024:.0f} MiB/image bf16 "
@@ -59,6 +63,16 @@ def _run_plan(args) -> int:
         print(f"               for {args.memory_for:g} GiB: "
               + (f"--batch-split {split}" if split else "does not fit even one image per micro-batch"))
     return 0
+
+
+def _download_still_needed(name: str, weights: str | None) -> str | None:
+    """The command that fetches a released model's weights, if fine-tuning would need it and the cache lacks it."""
+    from ..models import zoo
+
+    entry = zoo.lookup(name)
+    if weights is not None or entry is None or zoo.cached_file(entry) is not None:
+        return None
+    return f"bigtransfer download {entry.name}"
 
 
 def _add_finetune(sub) -> None:

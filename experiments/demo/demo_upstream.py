@@ -1,10 +1,10 @@
 """Pre-train the demo's upstream model with some of its settings changed, to compare upstream
-variants by what their features give at 1 shot (issue 18). The demo's own test split is never
-read: score the result with benchmarks/demo_oneshot.py, which fine-tunes on draws from the
+variants by what their features give at 1 shot. The demo's own test split is never
+read: score the result with experiments/demo/demo_oneshot.py, which fine-tunes on draws from the
 digits' training part and evaluates on a validation split carved from it.
 
-    python benchmarks/demo_upstream.py /tmp/up/lr02 pretrain_base_lr=0.2
-    python benchmarks/demo_oneshot.py --pretrained /tmp/up/lr02 --out /tmp/up/lr02-ft --shots 1 \\
+    python experiments/demo/demo_upstream.py /tmp/up/lr02 pretrain_base_lr=0.2
+    python experiments/demo/demo_oneshot.py --pretrained /tmp/up/lr02 --out /tmp/up/lr02-ft --shots 1 \\
         --seeds 0,1,2,3,4 --variant "demo:batch=16,steps=160,base_lr=0.003" --threads 1
 
 Each KEY=VALUE overrides a DemoConfig field (pretrain_epochs, pretrain_base_lr, min_crop_area,
@@ -18,7 +18,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from bigtransfer.demo import DemoConfig, pretrain_upstream
 

@@ -6,7 +6,7 @@ example per class, 5 draws: each draw's accuracy and recall per class, then the 
 with one class's example at a time replaced by the best draw's example of that class. A class
 whose swap lifts the draw most is one whose drawn example is atypical of its class.
 
-    python benchmarks/demo_worst_draw.py --pretrained runs/demo/pretrain
+    python experiments/demo/demo_worst_draw.py --pretrained runs/demo/pretrain
 
 Prints two Markdown tables.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo_features_vs_pixels import draws, features, ridge_guesses

@@ -1,13 +1,13 @@
 """What bounds the demo's 1-shot transfer: its features, or how fine-tuning uses them?
 
 On the validation split carved from the digits' training part (the demo's test split is not
-read; `benchmarks/demo_oneshot.py` uses the same split), for K examples per class and 5 draws,
+read; `experiments/demo/demo_oneshot.py` uses the same split), for K examples per class and 5 draws,
 three classifiers on two representations: the demo's frozen pre-trained features (the
 pre-logits, as the ridge probe of pre-training reads them) and the raw 8x8 pixels. A fine-tuned
 model that ends at its features' ridge level is limited by the features; features no better
 than pixels at 1 shot are what more upstream pre-training would have to improve.
 
-    python benchmarks/demo_features_vs_pixels.py --pretrained runs/demo/pretrain
+    python experiments/demo/demo_features_vs_pixels.py --pretrained runs/demo/pretrain
 
 Prints a Markdown table: median (min-max) over the draws.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo_oneshot import validation_splits

@@ -6,7 +6,7 @@ every seed it fine-tunes on a K-per-class draw from the remaining training image
 the validation accuracy along the way, the final training loss, the head's logit scale and how
 far the body moved; beside it, the ridge probe of the pre-training monitor on the same draw.
 
-    python benchmarks/demo_oneshot.py --pretrained runs/demo/pretrain --out /tmp/oneshot \\
+    python experiments/demo/demo_oneshot.py --pretrained runs/demo/pretrain --out /tmp/oneshot \\
         --shots 1 --seeds 0,1,2,3,4 --variant demo --variant "lr3e-3:base_lr=0.003" \\
         --variant "head-only:freeze_until=stage4"
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from bigtransfer.data.dataset import TransformedImages
 from bigtransfer.data.fewshot import sample_per_class
@@ -43,7 +43,7 @@ from bigtransfer.train.logbook import read_metrics
 
 VAL_FRACTION = 0.3  # of the digits' training split; the demo's test split is not touched
 VAL_SEED = 1
-# The demo's scaled rule before issue 18 (variants override it); the demo now runs what variant
+# The demo's earlier scaled rule (variants override it); the demo now runs what variant
 # "lr3e-3:batch=16,steps=160,base_lr=0.003" describes.
 DEMO_RULE = {"batch": 64, "steps": 40, "base_lr": 0.03, "resolution": (36, 32), "flip": False}
 

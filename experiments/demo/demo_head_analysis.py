@@ -13,7 +13,7 @@ test split is never read), and compares, per K-per-class draw:
              batch sampled with replacement from the augmented views (exactly the head's updates
              in head-only fine-tuning)
 
-    python benchmarks/demo_head_analysis.py --pretrained runs/demo/pretrain --seeds 0,1,2,3,4
+    python experiments/demo/demo_head_analysis.py --pretrained runs/demo/pretrain --seeds 0,1,2,3,4
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo_oneshot import DEMO_RULE, validation_splits

@@ -6,7 +6,7 @@ torch thread, and scores its frozen features with the ridge probe on the validat
 from the digits' training part (as `demo_features_vs_pixels.py`; the demo's test split is not
 read), 5 draws per shot count. The pre-training seed alone shows how far the same recipe moves.
 
-    python benchmarks/demo_upstream_variants.py --out /tmp/upstream \\
+    python experiments/demo/demo_upstream_variants.py --out /tmp/upstream \\
         --variant demo --variant "seed1;pretrain_seed=1" \\
         --variant "classes200;upstream_data=glyphs:deform=3,classes=200,per_class=100"
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo_features_vs_pixels import classifiers, draws, features
@@ -107,7 +107,7 @@ def main() -> None:
         args.results.with_suffix(".json").write_text(json.dumps({"machine": info, "results": results}, indent=1) + "\n")
         args.results.with_suffix(".md").write_text(
             f"The demo's upstream variants on {machine.one_line(info)}\n\n"
-            f"    python benchmarks/demo_upstream_variants.py {shlex.join(sys.argv[1:])}\n\n{table}\n")
+            f"    python experiments/demo/demo_upstream_variants.py {shlex.join(sys.argv[1:])}\n\n{table}\n")
 
 
 if __name__ == "__main__":
