@@ -57,10 +57,12 @@ def drip(interval: float, declared: int = 10**6):
     return reply
 
 
-def silent(handler) -> None:
-    """200 declaring a body, then nothing at all."""
-    _head(handler, 200, {"Content-Length": str(10**6)})
-    _pause(handler, 3600)
+def silent(declared: int = 10**6):
+    """200 declaring `declared` bytes, then nothing at all."""
+    def reply(handler) -> None:
+        _head(handler, 200, {"Content-Length": str(declared)})
+        _pause(handler, 3600)
+    return reply
 
 
 def header_drip(interval: float):

@@ -148,6 +148,7 @@ def download(entry: ZooEntry, *, force: bool = False, progress: bool = True, lim
             disable_progress_bars,
             enable_progress_bars,
         )
+        from huggingface_hub.utils import logging as hf_logging
     except ImportError:
         raise BigTransferError("--source hub needs huggingface_hub: pip install 'bigtransfer[hub]'") from None
     where = f"{endpoint()}/{copy.repo_id} ({copy.filename})"
@@ -155,6 +156,8 @@ def download(entry: ZooEntry, *, force: bool = False, progress: bool = True, lim
     bars_were_off = are_progress_bars_disabled()
     if not progress:
         disable_progress_bars()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its retry warnings: the outcome is our one line
     try:
         path = Path(guard.run(lambda: huggingface_hub.hf_hub_download(
             copy.repo_id, copy.filename, endpoint=endpoint(), cache_dir=hub_cache(), force_download=force,
@@ -176,9 +179,10 @@ def download(entry: ZooEntry, *, force: bool = False, progress: bool = True, lim
         raise BigTransferError(f"could not download {where}: HTTP {status} ({_first_line(err)}); run the same "
                                f"command again to resume") from None
     except _network_errors() as err:  # a transfer that broke off, a full disk, ...
-        raise BigTransferError(f"download of {where} broke off ({_first_line(err)}); run the same command again "
-                               f"to resume") from None
+        raise BigTransferError(f"{entry.name}: download from {where} broke off ({_first_line(err)}); run the same "
+                               f"command again to resume") from None
     finally:
+        hf_logging.set_verbosity(verbosity)
         if not progress and not bars_were_off:
             enable_progress_bars()
     _check_inside_cache(entry, path, _hub_cache_root(hf_constants))

@@ -26,6 +26,7 @@ _COMMIT = re.compile(r"[0-9a-f]{40}")
 _ETAG = re.compile(r'(?:W/)?"?([0-9a-f]{40}|[0-9a-f]{64})"?')  # a git blob hash, or an LFS file's SHA-256
 _XET_HASH = "X-Xet-Hash"  # without it, huggingface_hub fetches over plain HTTP, where these hooks apply
 _POLL = 0.1  # seconds between the waiting thread's looks at the worker
+_AGAIN = "run the same command again (huggingface_hub resumes where its version can)"
 
 
 class HubGuard:
@@ -64,7 +65,7 @@ class HubGuard:
                 worker.join(_POLL)
                 self._attach()  # huggingface_hub replaces its client after a connection error
                 if worker.is_alive() and time.monotonic() > end:
-                    raise deadline_error(self.label, self.limits.deadline)
+                    raise deadline_error(self.label, self.limits.deadline, _AGAIN)
         finally:
             self._cancelled = worker.is_alive()  # a worker left behind stops at its next request or read
             if not worker.is_alive():
@@ -167,7 +168,7 @@ class HubGuard:
         raise BigTransferError(f"{self.label}: {what}; nothing was kept")
 
     def stalled(self, where: str) -> BigTransferError:
-        return stall_error(self.label, where, self.limits.stall_timeout)
+        return stall_error(self.label, where, self.limits.stall_timeout, _AGAIN)
 
     def check_running(self) -> None:
         if self._cancelled:

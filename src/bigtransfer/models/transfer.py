@@ -73,18 +73,19 @@ def _seconds_from_env(name: str, default: float) -> float:
         raise BigTransferError(f"{name}: {err}") from None
 
 
-def deadline_error(label: str, seconds: float) -> BigTransferError:
-    """A download ran past its deadline."""
-    return BigTransferError(
-        f"{label}: not finished within the {seconds:g} s deadline; what arrived is kept: run the same command "
-        f"again to resume, or allow longer with --deadline (or {DEADLINE_ENV})")
+_KEPT = "what arrived is kept: run the same command again to resume"
 
 
-def stall_error(label: str, where: str, seconds: float) -> BigTransferError:
+def deadline_error(label: str, seconds: float, again: str = _KEPT) -> BigTransferError:
+    """A download ran past its deadline (`again`: what the next run does with what arrived)."""
+    return BigTransferError(f"{label}: not finished within the {seconds:g} s deadline; {again}, or allow longer "
+                            f"with --deadline (or {DEADLINE_ENV})")
+
+
+def stall_error(label: str, where: str, seconds: float, again: str = _KEPT) -> BigTransferError:
     """A server sent nothing for the stall timeout."""
-    return BigTransferError(
-        f"{label}: no data from {where} for {seconds:g} s; what arrived is kept: run the same command again to "
-        f"resume, or wait longer with --stall-timeout (or {STALL_TIMEOUT_ENV})")
+    return BigTransferError(f"{label}: no data from {where} for {seconds:g} s; {again}, or wait longer with "
+                            f"--stall-timeout (or {STALL_TIMEOUT_ENV})")
 
 
 # --------------------------------------------------------------------------- the deadline
