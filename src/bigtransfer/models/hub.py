@@ -167,7 +167,7 @@ def download(entry: ZooEntry, *, force: bool = False, progress: bool = True, lim
             _discard_incomplete(copy, guard.etag)
         raise
     except LocalEntryNotFoundError as err:  # offline, or the hub unreachable, and the file not in the cache
-        if offline() or hf_constants.is_offline_mode():  # (theirs: HF_HUB_OFFLINE at import)
+        if offline() or _hf_offline(hf_constants):
             raise BigTransferError(f"{entry.name}: HF_HUB_OFFLINE is set and {copy.repo_id} is not in the hub "
                                    f"cache; unset HF_HUB_OFFLINE to download it") from None
         raise BigTransferError(f"could not reach {where} ({_first_line(err.__cause__ or err)}); check the "
@@ -198,6 +198,12 @@ def download(entry: ZooEntry, *, force: bool = False, progress: bool = True, lim
         "downloaded": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }, what="download record")
     return path
+
+
+def _hf_offline(hf_constants) -> bool:
+    """huggingface_hub's own offline switch (HF_HUB_OFFLINE as read at its import)."""
+    is_offline_mode = getattr(hf_constants, "is_offline_mode", None)  # not in huggingface_hub 1.0
+    return is_offline_mode() if is_offline_mode else bool(getattr(hf_constants, "HF_HUB_OFFLINE", False))
 
 
 def _hub_cache_root(hf_constants) -> Path:
