@@ -69,7 +69,7 @@ def _add_download(sub) -> None:
               "the hub's files go to huggingface_hub's cache (HF_HOME); HF_HUB_OFFLINE=1 uses only that cache.\n"
               "a file is kept only if it is the released model (format, architecture, head); a transfer is cut\n"
               "off past the largest size that model can take, after --stall-timeout without a byte, or at\n"
-              "--deadline (what arrived is kept and the next run resumes)\n")
+              "--deadline (from the bucket, what arrived is kept and the next run resumes)\n")
     p.add_argument("names", nargs="+", metavar="NAME", help="released model names (see `bigtransfer models`)")
     p.add_argument("--source", choices=("bucket", "hub", "auto"), default="bucket",
                    help="bucket: the authors' (default); hub: the Hugging Face hub's copy (timm's, needs "
@@ -78,10 +78,10 @@ def _add_download(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--stall-timeout", default=None, metavar="SECONDS",
                    help="give up on a server that sends nothing for this long (default 60, or "
-                        "$BIGTRANSFER_DOWNLOAD_STALL_TIMEOUT); what arrived is kept for the next run to resume")
+                        "$BIGTRANSFER_DOWNLOAD_STALL_TIMEOUT)")
     p.add_argument("--deadline", default=None, metavar="SECONDS",
                    help="give up on a file not finished in this long (default 7200, or "
-                        "$BIGTRANSFER_DOWNLOAD_DEADLINE); what arrived is kept for the next run to resume")
+                        "$BIGTRANSFER_DOWNLOAD_DEADLINE)")
     p.set_defaults(run=_run_download)
 
 

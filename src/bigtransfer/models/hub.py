@@ -12,7 +12,9 @@ and it still maps those old names to the tagged ones below. BiT-S, the VTAB-1k f
 Files land in huggingface_hub's own cache (HF_HOME / HF_HUB_CACHE), from HF_ENDPOINT, never over
 the network under HF_HUB_OFFLINE=1; all three are read when the download runs. A record beside
 our cache (`$BIGTRANSFER_HOME/hub/<name>.json`) keeps where the file is and its SHA-256, which must
-equal the hub's ETag for the file (an LFS file's ETag is its SHA-256).
+equal the hub's ETag for the file (an LFS file's ETag is its SHA-256). While huggingface_hub
+downloads, every reply it gets is checked first (`hub_guard.py`: hashes that name files, the size,
+the time), and the file is recorded only if it lies inside the hub cache and is the released model.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BigTransferError
+from .checkpoint import summarize
 from .resnetv2 import RELEASED_ARCHS, ArchSpec, parameter_count, parse_arch
 
 ILSVRC_CLASSES = 1000
@@ -122,8 +123,6 @@ def check_contents(entry: ZooEntry, path: Path, formats: tuple[str, ...], source
     """Refuse `path` unless it parses as `entry`: one of `formats`, the same architecture and head.
 
     `source` names where the bytes came from ('bucket', 'hub'), for the message."""
-    from .checkpoint import summarize
-
     try:
         summary = summarize(path)
     except BigTransferError as err:
