@@ -30,6 +30,7 @@ from lying_http import (
 from bigtransfer.cli import main
 from bigtransfer.models import hub as hub_source
 from bigtransfer.models import zoo
+from bigtransfer.models.hub_guard import HubGuard
 from bigtransfer.models.released import size_ceiling
 
 NAME, FILE = "BiT-S-R50x1", "BiT-S-R50x1.npz"  # R50x1, 1000 classes, in the authors' bucket
@@ -255,11 +256,16 @@ def timm_r50x1():
 
 
 def workers_end() -> None:
-    """A download abandoned at its deadline stops at its next request or read (here within a few seconds)."""
+    """A download abandoned at its deadline stops at its next request or read (here within a few seconds),
+    and no hook of ours stays on huggingface_hub's shared HTTP client."""
+    from huggingface_hub.utils import get_session
+
     for thread in threading.enumerate():
         if thread.name == f"download {HUB_NAME}":
             thread.join(15)
             assert not thread.is_alive(), "the abandoned download is still running"
+    hooks = get_session().event_hooks
+    assert not [h for h in hooks["request"] + hooks["response"] if isinstance(getattr(h, "__self__", None), HubGuard)]
 
 
 def hub_left_nothing(hf_home: Path | None) -> None:
@@ -367,6 +373,7 @@ def test_a_hub_reply_offering_xet_is_fetched_over_http_within_the_limits(hub, ou
     hub.repos[REPO] = {"model.safetensors": timm_r50x1}
     hub.head_headers[(REPO, "model.safetensors")] = {"X-Xet-Hash": "f" * 64, "X-Xet-Refresh-Route": "/api/xet"}
     assert main(["download", HUB_NAME, "--source", "hub", "--quiet", *LIMITS]) == 0
+    workers_end()
     record = json.loads(hub_source.record_path(HUB_NAME).read_text())
     assert record["sha256"] == hashlib.sha256(timm_r50x1).hexdigest()
     assert Path(record["path"]).resolve().is_relative_to((tmp_path / "hf_home").resolve())

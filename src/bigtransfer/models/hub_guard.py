@@ -82,16 +82,16 @@ class HubGuard:
         hooks = getattr(client, "event_hooks", None)
         if hooks is None:
             raise BigTransferError("--source hub needs huggingface_hub 1.0 or later: pip install -U huggingface_hub")
-        if self._on_request not in hooks["request"]:
-            hooks["request"].append(self._on_request)
-            hooks["response"].append(self._on_response)
+        if self._on_request not in hooks["request"]:  # new lists, so a request being sent keeps its own
+            client.event_hooks = {"request": [*hooks["request"], self._on_request],
+                                  "response": [*hooks["response"], self._on_response]}
             self._clients.append(client)
 
     def _detach(self) -> None:
         for client in self._clients:
-            for kind, hook in (("request", self._on_request), ("response", self._on_response)):
-                if hook in client.event_hooks[kind]:
-                    client.event_hooks[kind].remove(hook)
+            hooks = client.event_hooks
+            client.event_hooks = {"request": [h for h in hooks["request"] if h != self._on_request],
+                                  "response": [h for h in hooks["response"] if h != self._on_response]}
         self._clients = []
 
     def _mine(self) -> bool:
