@@ -154,6 +154,8 @@ BUCKET_LIES = {  # reply -> what the one line must say; the .part is removed
     "206 without Content-Range": (reply_with(206, {"Content-Length": "10"}, b"x" * 10), "malformed Content-Range"),
     "Content-Range not a range": (reply_with(206, {"Content-Range": "bytes abc", "Content-Length": "3"}, b"abc"),
                                   "malformed Content-Range"),
+    "206 of a range beyond the model": (reply_with(206, {"Content-Range": f"bytes 0-{10**12}/*"}),
+                                        f"declares a {10**12 + 1}-byte file"),
     "Content-Range backwards": (reply_with(206, {"Content-Range": "bytes 10-5/100"}), "impossible Content-Range"),
     "Content-Range past its total": (reply_with(206, {"Content-Range": "bytes 0-99/50"}),
                                      "impossible Content-Range"),

@@ -266,9 +266,10 @@ class _Transfer:
         offset = self._resumable_size()
         response, reply, offset = self._open_at(offset)
         with response:
-            if reply.total is not None and reply.total > self.cap:
-                self.refuse(f"declares a {reply.total}-byte file, more than the {self.cap} bytes it can take")
             end = offset + reply.length if reply.length is not None else None
+            declared = reply.total if reply.total is not None else end
+            if declared is not None and declared > self.cap:
+                self.refuse(f"declares a {declared}-byte file, more than the {self.cap} bytes it can take")
             self._stream(response, offset, end, reply.total, progress)
 
     def _resumable_size(self) -> int:
@@ -286,26 +287,30 @@ class _Transfer:
 
     def _open_at(self, offset: int):
         """A reply whose body starts where `part` ends, or at 0 (then `part` is started over)."""
-        for _ in range(3):
-            response = self._request(offset)
-            if response.status == 416 and offset:  # `part` is whole already, or stale: start over
-                response.close()
-                offset = 0
-                continue
-            try:
-                reply = _parse_reply(response)
-            except ValueError as err:
-                response.close()
-                self.refuse(str(err))
-            if reply.start == offset:
-                return response, reply, offset
-            if response.status == 200:  # the server ignores Range: take the whole file from here
+        response = self._request(offset)
+        if response.status == 416:  # (only to a ranged request) `part` is whole already, or stale
+            response.close()
+            offset, response = 0, self._request(0)
+        reply = self._promise(response)
+        if reply.start == offset:
+            return response, reply, offset
+        if response.status == 200:  # the server ignores Range: take the whole file from here
+            return response, reply, 0
+        response.close()
+        if offset:  # a range from elsewhere than asked: ask for the whole file instead
+            response = self._request(0)
+            reply = self._promise(response)
+            if reply.start == 0:
                 return response, reply, 0
             response.close()
-            if offset == 0:
-                break
-            offset = 0  # a range from elsewhere than asked: ask for the whole file instead
-        self.refuse(f"answered with bytes from {reply.start} when asked from {offset}")
+        self.refuse(f"answered with bytes from {reply.start} when asked from 0")
+
+    def _promise(self, response) -> _Reply:
+        try:
+            return _parse_reply(response)
+        except ValueError as err:
+            response.close()
+            self.refuse(str(err))
 
     def _request(self, offset: int):
         headers = {"Accept-Encoding": "identity"}
@@ -332,10 +337,10 @@ class _Transfer:
         return response
 
     def _stream(self, response, offset: int, end: int | None, total: int | None, progress: bool) -> None:
-        """Append the body to `part` from `offset`, never past `end` (what the reply said) or the cap."""
+        """Append the body to `part` from `offset`, never past `end` (what the reply said, within the cap) or the cap."""
         from tqdm.auto import tqdm
 
-        limit = min(end, self.cap) if end is not None else self.cap
+        limit = end if end is not None else self.cap
         size = offset
         fd = os.open(self.part, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         with os.fdopen(fd, "wb") as out, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
@@ -346,7 +351,7 @@ class _Transfer:
                 if size + len(block) > limit:
                     out.close()
                     self.refuse(f"sent more than the {limit} bytes " + (
-                        "it declared" if end is not None and end <= self.cap else "a file of this model can take"))
+                        "it declared" if end is not None else "a file of this model can take"))
                 out.write(block)
                 size += len(block)
                 bar.update(len(block))
