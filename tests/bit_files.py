@@ -11,17 +11,21 @@ import numpy as np
 UNITS = {14: (1, 1, 1, 1), 26: (2, 2, 2, 2), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 
-def authors_arrays(units, width, num_classes=None, seed=0, conv_suffix=""):
-    """Random float32 arrays named as in the authors' `.npz`: HWIO kernels under `resnet/`."""
+def authors_arrays(units, width, num_classes=None, seed=0, conv_suffix="", zeros=False):
+    """Random float32 arrays named as in the authors' `.npz`: HWIO kernels under `resnet/`
+    (`zeros`: all zero instead, which deflates to almost nothing: a released-size file to serve fast)."""
     rng = np.random.default_rng(seed)
 
+    def normal(shape):
+        return np.zeros(shape, np.float32) if zeros else rng.standard_normal(shape, dtype=np.float32)
+
     def kernel(h, w, cin, cout):
-        return rng.standard_normal((h, w, cin, cout), dtype=np.float32)
+        return normal((h, w, cin, cout))
 
     def norm(prefix, channels):
         return {
-            f"{prefix}/group_norm/gamma": 1 + 0.1 * rng.standard_normal(channels, dtype=np.float32),
-            f"{prefix}/group_norm/beta": 0.1 * rng.standard_normal(channels, dtype=np.float32),
+            f"{prefix}/group_norm/gamma": 1 + 0.1 * normal(channels),
+            f"{prefix}/group_norm/beta": 0.1 * normal(channels),
         }
 
     conv = f"standardized_conv2d{conv_suffix}"
@@ -46,7 +50,7 @@ def authors_arrays(units, width, num_classes=None, seed=0, conv_suffix=""):
     arrays.update(norm("resnet", cin))
     if num_classes:
         arrays["resnet/head/conv2d/kernel"] = 0.01 * kernel(1, 1, cin, num_classes)
-        arrays["resnet/head/conv2d/bias"] = 0.1 * rng.standard_normal(num_classes, dtype=np.float32)
+        arrays["resnet/head/conv2d/bias"] = 0.1 * normal(num_classes)
     return arrays
 
 

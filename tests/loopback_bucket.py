@@ -1,18 +1,27 @@
 """A stand-in for the authors' bucket on 127.0.0.1 (no network exists in tests)."""
 
+import functools
 import http.server
+import io
 import threading
 
+import numpy as np
 import pytest
+from bit_files import UNITS, authors_arrays
 
 
 class BucketHandler(http.server.BaseHTTPRequestHandler):
-    """Serves `server.files` under /bit_models/, honouring Range, optionally dropping mid-file."""
+    """Serves `server.files` under /bit_models/, honouring Range, optionally dropping mid-file;
+    a name in `server.lies` is answered by that function instead (see lying_http.py)."""
 
     def do_GET(self):
         server = self.server
         server.requests.append({"path": self.path, "range": self.headers.get("Range")})
-        data = server.files.get(self.path.removeprefix("/bit_models/"))
+        name = self.path.removeprefix("/bit_models/")
+        if name in server.lies:
+            server.lies[name](self)
+            return
+        data = server.files.get(name)
         if data is None:
             self.send_error(404)
             return
@@ -44,14 +53,27 @@ class BucketHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@functools.cache
+def released_npz(depth: int, width: float, num_classes: int) -> bytes:
+    """A file that parses as a released model (the authors' layout, every weight zero, deflated to a
+    few hundred kB): what a truthful bucket serves, without shipping 100 MB per test."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **authors_arrays(UNITS[depth], width, num_classes, zeros=True))
+    return buffer.getvalue()
+
+
 @pytest.fixture
 def bucket(monkeypatch):
-    """A loopback HTTP server; BIGTRANSFER_BASE_URL points at it. Put bytes in `.files`."""
+    """A loopback HTTP server; BIGTRANSFER_BASE_URL points at it. Put bytes in `.files`, or a reply
+    function in `.lies[relpath]`."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), BucketHandler)
     server.files, server.requests, server.drop_after, server.honour_range = {}, [], None, True
+    server.lies, server.stopping = {}, False
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    monkeypatch.setenv("BIGTRANSFER_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}/bit_models")
+    server.url = f"http://127.0.0.1:{server.server_address[1]}/bit_models"
+    monkeypatch.setenv("BIGTRANSFER_BASE_URL", server.url)
     yield server
+    server.stopping = True
     server.shutdown()
     server.server_close()

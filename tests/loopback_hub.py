@@ -33,18 +33,26 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         data = server.repos[repo].get(filename)
         if data is None:
             return self._error(404, "EntryNotFound")
+        if (self.command, repo, filename) in server.lies:
+            return server.lies[(self.command, repo, filename)](self)
         digest = hashlib.sha256(data).hexdigest()
         start = 0
         ranged = self.headers.get("Range")
         if ranged and not head:
             start = int(ranged.removeprefix("bytes=").split("-")[0])
-        self.send_response(206 if start else 200)
-        self.send_header("X-Repo-Commit", COMMIT)
-        # LFS files: the hub's ETag is the content's SHA-256 (huggingface_hub names the blob after it)
-        self.send_header("ETag", f'"{server.etags.get((repo, filename), digest)}"')
-        self.send_header("Content-Length", str(len(data) - start))
+        headers = {
+            "X-Repo-Commit": server.commit,
+            # LFS files: the hub's ETag is the content's SHA-256 (huggingface_hub names the blob after it)
+            "ETag": f'"{server.etags.get((repo, filename), digest)}"',
+            "Content-Length": str(len(data) - start),
+        }
         if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        if head:  # what a test makes the metadata say (X-Linked-Size, X-Linked-Etag, ...)
+            headers.update(server.head_headers.get((repo, filename), {}))
+        self.send_response(206 if start else 200)
+        for key, value in headers.items():
+            self.send_header(key, value)
         self.end_headers()
         if not head:
             self.wfile.write(data[start:])
@@ -107,7 +115,7 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(code)
         self.send_header("X-Error-Code", kind)
         if kind == "EntryNotFound":  # the repository exists: the hub names its commit
-            self.send_header("X-Repo-Commit", COMMIT)
+            self.send_header("X-Repo-Commit", self.server.commit)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
@@ -130,9 +138,13 @@ def online(monkeypatch, on: bool) -> None:
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     """A loopback hub; HF_ENDPOINT points at it, HF_HOME is the test's own. Put files in
-    `.repos[repo_id][filename]` (bytes); `.requests` records what the client asked."""
+    `.repos[repo_id][filename]` (bytes); `.requests` records what the client asked. A lying hub:
+    `.commit` (every reply's X-Repo-Commit), `.etags[(repo, filename)]`, `.head_headers[(repo, filename)]`
+    (headers the metadata reply adds or replaces), `.lies[("HEAD" or "GET", repo, filename)]` (a reply
+    function instead of the file, see lying_http.py)."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HubHandler)
     server.repos, server.requests, server.etags, server.created, server.commits = {}, [], {}, [], []
+    server.commit, server.head_headers, server.lies, server.stopping = COMMIT, {}, {}, False
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -144,5 +156,6 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("HF_TOKEN", "hf_loopback_test_token")
     yield server
+    server.stopping = True
     server.shutdown()
     server.server_close()

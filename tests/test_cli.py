@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 from bit_files import authors_arrays
+from loopback_bucket import released_npz
 
 from bigtransfer.cli import main
 from bigtransfer.models import zoo
@@ -33,7 +34,7 @@ def test_models_table_and_json(capsys):
 
 
 def test_download_then_models_shows_cached(capsys, bucket):
-    bucket.files["BiT-S-R50x1.npz"] = b"x" * 1000
+    bucket.files["BiT-S-R50x1.npz"] = released_npz(50, 1, 1000)
     code, out, _ = run(capsys, "download", "--quiet", "BiT-S-R50x1")
     assert code == 0 and "sha256" in out
     code, out, _ = run(capsys, "download", "BiT-S-R50x1")
@@ -43,7 +44,7 @@ def test_download_then_models_shows_cached(capsys, bucket):
 
 
 def test_download_detects_a_changed_cached_file(capsys, bucket):
-    bucket.files["BiT-S-R50x1.npz"] = b"x" * 1000
+    bucket.files["BiT-S-R50x1.npz"] = released_npz(50, 1, 1000)
     run(capsys, "download", "--quiet", "BiT-S-R50x1")
     zoo.cached_path(zoo.lookup("BiT-S-R50x1")).write_bytes(b"y" * 1000)
     code, _, err = run(capsys, "download", "BiT-S-R50x1")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from library_models import images, relative_difference, timm_model
+from loopback_bucket import released_npz
 from loopback_hub import online
 from safetensors.torch import save
 
@@ -90,9 +91,9 @@ def test_auto_tries_the_bucket_first_then_the_hub(hub, bucket, distilled_bytes, 
     out = capsys.readouterr().out
     assert "authors' bucket: could not download" in out and "from the hub" in out
     assert bucket.requests and bucket.requests[0]["path"] == "/bit_models/distill/R50x1_224.npz"
-    bucket.files["BiT-S-R50x1.npz"] = b"x" * 100
+    bucket.files["BiT-S-R50x1.npz"] = released_npz(50, 1, 1000)
     assert main(["download", "BiT-S-R50x1", "--source", "auto", "--quiet"]) == 0
-    assert zoo.cached_path(zoo.lookup("BiT-S-R50x1")).read_bytes() == b"x" * 100
+    assert zoo.cached_path(zoo.lookup("BiT-S-R50x1")).read_bytes() == released_npz(50, 1, 1000)
 
 
 def test_a_hub_file_that_is_not_the_released_model_is_refused(hub, capsys):

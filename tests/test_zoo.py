@@ -5,11 +5,17 @@ import hashlib
 import numpy as np
 import pytest
 from bit_files import UNITS, authors_arrays
+from loopback_bucket import released_npz
 
 from bigtransfer import BigTransferError, create_model
 from bigtransfer.models import zoo
+from bigtransfer.models.transfer import Limits
 
-PAYLOAD = np.random.default_rng(0).bytes(3_000_000)
+
+@pytest.fixture(scope="module")
+def payload():
+    """What the bucket serves for BiT-S-R50x1: the authors' layout, R50x1, 1000 classes."""
+    return released_npz(50, 1, 1000)
 
 
 def test_registry_covers_the_release():
@@ -42,48 +48,49 @@ def test_released_name_uses_the_cached_file():
     )
 
 
-def test_download_writes_file_and_sha256(bucket):
-    bucket.files["BiT-S-R50x1.npz"] = PAYLOAD
+def test_download_writes_file_and_sha256(bucket, payload):
+    bucket.files["BiT-S-R50x1.npz"] = payload
     entry = zoo.lookup("BiT-S-R50x1")
     path = zoo.download(entry, progress=False)
     assert path == zoo.cache_dir() / "BiT-S-R50x1.npz"
-    assert path.read_bytes() == PAYLOAD
-    assert zoo.recorded_sha256(entry) == hashlib.sha256(PAYLOAD).hexdigest()
+    assert path.read_bytes() == payload
+    assert zoo.recorded_sha256(entry) == hashlib.sha256(payload).hexdigest()
     assert zoo.verify(entry)
     assert not list(path.parent.glob("*.part"))
 
 
 def test_download_resumes_a_broken_transfer(bucket):
-    bucket.files["vtab/BiT-M-R50x1-run0-dtd.npz"] = PAYLOAD
-    bucket.drop_after = 1_000_000
+    data = released_npz(50, 1, 47)  # BiT-M-R50x1-run0-dtd: R50x1, 47 classes
+    bucket.files["vtab/BiT-M-R50x1-run0-dtd.npz"] = data
+    bucket.drop_after = 100_000
     entry = zoo.lookup("BiT-M-R50x1-run0-dtd")
     with pytest.raises(BigTransferError, match="run the same command again to resume"):
         zoo.download(entry, progress=False)
     part = zoo.cached_path(entry).with_name("BiT-M-R50x1-run0-dtd.npz.part")
-    assert part.stat().st_size == 1_000_000
+    assert part.stat().st_size == 100_000
     assert not zoo.cached_path(entry).exists()  # nothing half-written under the real name
     path = zoo.download(entry, progress=False)
-    assert bucket.requests[-1]["range"] == "bytes=1000000-"
-    assert path.read_bytes() == PAYLOAD and zoo.verify(entry)
+    assert bucket.requests[-1]["range"] == "bytes=100000-"
+    assert path.read_bytes() == data and zoo.verify(entry)
 
 
-def test_download_restarts_when_server_ignores_range(bucket):
-    bucket.files["BiT-S-R50x1.npz"] = PAYLOAD
+def test_download_restarts_when_server_ignores_range(bucket, payload):
+    bucket.files["BiT-S-R50x1.npz"] = payload
     bucket.honour_range = False
     entry = zoo.lookup("BiT-S-R50x1")
     part = zoo.cached_path(entry).with_name("BiT-S-R50x1.npz.part")
     part.parent.mkdir(parents=True)
     part.write_bytes(b"stale bytes from an older attempt")
-    assert zoo.download(entry, progress=False).read_bytes() == PAYLOAD
+    assert zoo.download(entry, progress=False).read_bytes() == payload
 
 
-def test_download_of_complete_part_file(bucket):
-    bucket.files["BiT-S-R50x1.npz"] = PAYLOAD
+def test_download_of_complete_part_file(bucket, payload):
+    bucket.files["BiT-S-R50x1.npz"] = payload
     entry = zoo.lookup("BiT-S-R50x1")
     part = zoo.cached_path(entry).with_name("BiT-S-R50x1.npz.part")
     part.parent.mkdir(parents=True)
-    part.write_bytes(PAYLOAD + b"extra")  # longer than the file: server answers 416
-    assert zoo.download(entry, progress=False).read_bytes() == PAYLOAD
+    part.write_bytes(payload + b"extra")  # longer than the file: server answers 416
+    assert zoo.download(entry, progress=False).read_bytes() == payload
 
 
 def test_download_404_is_a_clear_error(bucket):
@@ -94,7 +101,7 @@ def test_download_404_is_a_clear_error(bucket):
 def test_unreachable_server_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("BIGTRANSFER_BASE_URL", "http://127.0.0.1:9/bit_models")  # discard port: closed
     with pytest.raises(BigTransferError, match="could not reach .*BIGTRANSFER_BASE_URL"):
-        zoo.download(zoo.lookup("BiT-S-R50x1"), progress=False, timeout=5)
+        zoo.download(zoo.lookup("BiT-S-R50x1"), progress=False, limits=Limits(stall_timeout=5))
 
 
 def test_cache_dir_follows_environment(tmp_path, monkeypatch):

@@ -65,19 +65,31 @@ def _add_download(sub) -> None:
               "  bigtransfer download BiT-M-R50x1 --source auto     # the bucket, else the hub\n"
               "  BIGTRANSFER_BASE_URL=http://mirror.local/bit_models bigtransfer download BiT-M-R50x1\n"
               "  HF_ENDPOINT=https://hf-mirror.example bigtransfer download BiT-M-R50x1 --source hub\n"
-              "the hub's files go to huggingface_hub's cache (HF_HOME); HF_HUB_OFFLINE=1 uses only that cache\n")
+              "  bigtransfer download BiT-M-R152x4 --deadline 21600   # a slow line: six hours for the largest file\n"
+              "the hub's files go to huggingface_hub's cache (HF_HOME); HF_HUB_OFFLINE=1 uses only that cache.\n"
+              "a file is kept only if it is the released model (format, architecture, head); a transfer is cut\n"
+              "off past the largest size that model can take, after --stall-timeout without a byte, or at\n"
+              "--deadline (from the bucket, what arrived is kept and the next run resumes)\n")
     p.add_argument("names", nargs="+", metavar="NAME", help="released model names (see `bigtransfer models`)")
     p.add_argument("--source", choices=("bucket", "hub", "auto"), default="bucket",
                    help="bucket: the authors' (default); hub: the Hugging Face hub's copy (timm's, needs "
                         "huggingface_hub); auto: the bucket, and the hub if that fails")
     p.add_argument("--force", action="store_true", help="download again even if the file is cached")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--stall-timeout", default=None, metavar="SECONDS",
+                   help="give up on a server that sends nothing for this long (default 60, or "
+                        "$BIGTRANSFER_DOWNLOAD_STALL_TIMEOUT)")
+    p.add_argument("--deadline", default=None, metavar="SECONDS",
+                   help="give up on a file not finished in this long (default 7200, or "
+                        "$BIGTRANSFER_DOWNLOAD_DEADLINE)")
     p.set_defaults(run=_run_download)
 
 
 def _run_download(args) -> int:
     from ..models import hub, zoo
+    from ..models.transfer import Limits
 
+    args.limits = Limits.resolve(_seconds("--stall-timeout", args.stall_timeout), _seconds("--deadline", args.deadline))
     entries = []
     for name in args.names:
         entry = zoo.lookup(name)
@@ -104,25 +116,42 @@ def _run_download(args) -> int:
     return 0
 
 
+def _seconds(flag: str, text: str | None) -> float | None:
+    from ..models.transfer import parse_seconds
+
+    try:
+        return None if text is None else parse_seconds(text)
+    except ValueError as err:
+        raise BigTransferError(f"{flag}: {err}") from None
+
+
 def _already_present(entry, source: str) -> bool:
-    """Report a cached copy (checking its recorded SHA-256); False if there is none to report."""
+    """Report a cached copy (checking its recorded SHA-256 and that it is the model); False if there is none."""
     from ..models import hub, zoo
 
     bucket_file = zoo.cached_path(entry)
     hub_file = hub.cached_file(entry.name)
     if source != "hub" and bucket_file.is_file():
-        if zoo.recorded_sha256(entry) is None:
-            print(f"{entry.name}: already present at {bucket_file} (no recorded SHA-256)")
-        elif zoo.verify(entry):
-            print(f"{entry.name}: already present at {bucket_file} (SHA-256 verified)")
-        else:
+        recorded = zoo.recorded_sha256(entry)
+        if recorded is not None and not zoo.verify(entry):
             raise BigTransferError(f"{bucket_file}: SHA-256 differs from the one recorded at download; "
                                    f"re-fetch with: bigtransfer download --force {entry.name}")
+        try:
+            zoo.check_cached(entry)
+        except BigTransferError as err:
+            raise BigTransferError(f"{err}; re-fetch with: bigtransfer download --force {entry.name}") from None
+        print(f"{entry.name}: already present at {bucket_file} "
+              f"({'SHA-256 verified' if recorded else 'no recorded SHA-256'})")
         return True
     if source != "bucket" and hub_file is not None:
         if not hub.verify(entry.name):
             raise BigTransferError(f"{hub_file}: SHA-256 differs from the one recorded at download; re-fetch "
                                    f"with: bigtransfer download --force --source hub {entry.name}")
+        try:
+            hub.verify_contents(entry)
+        except BigTransferError as err:
+            raise BigTransferError(f"{err}; re-fetch with: bigtransfer download --force --source hub "
+                                   f"{entry.name}") from None
         print(f"{entry.name}: already present at {hub_file} (from the hub, SHA-256 verified)")
         return True
     return False
@@ -131,14 +160,14 @@ def _already_present(entry, source: str) -> bool:
 def _from_bucket(entry, args) -> None:
     from ..models import zoo
 
-    path = zoo.download(entry, force=args.force, progress=not args.quiet)
+    path = zoo.download(entry, force=args.force, progress=not args.quiet, limits=args.limits)
     print(f"{entry.name}: saved {path} (sha256 {zoo.recorded_sha256(entry)})")
 
 
 def _from_hub(entry, args) -> None:
     from ..models import hub
 
-    path = hub.download(entry, force=args.force, progress=not args.quiet)
+    path = hub.download(entry, force=args.force, progress=not args.quiet, limits=args.limits)
     record = hub.read_record(entry.name)
     print(f"{entry.name}: saved {path} (from the hub, {record['repo_id']} at {record['revision'][:12]}; "
           f"sha256 {record['sha256']})")

@@ -4,111 +4,58 @@ Files come from the authors' public bucket (`https://storage.googleapis.com/bit_
 override with BIGTRANSFER_BASE_URL for a mirror) into BIGTRANSFER_HOME
 (default `~/.cache/bigtransfer`), keeping the bucket's relative paths. Many of them are on the
 Hugging Face hub too (`hub.py`); a released name uses whichever copy has been downloaded.
+A download is capped at what a file of its model can take, bounded in time (`transfer.py`), and
+kept only if it parses as the released model (format, architecture, head).
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.client
+import contextlib
 import os
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import write_text
 from ..errors import BigTransferError
-from .resnetv2 import RELEASED_ARCHS, ArchSpec, parse_arch
+from . import hub
+from .released import (
+    ILSVRC_CLASSES,
+    IMAGENET21K_CLASSES,
+    REGISTRY,
+    VTAB_ARCHS,
+    VTAB_RUNS,
+    VTAB_TASK_CLASSES,
+    ZooEntry,
+    cache_dir,
+    check_contents,
+    known_models,
+    lookup,
+    sha256_of,
+    size_ceiling,
+)
+from .transfer import Limits, fetch
+
+__all__ = [
+    "DEFAULT_BASE_URL", "ILSVRC_CLASSES", "IMAGENET21K_CLASSES", "REGISTRY", "VTAB_ARCHS", "VTAB_RUNS",
+    "VTAB_TASK_CLASSES", "ZooEntry", "base_url", "cache_dir", "cached_file", "cached_path", "check_cached",
+    "download", "known_models", "lookup", "recorded_sha256", "require_cached", "sha256_of", "verify",
+]
 
 DEFAULT_BASE_URL = "https://storage.googleapis.com/bit_models"
-ILSVRC_CLASSES = 1000
-IMAGENET21K_CLASSES = 21843
-
-# VTAB-1k tasks as named in the released files, with their class counts.
-VTAB_TASK_CLASSES = {
-    "caltech101": 102, "cifar100": 100, "dtd": 47, "oxford_flowers102": 102,
-    "oxford_iiit_pet": 37, "sun397": 397, "svhn": 10,
-    "patch_camelyon": 2, "eurosat": 10, "resisc45": 45, "diabetic_retinopathy": 5,
-    "clevr-count": 8, "clevr-distance": 6, "dmlab": 6, "kitti-distance": 4,
-    "dsprites-xpos": 16, "dsprites-orientation": 16,
-    "smallnorb-azimuth": 18, "smallnorb-elevation": 9,
-}  # fmt: skip
-# The release has VTAB fine-tunes for every architecture but R152x2.
-VTAB_ARCHS = ("R50x1", "R101x1", "R50x3", "R101x3", "R152x4")
-VTAB_RUNS = 3
-
-
-@dataclass(frozen=True)
-class ZooEntry:
-    """One released file: its name, what it holds, and where it lives in the bucket."""
-
-    name: str
-    arch_name: str
-    num_classes: int
-    relpath: str
-    group: str  # upstream | ilsvrc2012 | vtab | distill
-    description: str
-
-    @property
-    def arch(self) -> ArchSpec:
-        return parse_arch(self.arch_name)
-
-
-def _build_registry() -> dict[str, ZooEntry]:
-    entries: list[ZooEntry] = []
-    for arch in RELEASED_ARCHS:
-        entries.append(ZooEntry(f"BiT-S-{arch}", arch, ILSVRC_CLASSES, f"BiT-S-{arch}.npz", "upstream",
-                                "pre-trained on ILSVRC-2012"))
-        entries.append(ZooEntry(f"BiT-M-{arch}", arch, IMAGENET21K_CLASSES, f"BiT-M-{arch}.npz", "upstream",
-                                "pre-trained on ImageNet-21k"))
-        entries.append(ZooEntry(f"BiT-M-{arch}-ILSVRC2012", arch, ILSVRC_CLASSES,
-                                f"BiT-M-{arch}-ILSVRC2012.npz", "ilsvrc2012",
-                                "BiT-M fine-tuned on ILSVRC-2012"))
-    for arch in VTAB_ARCHS:
-        for run in range(VTAB_RUNS):
-            for task, classes in VTAB_TASK_CLASSES.items():
-                name = f"BiT-M-{arch}-run{run}-{task}"
-                entries.append(ZooEntry(name, arch, classes, f"vtab/{name}.npz", "vtab",
-                                        f"BiT-M fine-tuned on VTAB-1k {task} (run {run})"))
-    for name, arch, note in (
-        ("R50x1_224", "R50x1", "distilled from BiT-M-R152x2, 224 px (82.8% ILSVRC top-1)"),
-        ("R50x1_160", "R50x1", "distilled from BiT-M-R152x2, 160 px (80.5% ILSVRC top-1)"),
-        ("R152x2_T_224", "R152x2", "distillation teacher, 224 px"),
-        ("R152x2_T_384", "R152x2", "distillation teacher, 384 px"),
-    ):
-        entries.append(ZooEntry(f"distill/{name}", arch, ILSVRC_CLASSES, f"distill/{name}.npz", "distill", note))
-    return {e.name: e for e in entries}
-
-
-REGISTRY = _build_registry()
-
-
-def known_models(include_vtab: bool = False) -> list[ZooEntry]:
-    return [e for e in REGISTRY.values() if include_vtab or e.group != "vtab"]
-
-
-def lookup(name: str) -> ZooEntry | None:
-    """The entry for a released name (`BiT-M-R50x1`, `vtab/BiT-M-...`, with or without `.npz`)."""
-    key = name.strip().removesuffix(".npz")
-    key = key.removeprefix("vtab/")
-    return REGISTRY.get(key)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("BIGTRANSFER_HOME") or Path.home() / ".cache" / "bigtransfer")
+BUCKET_FORMATS = ("authors", "big_vision")  # the .npz layouts the bucket's files come in
 
 
 def cached_path(entry: ZooEntry) -> Path:
+    """Where the bucket's file for `entry` lives in our cache."""
     return cache_dir() / entry.relpath
 
 
 def base_url() -> str:
+    """The bucket's address: BIGTRANSFER_BASE_URL, or the authors' bucket."""
     return (os.environ.get("BIGTRANSFER_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
 
 
 def cached_file(entry: ZooEntry) -> tuple[Path, str] | None:
     """The downloaded file for `entry` and where it came from ('bucket' or 'hub'), if there is one."""
-    from . import hub  # hub.py builds on this module
-
     path = cached_path(entry)
     if path.is_file():
         return path, "bucket"
@@ -118,8 +65,6 @@ def cached_file(entry: ZooEntry) -> tuple[Path, str] | None:
 
 def require_cached(entry: ZooEntry) -> Path:
     """The cached file for `entry` (the bucket's or the hub's), or an error naming the command that fetches it."""
-    from . import hub
-
     found = cached_file(entry)
     if found is None:
         copy = hub.hub_copy(entry.name)
@@ -131,71 +76,39 @@ def require_cached(entry: ZooEntry) -> Path:
     return found[0]
 
 
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def recorded_sha256(entry: ZooEntry) -> str | None:
+    """The SHA-256 recorded when `entry` was downloaded from the bucket, if it was."""
     sidecar = _sidecar(cached_path(entry))
-    return sidecar.read_text().split()[0] if sidecar.is_file() else None
+    try:
+        words = sidecar.read_text().split() if sidecar.is_file() else []
+    except (OSError, UnicodeDecodeError):
+        words = []
+    return words[0] if words else None
 
 
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def download(entry: ZooEntry, *, force: bool = False, progress: bool = True, timeout: float = 60.0) -> Path:
-    """Fetch `entry` into the cache: resumes a partial `.part` file, renames atomically, records SHA-256."""
-    from tqdm.auto import tqdm
-
+def download(entry: ZooEntry, *, force: bool = False, progress: bool = True, limits: Limits | None = None) -> Path:
+    """Fetch `entry` from the bucket into the cache, resuming a `.part` file; accepted only if it is
+    the released model (format, architecture, head), then renamed into place and its SHA-256 recorded."""
     dest = cached_path(entry)
     if dest.is_file() and not force:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    url = f"{base_url()}/{entry.relpath}"
-    offset = part.stat().st_size if part.is_file() else 0
-    response = _open(url, offset, timeout)
-    if response.status == 416:  # the .part is already whole (or stale): start over
-        response.close()
-        part.unlink()
-        offset = 0
-        response = _open(url, 0, timeout)
-    if offset and response.status != 206:  # server ignored the Range header
-        offset = 0
-    total = _total_size(response, offset)
+    fetch(f"{base_url()}/{entry.relpath}", part, cap=size_ceiling(entry), limits=limits or Limits.resolve(),
+          label=entry.name, progress=progress)
     try:
-        with response, open(part, "ab" if offset else "wb") as out, tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=entry.name, disable=not progress,
-        ) as bar:
-            while block := response.read(1 << 20):
-                out.write(block)
-                bar.update(len(block))
-            out.flush()
-            os.fsync(out.fileno())
-    except (OSError, urllib.error.URLError, http.client.HTTPException) as err:
-        raise BigTransferError(
-            f"download of {entry.name} broke off ({err}); run the same command again to resume"
-        ) from None
-    size = part.stat().st_size
-    if total is not None and size != total:
-        raise BigTransferError(
-            f"download of {entry.name} stopped at {size} of {total} bytes; run the same command again to resume"
-        )
+        check_contents(entry, part, BUCKET_FORMATS, "bucket")
+    except BigTransferError:
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+        raise
     digest = sha256_of(part)
     os.replace(part, dest)
-    _write_atomic(_sidecar(dest), f"{digest}  {dest.name}\n")
+    write_text(_sidecar(dest), f"{digest}  {dest.name}\n", what="SHA-256 record")
     return dest
 
 
@@ -205,25 +118,6 @@ def verify(entry: ZooEntry) -> bool:
     return recorded is not None and sha256_of(cached_path(entry)) == recorded
 
 
-def _open(url: str, offset: int, timeout: float):
-    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
-    try:
-        return urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as err:
-        if err.code == 416:
-            return err
-        raise BigTransferError(f"could not download {url}: HTTP {err.code} {err.reason}") from None
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise BigTransferError(
-            f"could not reach {url} ({reason}); check the network or set BIGTRANSFER_BASE_URL to a mirror"
-        ) from None
-
-
-def _total_size(response, offset: int) -> int | None:
-    """Full file size from Content-Range (partial reply) or Content-Length, if the server says."""
-    content_range = response.headers.get("Content-Range")  # e.g. "bytes 100-999/1000"
-    if response.status == 206 and content_range and not content_range.endswith("/*"):
-        return int(content_range.rsplit("/", 1)[1])
-    length = response.headers.get("Content-Length")
-    return None if length is None else int(length) + offset
+def check_cached(entry: ZooEntry) -> None:
+    """Refuse a cached bucket file that is not the released model (one saved before downloads were checked)."""
+    check_contents(entry, cached_path(entry), BUCKET_FORMATS, "cached")
