@@ -13,7 +13,7 @@ from ..errors import BigTransferError
 
 # Verbs that decode images take --max-pixels (see data/images.py).
 READS_IMAGES = {"plan", "finetune", "evaluate", "predict", "embed", "pretrain", "pack", "fewshot", "vtab",
-                "objectnet", "ablation", "search", "dedup", "detect-train", "detect-eval", "distill"}
+                "objectnet", "ablation", "search", "dedup", "detect-train", "detect-eval", "distill", "serve"}
 
 
 def verb(subparsers, name: str, summary: str, examples: str) -> argparse.ArgumentParser:
