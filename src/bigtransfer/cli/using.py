@@ -1,4 +1,4 @@
-"""Verbs that use a trained model: evaluate, predict, embed, export."""
+"""Verbs that use a trained model: evaluate, predict, embed, export, push, serve."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import BigTransferError
 from .common import (
     add_data_args,
     add_model_args,
@@ -221,8 +222,11 @@ def serve_options(args):
 
 
 def _run_serve(args) -> int:
-    from ..serving.server import serve
-
+    try:
+        from ..serving.server import serve
+    except ImportError as err:
+        raise BigTransferError(f"bigtransfer serve needs the serve extras ({err.name} is missing): "
+                               "pip install 'bigtransfer[serve]'") from None
     serve(serve_options(args))
     return 0
 

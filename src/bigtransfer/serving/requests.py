@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
+from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -163,6 +164,9 @@ def decode(upload: Upload, transform):
         return transform(load_rgb(upload.data))
     except ImageTooLarge as err:
         raise ApiError(413, "too_many_pixels", f"{upload.name}: {err}") from None
+    except Image.DecompressionBombError:  # Pillow's own limit, met before ours when set lower
+        raise ApiError(413, "too_many_pixels", f"{upload.name}: the image declares more pixels than the "
+                                               "limit (--max-pixels)") from None
     except IMAGE_ERRORS:
         raise ApiError(400, "not_an_image", f"{upload.name}: not a readable image (or a truncated one)") from None
 

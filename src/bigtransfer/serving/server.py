@@ -27,10 +27,10 @@ def serve(options: ServeOptions) -> None:
 
     check_options(options)
     checkpoint.summarize(resolve_weights(options.model))  # a wrong path fails here, before we listen
+    sock = bind(options.host, options.port)
     if options.host not in LOOPBACK and options.api_key_file is None:
         warnings.warn(f"--host {options.host}: anyone who can reach this address can use the model "
                       "(--api-key-file requires a key)", BigTransferWarning, stacklevel=2)
-    sock = bind(options.host, options.port)
     failures: list[BaseException] = []
     server: uvicorn.Server | None = None
 
