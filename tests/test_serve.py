@@ -200,18 +200,57 @@ def test_openapi_describes_both_endpoints_and_the_page_is_served(server):
     assert "http" not in re.sub(r'(src|href)="/static/[a-z.]+"', "", page.text).replace("http-equiv", "")
 
 
-def test_a_full_queue_answers_503_with_retry_after_and_the_waiting_requests_are_batched(model_path):
-    # Batches of up to 4 wait a second for company: two requests fill --max-queue 2 meanwhile.
-    options = ServeOptions(str(model_path), max_batch=4, batch_timeout_ms=1000, max_queue=2)
+def _trickle(body: bytes, pieces: int = 4, pause_s: float = 0.4):
+    """A request body sent slowly, so that the request stays in flight for a while."""
+    step = len(body) // pieces + 1
+    for start in range(0, len(body), step):
+        time.sleep(pause_s)
+        yield body[start:start + step]
+
+
+def _slow_json(seed: int) -> dict:
+    body = json.dumps({"images": [base64.b64encode(png_bytes(seed)).decode()]}).encode()
+    return {"content": _trickle(body), "headers": {"content-type": "application/json"}, "timeout": 30}
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_the_admitted_requests_finish(model_path):
+    options = ServeOptions(str(model_path), max_queue=2)
     with running_server(options) as (url, _), ThreadPoolExecutor(2) as pool:
-        waiting = [pool.submit(httpx.post, f"{url}/predict", files=_files(png_bytes(i)), timeout=30) for i in (1, 2)]
+        slow = [pool.submit(httpx.post, f"{url}/predict", **_slow_json(i)) for i in (1, 2)]  # still uploading
         _wait_for_metric(url, "bigtransfer_requests_in_progress", 2)
         refused = httpx.post(f"{url}/predict", files=_files(png_bytes(3)))
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert "busy" in _error_line(refused)
-        assert [f.result().status_code for f in waiting] == [200, 200]
+        assert [f.result().status_code for f in slow] == [200, 200]
+        assert httpx.post(f"{url}/predict", files=_files(png_bytes(3))).status_code == 200
+
+
+class _Slow(Predictor):
+    """The tiny model made to take a while per batch, as a big one would."""
+
+    def probabilities(self, images):
+        time.sleep(0.5)
+        return super().probabilities(images)
+
+
+def test_requests_arriving_while_the_model_is_busy_run_as_one_batch(model_path):
+    options = ServeOptions(str(model_path), max_batch=4, batch_timeout_ms=0)
+    with running_server(options, load=lambda o: _Slow(**vars(build_predictor(o)))) as (url, _), \
+            ThreadPoolExecutor(4) as pool:
+        first = pool.submit(httpx.post, f"{url}/predict", files=_files(png_bytes(0)), timeout=30)
+        _wait_for_metric(url, "bigtransfer_requests_in_progress", 1)
+        time.sleep(0.1)  # the first batch is running
+        later = [pool.submit(httpx.post, f"{url}/predict", files=_files(png_bytes(i)), timeout=30) for i in (1, 2, 3)]
+        assert [f.result().status_code for f in [first, *later]] == [200] * 4
         text = httpx.get(f"{url}/metrics").text
-        assert "bigtransfer_batch_size_sum 2.0" in text and "bigtransfer_batch_size_count 1.0" in text
+        assert "bigtransfer_batch_size_count 2.0" in text and "bigtransfer_batch_size_sum 4.0" in text
+
+
+def test_a_lone_request_does_not_wait_out_the_batch_timeout(model_path):
+    with running_server(ServeOptions(str(model_path), max_batch=16, batch_timeout_ms=20_000)) as (url, _):
+        started = time.monotonic()
+        assert httpx.post(f"{url}/predict", files=_files(png_bytes()), timeout=30).status_code == 200
+        assert time.monotonic() - started < 10
 
 
 def _wait_for_metric(url: str, name: str, value: float, timeout: float = 10.0) -> None:
@@ -321,16 +360,15 @@ def test_serve_refuses_bad_flags_with_exit_2_before_loading_anything(model_path,
 # --------------------------------------------------------------------------- the real command
 def test_sigterm_answers_the_request_in_flight_and_exits_0(model_path):
     """`bigtransfer serve` as a process: port 0 is printed, SIGTERM drains and the exit code is 0."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bigtransfer", "serve", str(model_path), "--port", "0", "--max-batch", "8",
-         "--batch-timeout-ms", "1500"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": SRC})
+    process = subprocess.Popen([sys.executable, "-m", "bigtransfer", "serve", str(model_path), "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": SRC})
     try:
         url = _read_until(process, r"listening on (http://127\.0\.0\.1:\d+)")
         _read_until(process, r"ready: model\.safetensors")
         with ThreadPoolExecutor(1) as pool:
-            in_flight = pool.submit(httpx.post, f"{url}/predict", files=_files(png_bytes()), timeout=30)
-            _wait_for_metric(url, "bigtransfer_requests_in_progress", 1)  # waiting 1.5 s for a batch
+            in_flight = pool.submit(httpx.post, f"{url}/predict", **_slow_json(0))
+            _wait_for_metric(url, "bigtransfer_requests_in_progress", 1)  # its body is still arriving
             process.send_signal(signal.SIGTERM)
             answer = in_flight.result()
         assert answer.status_code == 200 and answer.json()["results"][0]["predictions"]

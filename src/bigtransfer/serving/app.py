@@ -51,7 +51,8 @@ class ServingState:
         self.transform = None
         self.ready = False
         self.warmup_s: float | None = None
-        self.in_flight = 0
+        self.in_flight = 0  # admitted and not yet answered
+        self.en_route = 0  # admitted, still being read or decoded: the batcher waits only for these
         self.decoder = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
                                           thread_name_prefix="decode")
 
@@ -71,7 +72,8 @@ class ServingState:
         self.predictor, self.transform = predictor, predictor.transform()
         self.batcher = Batcher(lambda kind, images: self._compute(predictor, kind, images),
                                max_batch=self.options.max_batch, timeout_s=self.options.batch_timeout_ms / 1000,
-                               workers=self.options.workers, on_batch=self.metrics.batch_size.observe)
+                               workers=self.options.workers, on_batch=self.metrics.batch_size.observe,
+                               en_route=lambda: self.en_route)
         self.batcher.start()
         self.ready = True
         self.metrics.ready.set(1)
@@ -105,10 +107,13 @@ class ServingState:
 
     async def run(self, kind: str, request: Request) -> tuple[list[str], torch.Tensor]:
         """The names of the request's images and the model's rows for them (probabilities or features)."""
-        uploads = await read_uploads(request, max_images=self.options.max_images,
-                                     limit=self.options.max_upload_bytes)
-        loop = asyncio.get_running_loop()
-        images = await loop.run_in_executor(self.decoder, self._decode_all, uploads)
+        self.en_route += 1
+        try:
+            uploads = await read_uploads(request, max_images=self.options.max_images,
+                                         limit=self.options.max_upload_bytes)
+            images = await asyncio.get_running_loop().run_in_executor(self.decoder, self._decode_all, uploads)
+        finally:
+            self.en_route -= 1
         rows = await self.batcher.submit(kind, images)
         self.metrics.images.labels(kind).inc(len(uploads))
         return [u.name for u in uploads], rows

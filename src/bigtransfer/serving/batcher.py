@@ -3,7 +3,9 @@
 Requests arrive on the event loop; batches run on worker threads (torch releases the GIL while it
 computes, so the loop keeps reading and decoding the next requests meanwhile). A batch holds
 requests of one kind (predict or embed) and at most `max_batch` images, unless one request alone
-holds more; its first request waits at most `timeout_s` for others to join.
+holds more; its first request waits at most `timeout_s` for others to join, and not at all when no
+other request is on its way (`en_route`: admitted, still being read or decoded), so a lone client
+pays no batching delay.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ class Batcher:
     """Collects jobs into batches and runs `compute(kind, images) -> rows` on worker threads."""
 
     def __init__(self, compute: Callable[[str, torch.Tensor], torch.Tensor], *, max_batch: int, timeout_s: float,
-                 workers: int = 1, on_batch: Callable[[int], None] | None = None):
+                 workers: int = 1, on_batch: Callable[[int], None] | None = None,
+                 en_route: Callable[[], int] = lambda: 1):
         self.compute, self.max_batch, self.timeout_s = compute, max_batch, timeout_s
         self.on_batch = on_batch or (lambda size: None)
+        self.en_route = en_route
         self._jobs: deque[_Job] = deque()
         self._wakeup = threading.Condition()
         self._stopping = False
@@ -88,7 +92,7 @@ class Batcher:
                     size += len(job.images)
                     continue
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._stopping:
+                if remaining <= 0 or self._stopping or self.en_route() == 0:
                     break
                 self._wakeup.wait(remaining)
             return batch
