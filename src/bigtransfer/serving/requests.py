@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from ..data.images import IMAGE_ERRORS, ImageTooLarge, load_rgb
 
@@ -108,6 +108,8 @@ async def read_uploads(request: Request, *, max_images: int, limit: int) -> list
                            f"{MULTIPART} with field '{FIELD}' or {JSON} with {{\"images\": [base64, ...]}}")
     except BodyTooLarge:
         raise too_large(limit) from None
+    except ClientDisconnect:  # nobody will read the answer; say so in the metrics, not in a traceback
+        raise ApiError(400, "client_disconnected", "the client went away before sending the whole body") from None
     if not uploads:
         raise ApiError(400, "no_image", f"no image in the request: send {MULTIPART} field '{FIELD}' or "
                                         f"{JSON} {{\"images\": [base64, ...]}}")
