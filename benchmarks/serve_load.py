@@ -66,11 +66,13 @@ def photo_jpeg(width: int = 320, height: int = 240) -> bytes:
 
 
 # --------------------------------------------------------------------------- the servers
-def start_server(model: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, extra: list[str], threads: int | None = None) -> tuple[subprocess.Popen, str]:
     """`bigtransfer serve MODEL --port 0 ...` as a process; returns it once /health says ready."""
     import httpx
 
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads in the server
     process = subprocess.Popen([sys.executable, "-m", "bigtransfer", "serve", str(model), "--port", "0", *extra],
                                stdout=subprocess.PIPE, text=True, env=env)
     line = process.stdout.readline()
@@ -179,7 +181,7 @@ def run(args) -> dict:
     image = photo_jpeg()
     with tempfile.TemporaryDirectory() as folder:
         model = save_model(Path(folder), args.arch, args.resolution)
-        servers = {name: start_server(model, extra) for name, extra in SETTINGS.items()}
+        servers = {name: start_server(model, extra, args.server_threads) for name, extra in SETTINGS.items()}
         try:
             rows = []
             for clients in args.clients:
@@ -202,6 +204,7 @@ def run(args) -> dict:
     rate = {r["setting"]: r["requests_per_s"] for r in rows if r["clients"] == top}
     return {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                         "torch": torch.__version__},
+            "server_threads": args.server_threads or "default",
             "model": {"arch": args.arch, "resolution": args.resolution, "weights": "random (seed 0)"},
             "image": {"format": "JPEG", "size": "320x240", "bytes": len(image)},
             "settings": SETTINGS, "duration_s": args.duration, "rows": rows, "soak": soaked,
@@ -222,7 +225,7 @@ def write(results: dict, stem: Path) -> None:
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     m, s = results["model"], results["soak"]
     lines = [(f"`bigtransfer serve` under load on {results['machine']['cpu']} ({results['machine']['cores']} cores, "
-             f"shared with the client), {m['arch']} at {m['resolution']} px ({m['weights']}), one "
+             f"shared with the client; server torch threads: {results['server_threads']}), {m['arch']} at {m['resolution']} px ({m['weights']}), one "
              f"{results['image']['size']} JPEG ({results['image']['bytes']} bytes) per request to /predict, "
              f"{results['duration_s']:g} s per row, loopback HTTP (httpx async clients)"), "",
              f"    {results['command']}", "",
@@ -251,6 +254,8 @@ def main() -> None:
     parser.add_argument("--soak", type=float, default=300.0, help="seconds of the memory soak")
     parser.add_argument("--soak-warmup", type=float, default=60.0, help="seconds of the soak counted as warm-up")
     parser.add_argument("--max-requests", type=int, default=200_000, help="cap on requests in any one phase")
+    parser.add_argument("--server-threads", type=int, default=None,
+                        help="torch threads in each server (default: torch's own choice, one per core)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="output stem (.json and .md)")
     args = parser.parse_args()
     results = run(args)

@@ -101,6 +101,17 @@ def test_embed_answers_the_pre_logits_that_bigtransfer_embed_writes(server, mode
                                atol=1e-6)
 
 
+def test_a_model_without_a_head_embeds_and_says_why_it_cannot_predict(tmp_path):
+    from bit_files import authors_arrays
+
+    np.savez(tmp_path / "headless.npz", **authors_arrays((1, 1, 1, 1), 0.5))
+    with running_server(ServeOptions(str(tmp_path / "headless.npz"), resolution=32)) as (url, _):
+        assert httpx.get(f"{url}/health").json()["classes"] is None
+        refused = httpx.post(f"{url}/predict", files=_files(png_bytes()))
+        assert refused.status_code == 400 and "no classification head; POST /embed" in _error_line(refused)
+        assert httpx.post(f"{url}/embed", files=_files(png_bytes())).json()["dimension"] == 1024
+
+
 # --------------------------------------------------------------------------- bad input
 def _truncated_png() -> bytes:
     return png_bytes(4, size=(60, 60))[:300]

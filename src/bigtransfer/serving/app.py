@@ -63,11 +63,11 @@ class ServingState:
         if self.options.workers > 1:  # share the cores between batches running side by side
             torch.set_num_threads(max(1, torch.get_num_threads() // self.options.workers))
         started = time.perf_counter()
-        for size in sorted({1, self.options.max_batch}):
-            self._compute(predictor, "embed", torch.zeros(size, 3, predictor.resolution, predictor.resolution))
-            if predictor.class_names is not None:
-                self._compute(predictor, "predict", torch.zeros(size, 3, predictor.resolution,
-                                                                predictor.resolution))
+        kinds = ["embed"] if predictor.class_names is None else ["embed", "predict"]
+        for size in sorted({1, self.options.max_batch}):  # first calls allocate and pick kernels
+            blank = torch.zeros(size, 3, predictor.resolution, predictor.resolution)
+            for kind in kinds:
+                self._compute(predictor, kind, blank)
         self.warmup_s = time.perf_counter() - started
         self.predictor, self.transform = predictor, predictor.transform()
         self.batcher = Batcher(lambda kind, images: self._compute(predictor, kind, images),
