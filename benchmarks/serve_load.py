@@ -179,6 +179,7 @@ def run(args) -> dict:
     import torch
 
     image = photo_jpeg()
+    load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
         model = save_model(Path(folder), args.arch, args.resolution)
         servers = {name: start_server(model, extra, args.server_threads) for name, extra in SETTINGS.items()}
@@ -203,14 +204,29 @@ def run(args) -> dict:
     top = max(args.clients)
     rate = {r["setting"]: r["requests_per_s"] for r in rows if r["clients"] == top}
     return {"machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-                        "torch": torch.__version__},
+                        "torch": torch.__version__,  # other work on the machine shows here
+                        "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]}},
             "server_threads": args.server_threads or "default",
             "model": {"arch": args.arch, "resolution": args.resolution, "weights": "random (seed 0)"},
             "image": {"format": "JPEG", "size": "320x240", "bytes": len(image)},
             "settings": SETTINGS, "duration_s": args.duration, "rows": rows, "soak": soaked,
             "speedup_at_max_clients": round(rate["batching"] / rate["max-batch 1"], 2),
             "failed_requests": sum(r["failed"] for r in rows) + soaked["load"]["failed"],
-            "server_exit_codes": exits, "command": " ".join(["python", "benchmarks/serve_load.py", *sys.argv[1:]])}
+            "server_exit_codes": exits, "command": reproduce_command(sys.argv[1:])}
+
+
+def reproduce_command(argv: list[str]) -> str:
+    """The command that measures this again (where the results were written does not change them)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--results="):
+            skip = False
+            continue
+        if arg == "--results":
+            skip = True
+            continue
+        kept.append(arg)
+    return " ".join(["python", "benchmarks/serve_load.py", *kept])
 
 
 def _cpu_name() -> str:
@@ -242,7 +258,13 @@ def write(results: dict, stem: Path) -> None:
               f"{s['load']['failed']} failed). Server RSS {s['rss_mb_after_warmup']:.0f} MiB after "
               f"{s['warmup_s']:g} s of warm-up, at most {s['rss_mb_max_after_warmup']:.0f} MiB after it, "
               f"{s['rss_mb_last']:.0f} MiB at the end: growth {s['growth_after_warmup_pct']:+.1f}%."), ""]
-    stem.with_suffix(".md").write_text("\n".join(lines))
+    busy = results["machine"].get("load_average_1min")
+    if busy:
+        lines.append(f"Load average (1 min) of the machine: {busy['start']:.1f} at the start, {busy['end']:.1f} at "
+                     f"the end, on {results['machine']['cores']} cores.")
+    if results.get("note"):
+        lines.append(results["note"])
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:

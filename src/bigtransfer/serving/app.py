@@ -121,7 +121,7 @@ class ServingState:
     def _decode_all(self, uploads) -> torch.Tensor:
         return torch.stack([decode(upload, self.transform) for upload in uploads])
 
-    def check_key(self, request: Request) -> None:
+    async def check_key(self, request: Request) -> None:
         """401 unless the request carries the key (Authorization: Bearer KEY, or X-API-Key: KEY)."""
         if self.api_key is None:
             return
