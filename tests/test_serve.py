@@ -257,6 +257,23 @@ def test_requests_arriving_while_the_model_is_busy_run_as_one_batch(model_path):
         assert "bigtransfer_batch_size_count 2.0" in text and "bigtransfer_batch_size_sum 4.0" in text
 
 
+def test_two_workers_compute_batches_side_by_side_and_answer_alike(model_path, server):
+    threads = torch.get_num_threads()  # the server shares the cores between its workers, process-wide
+    try:
+        with running_server(ServeOptions(str(model_path), workers=2, max_batch=2)) as (url, _), \
+                ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda i: httpx.post(f"{url}/predict", files=_files(png_bytes(i % 3)),
+                                                         timeout=30), range(6)))
+    finally:
+        torch.set_num_threads(threads)
+    alone = [httpx.post(f"{server}/predict", files=_files(png_bytes(i))).json()["results"] for i in range(3)]
+    for i, answer in enumerate(answers):
+        assert answer.status_code == 200
+        got, want = answer.json()["results"][0]["predictions"], alone[i % 3][0]["predictions"]
+        assert [p["label"] for p in got] == [p["label"] for p in want]
+        np.testing.assert_allclose([p["probability"] for p in got], [p["probability"] for p in want], atol=2e-6)
+
+
 def test_a_lone_request_does_not_wait_out_the_batch_timeout(model_path):
     with running_server(ServeOptions(str(model_path), max_batch=16, batch_timeout_ms=20_000)) as (url, _):
         started = time.monotonic()
