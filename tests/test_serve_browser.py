@@ -100,3 +100,27 @@ def test_the_page_shows_the_server_error_line_for_a_file_that_is_not_an_image(br
         wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
         assert browser.find_element(By.ID, "error").text == "notes.png: not a readable image (or a truncated one)"
         assert not browser.find_element(By.ID, "result").is_displayed()
+
+
+def test_dropping_an_image_on_the_page_classifies_it_too(browser, tmp_path):
+    import base64
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    model = save_tiny_model(tmp_path)
+    encoded = base64.b64encode(png_bytes(9)).decode()
+    with running_server(ServeOptions(str(model))) as (url, _):
+        browser.get(f"{url}/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda d: "model.safetensors" in d.find_element(By.ID, "model").text)
+        # What a person's drag and drop delivers: a drop event whose dataTransfer holds the file.
+        browser.execute_script("""
+            const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+            const dropped = new DataTransfer();
+            dropped.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+            document.getElementById("drop").dispatchEvent(
+                new DragEvent("drop", {dataTransfer: dropped, bubbles: true, cancelable: true}));
+        """, encoded)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#bars li")) == 5)
+        assert browser.find_element(By.ID, "latency").text.startswith("latency ")
