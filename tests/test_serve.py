@@ -385,6 +385,14 @@ def test_serve_refuses_bad_flags_with_exit_2_before_loading_anything(model_path,
         taken.close()
 
 
+def test_without_the_serve_extras_the_error_says_what_to_install(model_path, monkeypatch, capsys):
+    for name in [m for m in sys.modules if m.startswith("bigtransfer.serving.") and m != "bigtransfer.serving.options"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # what a plain `pip install bigtransfer` lacks
+    assert main(["serve", str(model_path)]) == 2
+    assert "pip install 'bigtransfer[serve]'" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- the real command
 def test_sigterm_answers_the_request_in_flight_and_exits_0(model_path):
     """`bigtransfer serve` as a process: port 0 is printed, SIGTERM drains and the exit code is 0."""
