@@ -395,13 +395,15 @@ def test_without_the_serve_extras_the_error_says_what_to_install(model_path, mon
 
 # --------------------------------------------------------------------------- the real command
 def test_sigterm_answers_the_request_in_flight_and_exits_0(model_path):
-    """`bigtransfer serve` as a process: port 0 is printed, SIGTERM drains and the exit code is 0."""
-    process = subprocess.Popen([sys.executable, "-m", "bigtransfer", "serve", str(model_path), "--port", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": SRC})
+    """`bigtransfer serve` as a process: port 0 is printed, --max-pixels holds, SIGTERM drains, exit code 0."""
+    process = subprocess.Popen([sys.executable, "-m", "bigtransfer", "serve", str(model_path), "--port", "0",
+                                "--max-pixels", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYTHONPATH": SRC})
     try:
         url = _read_until(process, r"listening on (http://127\.0\.0\.1:\d+)")
         _read_until(process, r"ready: model\.safetensors")
+        too_big = httpx.post(f"{url}/predict", files=_files(png_bytes(size=(400, 300))))
+        assert too_big.status_code == 413 and "--max-pixels" in _error_line(too_big)
         with ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(httpx.post, f"{url}/predict", **_slow_json(0))
             _wait_for_metric(url, "bigtransfer_requests_in_progress", 1)  # its body is still arriving
