@@ -6,7 +6,8 @@ as a 4xx with one line), `batcher` (dynamic batching on worker threads), `metric
 
 Built on FastAPI + uvicorn with our own batcher rather than LitServe: with LitServe 0.2.19, one bad
 image in a dynamic batch failed every request of that batch, a non-JSON body was a 500, and
-SIGTERM to its main process left its HTTP and inference processes running (see docs/serving.md).
+SIGTERM to its main process left its HTTP and inference processes running
+(benchmarks/serve_litserve_check.py shows all three).
 """
 
 from .options import ServeOptions, check_options
