@@ -274,6 +274,36 @@ def test_two_workers_compute_batches_side_by_side_and_answer_alike(model_path, s
         np.testing.assert_allclose([p["probability"] for p in got], [p["probability"] for p in want], atol=2e-6)
 
 
+def test_the_batcher_keeps_kinds_apart_fills_up_to_max_batch_and_runs_an_oversized_request_alone():
+    import asyncio
+
+    from bigtransfer.serving.batcher import Batcher
+
+    batches = []
+
+    def compute(kind, images):
+        batches.append((kind, len(images)))
+        return images.flatten(1)[:, :1] + (100 if kind == "embed" else 0)
+
+    batcher = Batcher(compute, max_batch=4, timeout_s=0.2, en_route=lambda: 1)
+    jobs = [("predict", 1), ("embed", 2), ("predict", 2), ("predict", 6), ("embed", 1), ("predict", 1)]
+    inputs = [torch.full((n, 3, 2, 2), float(i)) for i, (_, n) in enumerate(jobs)]
+
+    async def submit_all():
+        waiting = [asyncio.ensure_future(batcher.submit(kind, x)) for (kind, _), x in zip(jobs, inputs)]
+        await asyncio.sleep(0)  # every job is queued before the worker starts
+        batcher.start()
+        return await asyncio.gather(*waiting)
+
+    try:
+        rows = asyncio.run(submit_all())
+    finally:
+        batcher.stop()
+    assert batches == [("predict", 4), ("embed", 3), ("predict", 6)]
+    for i, ((kind, n), got) in enumerate(zip(jobs, rows)):
+        assert got.tolist() == [[i + (100 if kind == "embed" else 0)]] * n
+
+
 def test_a_lone_request_does_not_wait_out_the_batch_timeout(model_path):
     with running_server(ServeOptions(str(model_path), max_batch=16, batch_timeout_ms=20_000)) as (url, _):
         started = time.monotonic()
