@@ -236,6 +236,13 @@ def test_a_full_queue_answers_503_with_retry_after_and_the_admitted_requests_fin
         assert httpx.post(f"{url}/predict", files=_files(png_bytes(3))).status_code == 200
 
 
+def test_a_body_that_arrives_too_slowly_is_refused_408_and_frees_its_place(model_path):
+    with running_server(ServeOptions(str(model_path), read_timeout_s=0.5, max_queue=1)) as (url, _):
+        answer = httpx.post(f"{url}/predict", **_slow_json(0))  # 1.6 s to send
+        assert answer.status_code == 408 and "--read-timeout" in _error_line(answer)
+        assert httpx.post(f"{url}/predict", files=_files(png_bytes())).status_code == 200
+
+
 class _Slow(Predictor):
     """The tiny model made to take a while per batch, as a big one would."""
 

@@ -201,6 +201,9 @@ def _add_serve(sub) -> None:
                    help="largest request body, refused while it is read (default: %(default)s)")
     g.add_argument("--max-images", type=positive_int, default=16, help="images in one request (default: "
                                                                        "%(default)s)")
+    g.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request body still arriving after this is refused with 408, so slow clients cannot "
+                        "hold the --max-queue places (default: %(default)s)")
     g.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, how long the requests in flight may take to finish (default: %(default)s)")
     p.add_argument("--api-key-file", type=Path, default=None,
@@ -218,6 +221,7 @@ def serve_options(args):
                         resolution=args.resolution, max_batch=args.max_batch,
                         batch_timeout_ms=args.batch_timeout_ms, workers=args.workers, max_queue=args.max_queue,
                         max_upload_mb=args.max_upload_mb, max_images=args.max_images,
+                        read_timeout_s=args.read_timeout,
                         api_key_file=args.api_key_file, grace_s=args.grace, access_log=args.access_log)
 
 

@@ -109,14 +109,23 @@ class ServingState:
         """The names of the request's images and the model's rows for them (probabilities or features)."""
         self.en_route += 1
         try:
-            uploads = await read_uploads(request, max_images=self.options.max_images,
-                                         limit=self.options.max_upload_bytes)
+            uploads = await self._read(request)
             images = await asyncio.get_running_loop().run_in_executor(self.decoder, self._decode_all, uploads)
         finally:
             self.en_route -= 1
         rows = await self.batcher.submit(kind, images)
         self.metrics.images.labels(kind).inc(len(uploads))
         return [u.name for u in uploads], rows
+
+    async def _read(self, request: Request):
+        """The request's uploads, refused (408) if the body is still arriving after --read-timeout."""
+        seconds = self.options.read_timeout_s
+        try:
+            return await asyncio.wait_for(read_uploads(request, max_images=self.options.max_images,
+                                                       limit=self.options.max_upload_bytes), seconds)
+        except asyncio.TimeoutError:
+            raise ApiError(408, "read_timeout", f"the request body took longer than {seconds:g} s to arrive "
+                                                "(--read-timeout)") from None
 
     def _decode_all(self, uploads) -> torch.Tensor:
         return torch.stack([decode(upload, self.transform) for upload in uploads])

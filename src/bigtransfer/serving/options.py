@@ -27,6 +27,7 @@ class ServeOptions:
     max_queue: int = 128  # requests admitted at once (reading, waiting, computing); beyond: 503
     max_upload_mb: float = 20.0  # a request body larger than this is refused while it is read
     max_images: int = 16  # images in one request
+    read_timeout_s: float = 30.0  # a body still arriving after this is refused (a slow client holds a place)
     api_key_file: Path | None = None  # when set, /predict /embed /metrics need this key
     grace_s: float = 30.0  # on SIGTERM, how long requests in flight may take to finish
     access_log: bool = False
@@ -51,6 +52,8 @@ def check_options(options: ServeOptions) -> None:
         raise BigTransferError(f"--batch-timeout-ms must be 0 or more, got {options.batch_timeout_ms}")
     if not options.max_upload_mb > 0:
         raise BigTransferError(f"--max-upload-mb must be more than 0, got {options.max_upload_mb}")
+    if not options.read_timeout_s > 0:
+        raise BigTransferError(f"--read-timeout must be more than 0 seconds, got {options.read_timeout_s}")
     if not options.grace_s >= 0:
         raise BigTransferError(f"--grace must be 0 or more seconds, got {options.grace_s}")
     if options.api_key_file is not None:
