@@ -340,8 +340,11 @@ class _Recording(Predictor):
         return super().features(images)
 
 
-def test_health_says_ready_only_once_the_model_is_loaded_and_warmed_up(model_path):
+def test_health_says_ready_only_once_the_model_is_loaded_and_warmed_up(model_path, tmp_path):
     release, calls = threading.Event(), []
+    run = tmp_path / "flowers"  # a run directory, named by its folder
+    run.mkdir()
+    (run / "final.safetensors").write_bytes(model_path.read_bytes())
 
     def slow_load(options):
         release.wait(30)
@@ -349,7 +352,7 @@ def test_health_says_ready_only_once_the_model_is_loaded_and_warmed_up(model_pat
         predictor.calls = calls
         return predictor
 
-    options = ServeOptions(str(model_path), max_batch=3)
+    options = ServeOptions(str(run), max_batch=3)
     with running_server(options, load=slow_load, wait_ready=False) as (url, _):
         loading = httpx.get(f"{url}/health")
         assert loading.status_code == 503 and loading.json() == {"status": "loading"}
@@ -360,7 +363,7 @@ def test_health_says_ready_only_once_the_model_is_loaded_and_warmed_up(model_pat
         deadline = time.monotonic() + 30
         while (health := httpx.get(f"{url}/health")).status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert health.json()["status"] == "ready"
+        assert (health.json()["status"], health.json()["model"]) == ("ready", "flowers")
         assert sorted(calls) == [("embed", 1), ("embed", 3), ("predict", 1), ("predict", 3)]
         assert httpx.post(f"{url}/predict", files=_files(png_bytes())).status_code == 200
 
