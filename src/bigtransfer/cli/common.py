@@ -13,7 +13,7 @@ from ..errors import BigTransferError
 
 # Verbs that decode images take --max-pixels (see data/images.py).
 READS_IMAGES = {"plan", "finetune", "evaluate", "predict", "embed", "pretrain", "pack", "fewshot", "vtab",
-                "objectnet", "ablation", "search", "dedup", "detect-train", "detect-eval", "distill"}
+                "objectnet", "ablation", "search", "dedup", "detect-train", "detect-eval", "distill", "serve"}
 
 
 def verb(subparsers, name: str, summary: str, examples: str) -> argparse.ArgumentParser:
@@ -26,9 +26,11 @@ def verb(subparsers, name: str, summary: str, examples: str) -> argparse.Argumen
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     if name in READS_IMAGES:
+        larger = ("a larger image is answered 413" if name == "serve" else
+                  "larger files are skipped as unreadable (an error with --strict)")
         p.add_argument("--max-pixels", type=positive_int, default=None, metavar="N",
                        help="largest image decoded, width x height (default 100000000: twice a 50-megapixel "
-                            "photo); larger files are skipped as unreadable (an error with --strict)")
+                            f"photo); {larger}")
     return p
 
 

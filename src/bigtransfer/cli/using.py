@@ -1,4 +1,4 @@
-"""Verbs that use a trained model: evaluate, predict, embed, export."""
+"""Verbs that use a trained model: evaluate, predict, embed, export, push, serve."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import BigTransferError
 from .common import (
     add_data_args,
     add_model_args,
+    positive_int,
     verb,
 )
 
@@ -167,4 +169,71 @@ def _run_push(args) -> int:
     return 0
 
 
-VERBS = (_add_evaluate, _add_predict, _add_embed, _add_export, _add_push,)
+def _add_serve(sub) -> None:
+    p = verb(sub, "serve", "Answer HTTP requests with a model: POST /predict (top-k classes), POST /embed "
+                           "(pre-logits), GET / (a page to try an image), /health, /metrics, /openapi.json.",
+             "  bigtransfer serve runs/flowers                     # http://127.0.0.1:8000, batches of up to 16\n"
+             "  curl -F image=@cat.jpg 'http://127.0.0.1:8000/predict?top_k=3'\n"
+             "  curl -F image=@a.jpg -F image=@b.jpg http://127.0.0.1:8000/embed\n"
+             "  bigtransfer serve runs/flowers --max-batch 32 --batch-timeout-ms 5 --port 0   # any free port\n"
+             "  bigtransfer serve runs/flowers --host 0.0.0.0 --api-key-file ~/.config/flowers.key\n"
+             "  curl -H \"Authorization: Bearer $(cat ~/.config/flowers.key)\" -F image=@cat.jpg HOST:8000/predict\n"
+             "stateless: run replicas behind any load balancer (benchmarks/serve_replicas.py shows two)\n")
+    p.add_argument("model", metavar="RUN_OR_WEIGHTS",
+                   help="run directory, .safetensors file, released name or authors' .npz")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine "
+                                                        "only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
+    p.add_argument("--resolution", type=positive_int, default=None, help="input size (default: from the model's "
+                                                                         "metadata)")
+    g = p.add_argument_group("batching and limits")
+    g.add_argument("--max-batch", type=positive_int, default=16, help="images run through the model at once "
+                                                                      "(default: %(default)s; 1 turns batching off)")
+    g.add_argument("--batch-timeout-ms", type=float, default=10.0,
+                   help="how long a batch's first image waits for others (default: %(default)s)")
+    g.add_argument("--workers", type=positive_int, default=1,
+                   help="batches computed at the same time, sharing the model and the cores (default: %(default)s)")
+    g.add_argument("--max-queue", type=positive_int, default=128,
+                   help="requests in progress at once; more are answered 503 with Retry-After "
+                        "(default: %(default)s)")
+    g.add_argument("--max-upload-mb", type=float, default=20.0,
+                   help="largest request body, refused while it is read (default: %(default)s)")
+    g.add_argument("--max-images", type=positive_int, default=16, help="images in one request (default: "
+                                                                       "%(default)s)")
+    g.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request body still arriving after this is refused with 408, so slow clients cannot "
+                        "hold the --max-queue places (default: %(default)s)")
+    g.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, how long the requests in flight may take to finish (default: %(default)s)")
+    p.add_argument("--api-key-file", type=Path, default=None,
+                   help="a file holding one key; requests to /predict, /embed and /metrics must then send "
+                        "'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(run=_run_serve)
+
+
+def serve_options(args):
+    """ServeOptions from `bigtransfer serve`'s arguments."""
+    from ..serving.options import ServeOptions
+
+    return ServeOptions(model=args.model, host=args.host, port=args.port, device=args.device,
+                        resolution=args.resolution, max_batch=args.max_batch,
+                        batch_timeout_ms=args.batch_timeout_ms, workers=args.workers, max_queue=args.max_queue,
+                        max_upload_mb=args.max_upload_mb, max_images=args.max_images,
+                        read_timeout_s=args.read_timeout,
+                        api_key_file=args.api_key_file, grace_s=args.grace, access_log=args.access_log)
+
+
+def _run_serve(args) -> int:
+    try:
+        from ..serving.server import serve
+    except ImportError as err:
+        raise BigTransferError(f"bigtransfer serve needs {err.name}, which installing bigtransfer brings; "
+                               "this environment lacks it: pip install 'fastapi' 'uvicorn[standard]' "
+                               "'python-multipart' 'prometheus_client'") from None
+    serve(serve_options(args))
+    return 0
+
+
+VERBS = (_add_evaluate, _add_predict, _add_embed, _add_export, _add_push, _add_serve,)
