@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import warnings
 from pathlib import Path
 
@@ -108,10 +109,16 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, out: Path) -> No
         raise BigTransferError("ONNX export needs the export extras: pip install 'bigtransfer[export]'") from None
     model = onnx_safe_copy(model)
     batch = torch.export.Dim("batch", min=1, max=4096)
+    quiet = logging.getLogger("onnxscript")  # its optimizer's notes are not the user's concern either
+    level = quiet.level
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (example,), dynamic_shapes=({0: batch},), input_names=["images"],
-                                    output_names=["logits"], dynamo=True, external_data=False)
+        quiet.setLevel(logging.ERROR)
+        try:
+            program = torch.onnx.export(model, (example,), dynamic_shapes=({0: batch},), input_names=["images"],
+                                        output_names=["logits"], dynamo=True, external_data=False, verbose=False)
+        finally:
+            quiet.setLevel(level)
     write_onnx(program.model_proto, out)
 
 

@@ -27,6 +27,7 @@ import errno
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -171,27 +172,34 @@ def check_claim(out: Path, kind: str, flag: str = "--out") -> bool:
 
 
 def _check_hidden(out: Path, flag: str) -> None:
-    """Our marker, record and lock: plain files, or absent (never a link, FIFO, device or folder)."""
+    """Our marker, record and lock: plain files of ours, or absent (never a link, a FIFO, a device,
+    a folder, or a hard link to a file that has other names)."""
     for name in HIDDEN:
-        path = out / name
-        if path.is_symlink() or (path.exists() and not path.is_file()):
-            raise NotOurs(f"{flag} {out}: {name!r} there is a symbolic link or not a plain file; bigtransfer "
-                          "keeps its own marker, record and lock there, so the folder is not ours to write "
-                          "(remove it or choose another folder)")
+        try:
+            st = os.lstat(out / name)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            raise NotOurs(f"{flag} {out}: {name!r} there is a symbolic link or not a plain file of ours; "
+                          "bigtransfer keeps its own marker, record and lock there, so the folder is not ours to "
+                          "write (remove it or choose another folder)")
 
 
 def _refuse_planted_links(out: Path, kind: str, flag: str) -> None:
     """A symbolic link where a `kind` folder's verb writes, or anywhere inside a folder of ours
-    there, makes `out` not ours: refused before anything is written or deleted."""
+    there, makes `out` not ours: refused before anything is written or deleted. What the folder's
+    record names counts as a name we write, whatever the kind."""
+    recorded = {e.split("/")[0] for e in atomic.read_record(out) or ()}
     for entry in os.scandir(out):
         if entry.name in HIDDEN:
             continue
+        ours = entry.name in recorded or _ours(out, kind, entry.name)
         if entry.is_symlink():
-            if _ours(out, kind, entry.name):
+            if ours:
                 raise NotOurs(f"{flag} {out}: {entry.name!r} there is a symbolic link where bigtransfer writes its "
                               "own file or folder; the folder is not ours to write (remove the link or choose "
                               "another folder)")
-        elif entry.is_dir(follow_symlinks=False) and _ours(out, kind, entry.name):
+        elif entry.is_dir(follow_symlinks=False) and ours:
             link = _first_link(Path(entry.path))
             if link is not None:
                 raise NotOurs(f"{flag} {out}: {str(link.relative_to(out))!r} there is a symbolic link inside a "
