@@ -118,13 +118,18 @@ def test_restart_removes_only_what_the_demo_wrote(tmp_path):
     (out / "my_notes.txt").write_text("mine")
     (out / "pretrain" / "my_plot.png").write_bytes(b"mine")
     (out / "transfer" / "1shot" / "seed0" / "keep.txt").write_text("mine")
+    (out / "transfer" / "my_empty_folder").mkdir()  # the user's, even empty: never removed
+    (out / "transfer" / "1shot" / "mine_too").mkdir()
     kept = rundir.clear(out, "demo")
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.startswith("."))
     assert left == ["my_notes.txt", "pretrain/my_plot.png", "transfer/1shot/seed0/keep.txt"]
     assert not (out / "scratch").exists()  # nothing of the user's in it: removed whole
+    assert (out / "transfer" / "my_empty_folder").is_dir() and (out / "transfer" / "1shot" / "mine_too").is_dir()
     assert (out / rundir.MARKER).is_file() and (out / "pretrain" / rundir.MARKER).is_file()
     assert sorted(str(p.relative_to(out)) for p in kept) == ["my_notes.txt", "pretrain/my_plot.png",
-                                                              "transfer/1shot/seed0/keep.txt"]
+                                                              "transfer/1shot/mine_too",
+                                                              "transfer/1shot/seed0/keep.txt",
+                                                              "transfer/my_empty_folder"]
     run_demo(out, config, progress=False, restart=True)  # and the demo runs again in the same folder
     assert (out / "summary.json").is_file() and (out / "my_notes.txt").read_text() == "mine"
 

@@ -125,11 +125,13 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, out: Path) -> No
 ONNX_INLINE_LIMIT = 1536 << 20  # bytes of weights: above, they go to OUT.data (one protobuf holds 2 GB at most)
 
 
-def write_onnx(proto, out: Path, inline_limit: int = ONNX_INLINE_LIMIT) -> None:
-    """An ONNX model into `out`, atomically; weights above `inline_limit` bytes in `out`.data,
-    written (atomically) before the model that names it."""
+def write_onnx(proto, out: Path, inline_limit: int | None = None) -> None:
+    """An ONNX model into `out`, atomically; weights above `inline_limit` (ONNX_INLINE_LIMIT)
+    bytes go to `out`.data, written (atomically) before the model that names it."""
     weights = [t for t in proto.graph.initializer if t.HasField("raw_data")]
-    if sum(len(t.raw_data) for t in weights) > inline_limit:
+    if sum(len(t.raw_data) for t in weights) > (ONNX_INLINE_LIMIT if inline_limit is None else inline_limit):
+        # small tensors (shapes, scalars) stay inline, as ONNX's own saver keeps them: graph checks read them
+        weights = [t for t in weights if len(t.raw_data) >= 1024]
         _externalise(weights, out)
     write_bytes(out, proto.SerializeToString(), what="ONNX export")
 
