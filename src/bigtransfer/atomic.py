@@ -249,11 +249,13 @@ def temp_name(name: str) -> str:
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object], *, what: str = "file",
-                     hint: str = "") -> Path:
+                     hint: str = "", durable: bool = True) -> Path:
     """Call `write(fh)` to fill a new temporary file beside `path`, fsync it, rename it to `path`.
 
     The one way bigtransfer writes a file. Errors (a full disk, a file-size limit, a link where
-    the file should be) become one BigTransferError naming `path`; the old file stays intact."""
+    the file should be) become one BigTransferError naming `path`; the old file stays intact.
+    `durable=False` skips the two fsyncs (still whole or absent after a crash of this process,
+    not after a power cut): for bulk writers that call `flush_to_disk` once when done."""
     path = Path(path)
     try:
         with open_folder(path.parent, create=True) as folder:
@@ -262,12 +264,13 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object], *, what: s
             tmp = temp_name(path.name)
             fd = folder.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
             try:
-                _fill(fd, write)
+                _fill(fd, write, durable)
                 if existing is None:
                     folder.record(path.name)
                 os.replace(tmp, path.name, src_dir_fd=folder.fd, dst_dir_fd=folder.fd)
                 tmp = None
-                folder.sync()
+                if durable:
+                    folder.sync()
             finally:
                 if tmp is not None:
                     with contextlib.suppress(OSError):
@@ -280,14 +283,21 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object], *, what: s
     return path
 
 
-def _fill(fd: int, write: Callable[[BinaryIO], object]) -> None:
+def _fill(fd: int, write: Callable[[BinaryIO], object], durable: bool) -> None:
     """Run the writer on a file object of its own (it may close it), then fsync and close `fd`."""
     try:
         with os.fdopen(os.dup(fd), "w+b") as fh:
             write(fh)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def flush_to_disk() -> None:
+    """Everything written so far onto the disk (after many `durable=False` writes)."""
+    if hasattr(os, "sync"):
+        os.sync()
 
 
 def write_bytes(path: Path, data: bytes | bytearray | memoryview, what: str = "file", hint: str = "") -> Path:
@@ -321,12 +331,12 @@ def write_figure(path: Path, fig, dpi: int = 100, what: str = "figure") -> Path:
     return write_atomically(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi), what=what)
 
 
-def write_image(path: Path, image, what: str = "image", **options) -> Path:
+def write_image(path: Path, image, what: str = "image", durable: bool = True, **options) -> Path:
     """A PIL image into `path` (format from the suffix), atomically."""
     from PIL import Image
 
     fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
-    return write_atomically(path, lambda fh: image.save(fh, format=fmt, **options), what=what)
+    return write_atomically(path, lambda fh: image.save(fh, format=fmt, **options), what=what, durable=durable)
 
 
 def write_npy(path: Path, array, what: str = "array") -> Path:

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from .. import rundir
-from ..atomic import write_image
+from ..atomic import flush_to_disk, write_image
 from ..errors import BigTransferError
 from .images import to_rgb
 
@@ -74,6 +74,7 @@ def _import(source: Path, dest: Path, image_column: str, label_column: str, prog
             image = row[image_column]
             if not hasattr(image, "save"):
                 raise BigTransferError(f"{source}: column {image_column!r} does not hold images")
-            write_image(folder / f"{i:07d}.png", to_rgb(image))
+            write_image(folder / f"{i:07d}.png", to_rgb(image), durable=False)  # one flush at the end
         written[target] = len(split)
+    flush_to_disk()
     return written

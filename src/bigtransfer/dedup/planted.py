@@ -35,7 +35,8 @@ def write_planted_set(root: Path, *, upstream_per_class: int = 100, classes: int
     # A folder of class folders: a downstream set without a test split counts all its images.
     for name, images, folder in (("up", upstream, root / "upstream"), ("test", test, root / "test")):
         for i in range(len(images)):
-            write_image(folder / images.classes[images.labels[i]] / f"{name}{i:06d}.png", images.load(i))
+            write_image(folder / images.classes[images.labels[i]] / f"{name}{i:06d}.png", images.load(i),
+                        durable=False)  # test data, made again at will
     truth = set()
     for i in rng.choice(len(test), size=min(planted, len(test)), replace=False).tolist():
         image = test.load(i)
@@ -46,6 +47,6 @@ def write_planted_set(root: Path, *, upstream_per_class: int = 100, classes: int
         copy = copy.resize((max(8, round(copy.width * scale)), max(8, round(copy.height * scale))), Image.BILINEAR)
         label = test.classes[test.labels[i]]
         path = root / "upstream" / label / f"planted{i:06d}.jpg"
-        write_image(path, copy, quality=int(rng.integers(40, 81)))
+        write_image(path, copy, durable=False, quality=int(rng.integers(40, 81)))
         truth.add((str(root / "test" / label / f"test{i:06d}.png"), str(path)))
     return truth

@@ -145,7 +145,7 @@ def write_rectangles(root: Path, images: int, *, size: int = 96, seed: int = 0,
             pixels[y:y + h, x:x + w] = np.clip(np.array(list(colours.values())[c]) + rng.integers(-20, 20, 3), 0, 255)
             annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": c + 1,
                                 "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
-        write_image(root / f"{i:05d}.png", Image.fromarray(pixels))
+        write_image(root / f"{i:05d}.png", Image.fromarray(pixels), durable=False)  # test data
         entries.append({"id": i, "file_name": f"{i:05d}.png", "width": size, "height": size})
     path = root / "annotations.json"
     write_text(path, json.dumps({"images": entries, "annotations": annotations,
