@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -158,11 +159,6 @@ class Folder:
         up = len(self._names) - level
         return (self.path.parents[up - 1] if up else self.path) / RECORD
 
-    @property
-    def owned(self) -> bool:
-        """Inside a marked (owned) output folder?"""
-        return any(self._marked)
-
     def sync(self) -> None:
         with contextlib.suppress(OSError):  # not every filesystem can fsync a folder
             os.fsync(self.fd)
@@ -181,8 +177,6 @@ def _has_marker(fd: int) -> bool:
 
 
 def _is_link_error(err: OSError) -> bool:
-    import errno
-
     return err.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK)  # O_NOFOLLOW met a link (EMLINK: FreeBSD)
 
 
