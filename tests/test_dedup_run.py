@@ -82,8 +82,8 @@ def test_stages_self_test_and_outputs(data, tmp_path):
         kept = [r["path"] for r in csv.DictReader(fh)]
     assert set(kept) == upstream_files - {str(root / "up" / "photo" / n) for _, n in truth}
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [".bigtransfer.json", ".bigtransfer.lock", "contact_sheet.html", "contact_sheet.png", "pairs.csv", "summary.json",
-         "upstream_filtered.csv"])
+        [".bigtransfer.json", ".bigtransfer.lock", ".bigtransfer.written", "contact_sheet.html", "contact_sheet.png",
+         "pairs.csv", "summary.json", "upstream_filtered.csv"])
     written = json.loads((out / "summary.json").read_text())
     assert written["self_test"]["overall"]["planted"] == 12 * len(EDITS)
     # the report: one section per stage, in order, and the self-test's table

@@ -29,7 +29,7 @@ from image_data import write_colour_folder
 from PIL import Image
 
 import bigtransfer
-from bigtransfer import rundir
+from bigtransfer import atomic, rundir
 from bigtransfer.cli import main
 from bigtransfer.errors import BigTransferError
 
@@ -118,13 +118,18 @@ def test_restart_removes_only_what_the_demo_wrote(tmp_path):
     (out / "my_notes.txt").write_text("mine")
     (out / "pretrain" / "my_plot.png").write_bytes(b"mine")
     (out / "transfer" / "1shot" / "seed0" / "keep.txt").write_text("mine")
+    (out / "transfer" / "my_empty_folder").mkdir()  # the user's, even empty: never removed
+    (out / "transfer" / "1shot" / "mine_too").mkdir()
     kept = rundir.clear(out, "demo")
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.startswith("."))
     assert left == ["my_notes.txt", "pretrain/my_plot.png", "transfer/1shot/seed0/keep.txt"]
     assert not (out / "scratch").exists()  # nothing of the user's in it: removed whole
+    assert (out / "transfer" / "my_empty_folder").is_dir() and (out / "transfer" / "1shot" / "mine_too").is_dir()
     assert (out / rundir.MARKER).is_file() and (out / "pretrain" / rundir.MARKER).is_file()
     assert sorted(str(p.relative_to(out)) for p in kept) == ["my_notes.txt", "pretrain/my_plot.png",
-                                                              "transfer/1shot/seed0/keep.txt"]
+                                                              "transfer/1shot/mine_too",
+                                                              "transfer/1shot/seed0/keep.txt",
+                                                              "transfer/my_empty_folder"]
     run_demo(out, config, progress=False, restart=True)  # and the demo runs again in the same folder
     assert (out / "summary.json").is_file() and (out / "my_notes.txt").read_text() == "mine"
 
@@ -210,7 +215,7 @@ def test_runs_written_before_markers_are_still_resumed(tmp_path):
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from bigtransfer import rundir
+    from bigtransfer import atomic, rundir
     out = Path(sys.argv[1])
     rundir.claim(out, sys.argv[2])
     with rundir.exclusive(out):
@@ -291,16 +296,18 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_resumable(tmp_path, m
     reference = tmp_path / "reference"
     run_finetune(FinetuneOptions(**FINETUNE_ARGS, steps=6, checkpoint_every=2, out=reference))
 
-    real_save, calls = checkpointing.save_file, []
+    real_save, calls = checkpointing.write_safetensors, []
 
-    def disk_fills_up(tensors, filename, metadata=None):
-        calls.append(filename)
+    def disk_fills_up(path, tensors, metadata=None, *, what, hint=""):
+        calls.append(path)
         if len(calls) == 2:  # the second checkpoint (step 4): half written, then the disk is full
-            Path(filename).write_bytes(b"\0" * 100)
-            raise OSError(28, "No space left on device")
-        real_save(tensors, filename, metadata=metadata)
+            def half_then_full(fh):
+                fh.write(b"\0" * 100)
+                raise OSError(28, "No space left on device")
+            return atomic.write_atomically(path, half_then_full, what=what, hint=hint)
+        return real_save(path, tensors, metadata, what=what, hint=hint)
 
-    monkeypatch.setattr(checkpointing, "save_file", disk_fills_up)
+    monkeypatch.setattr(checkpointing, "write_safetensors", disk_fills_up)
     out = tmp_path / "run"
     with pytest.raises(BigTransferError, match=r"checkpoint of step 4 \(No space left on device\); the previous "
                                                r"checkpoint is intact"):
@@ -308,7 +315,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_resumable(tmp_path, m
     with safe_open(str(out / "checkpoints" / "latest.safetensors"), "pt") as fh:
         assert fh.metadata()["step"] == "2"
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
-    monkeypatch.setattr(checkpointing, "save_file", real_save)
+    monkeypatch.setattr(checkpointing, "write_safetensors", real_save)
     run_finetune(FinetuneOptions(**FINETUNE_ARGS, steps=6, checkpoint_every=2, out=out))  # resumes at step 2
     with safe_open(str(reference / "final.safetensors"), "pt") as a, safe_open(str(out / "final.safetensors"),
                                                                                  "pt") as b:
@@ -331,13 +338,11 @@ def test_a_write_the_os_refuses_is_one_line_and_no_half_file(tmp_path):
 
 
 def test_files_we_write_get_the_users_umask_not_owner_only(tmp_path):
-    """safetensors' save_file replaces its file with an owner-only one; ours follow the umask."""
-    from safetensors.torch import save_file
+    """safetensors' own save_file makes owner-only files; ours follow the umask."""
+    from bigtransfer.atomic import FILE_MODE, write_bytes, write_safetensors
 
-    from bigtransfer.atomic import FILE_MODE, write_atomically
-
-    path = write_atomically(tmp_path / "w.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, str(tmp)))
-    assert path.stat().st_mode & 0o777 == FILE_MODE
+    for path in (write_safetensors(tmp_path / "w.safetensors", {"a": torch.zeros(2)}), write_bytes(tmp_path / "b", b"x")):
+        assert path.stat().st_mode & 0o777 == FILE_MODE
     mask = os.umask(0)
     os.umask(mask)
     assert FILE_MODE == 0o666 & ~mask and FILE_MODE & 0o044 == 0o044 & ~mask

@@ -148,8 +148,8 @@ def test_pack_image_folder_round_trip(tmp_path):
     assert meta["splits"]["train"] == {"shards": [Path(u).name for u in train_urls], "count": 15}
     assert meta["splits"]["test"] == {"shards": [Path(u).name for u in test_urls], "count": 6}
     assert json.loads((out / "dataset.json").read_text()) == meta
-    # the shards, their index, and our marker and lock (the folder is claimed as a pack output)
-    assert sorted(p.name for p in out.iterdir()) == sorted([".bigtransfer.json", ".bigtransfer.lock", "dataset.json"]
+    # the shards, their index, and our marker, lock and record (the folder is claimed as a pack output)
+    assert sorted(p.name for p in out.iterdir()) == sorted([".bigtransfer.json", ".bigtransfer.lock", ".bigtransfer.written", "dataset.json"]
                                                            + [Path(u).name for u in train_urls + test_urls])
     assert is_shard_dir(out) and not is_shard_dir(tmp_path / "data")
 

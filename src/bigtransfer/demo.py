@@ -50,13 +50,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import machine, rundir
+from .atomic import write_figure, write_json
 from .errors import BigTransferError
 from .finetune import FinetuneOptions, run_finetune
 from .models import create_model
 from .models.factory import model_source
 from .pretrain import PretrainOptions, TransferProbe, run_pretrain
 from .train import side_by_side
-from .train.checkpointing import write_json_atomic
 from .train.execution import ExecutionOptions
 
 FULL = "full"
@@ -242,7 +242,7 @@ def _run_demo(out: Path, config: DemoConfig, progress: bool) -> DemoResult:
     result.seconds["total"] = time.perf_counter() - start
     result.jobs, result.threads_per_run = jobs, threads
     result.precision, result.machine = _provenance(out, result, config)
-    write_json_atomic(out / "summary.json", {**asdict(result), "config": asdict(config)})
+    write_json(out / "summary.json", {**asdict(result), "config": asdict(config)})
     plot(result, config, out / "accuracy_vs_examples.png")
     print(table(result, config))
     return result
@@ -341,5 +341,7 @@ def plot(result: DemoResult, config: DemoConfig, path: Path) -> None:
     ax.legend(loc="lower right")
     ax.set_title("Transfer vs scratch, same architecture and budget (every run a dot)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        write_figure(path, fig, dpi=110, what="plot")
+    finally:
+        plt.close(fig)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import rundir
+from .atomic import remove_file, write_json, write_npy
 from .data.dataset import TransformedImages
 from .data.imageset import ImageSet, Splits
 from .data.sources import IMAGE_EXTENSIONS, load_source, report_skipped
@@ -43,7 +44,6 @@ from .train.checkpointing import (
     check_resumable,
     fingerprint_of,
     finished_summary,
-    write_json_atomic,
 )
 from .train.distributed import DistContext
 from .train.execution import ExecutionOptions
@@ -235,8 +235,6 @@ class _CachedTeacher(torch.utils.data.Dataset):
 
 def _teacher_logits(teacher, data: TransformedImages, device, bf16: bool, workers: int, cache: Path) -> torch.Tensor:
     """The teacher's logits for every training image at its fixed view (kept in OUT/cache)."""
-    from .atomic import write_atomically
-
     if cache.is_file():
         return torch.from_numpy(np.load(cache, allow_pickle=False))
     loader = torch.utils.data.DataLoader(data, batch_size=64, num_workers=workers)
@@ -246,11 +244,7 @@ def _teacher_logits(teacher, data: TransformedImages, device, bf16: bool, worker
         for images, _ in loader:
             rows.append(teacher(images.to(device)).float().cpu())
     logits = torch.cat(rows)
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.save(fh, logits.numpy())
-
-    write_atomically(cache, write, what="teacher logits")
+    write_npy(cache, logits.numpy(), what="teacher logits")
     return logits
 
 
@@ -266,7 +260,7 @@ def run_distill(opts: DistillOptions) -> dict:
 def _distill(opts: DistillOptions, ctx: DistContext) -> dict:
     out = Path(opts.out)
     if opts.restart and ctx.is_main:
-        (out / "checkpoints" / "latest.safetensors").unlink(missing_ok=True)
+        remove_file(out / "checkpoints" / "latest.safetensors")
     ctx.barrier()
     teacher_path = _teacher_file(opts.teacher)
     meta = checkpoint.read_metadata(teacher_path)
@@ -293,7 +287,7 @@ def _distill(opts: DistillOptions, ctx: DistContext) -> dict:
     precision = resolve_precision(opts.precision, ctx.device, flops)
     bf16 = precision == "bf16"
     if ctx.is_main:
-        write_json_atomic(out / "config.json", {
+        write_json(out / "config.json", {
             **settings, "fingerprint": fingerprint, "world_size": ctx.world_size, "device": str(ctx.device),
             "precision": precision,
             "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}})
@@ -331,8 +325,8 @@ def _distill(opts: DistillOptions, ctx: DistContext) -> dict:
                "test_images": len(splits.test) if splits.test is not None else 0, "steps": plan.steps,
                "labelled": labelled, "model": str(out / "final.safetensors")}
     if ctx.is_main:
-        write_json_atomic(out / "summary.json", summary)
-        write_json_atomic(out / "protocol.json", {"protocol": "distill", "teacher": str(teacher_path),
+        write_json(out / "summary.json", summary)
+        write_json(out / "protocol.json", {"protocol": "distill", "teacher": str(teacher_path),
                                                   "student": opts.student, "data": opts.data,
                                                   "compare": opts.compare})
         from .evaluate.report import collect_distill, write_distill_report

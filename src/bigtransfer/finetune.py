@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import hyperrule, rundir
+from .atomic import remove_file, write_json
 from .data.dataset import TransformedImages
 from .data.fewshot import sample_per_class
 from .data.sources import Splits, load_source, report_skipped
@@ -26,7 +27,6 @@ from .train.checkpointing import (
     check_resumable,
     fingerprint_of,
     finished_summary,
-    write_json_atomic,
 )
 from .train.distributed import DistContext
 from .train.execution import ExecutionOptions
@@ -169,8 +169,7 @@ def run_finetune(opts: FinetuneOptions, splits: Splits | None = None) -> dict:
 def _finetune(opts: FinetuneOptions, splits: Splits | None, ctx: DistContext) -> dict:
     out = Path(opts.out)
     if opts.restart and ctx.is_main:
-        checkpoint = out / "checkpoints" / "latest.safetensors"
-        checkpoint.unlink(missing_ok=True)
+        remove_file(out / "checkpoints" / "latest.safetensors")
     ctx.barrier()
     loaded_here = splits is None  # data handed in was loaded (and its skipped images reported) by the caller
     splits = prepare_data(opts, splits, warn=False)
@@ -207,12 +206,11 @@ def _finetune(opts: FinetuneOptions, splits: Splits | None, ctx: DistContext) ->
     if split == "auto":
         split = auto_batch_split(model.config, plan.crop, plan.batch // ctx.world_size, ctx.device, bf16)
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         config = {**settings, "fingerprint": fingerprint, "batch_split": split, "world_size": ctx.world_size,
                   "device": str(ctx.device), "precision": precision,
                   "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
                   "skipped_images": splits.skipped}
-        write_json_atomic(out / "config.json", config)
+        write_json(out / "config.json", config)
         report_skipped(out, splits.skipped, opts.data, warn=loaded_here)
         if opts.progress:  # quiet runs (--quiet, sweeps, the demo) keep the plan to config.json
             print(hyperrule.describe(plan), flush=True)
@@ -245,7 +243,7 @@ def _finetune(opts: FinetuneOptions, splits: Splits | None, ctx: DistContext) ->
     summary = {"final": metrics, "classes": splits.classes, "train_examples": len(splits.train),
                "test_examples": len(splits.test), "steps": plan.steps, "model": str(out / "final.safetensors")}
     if ctx.is_main:
-        write_json_atomic(out / "summary.json", summary)
+        write_json(out / "summary.json", summary)
     ctx.barrier()
     ctx.shutdown()
     return summary

@@ -6,7 +6,6 @@ name or an authors' `.npz`. Class names and input resolution come from the file'
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import rundir
+from .atomic import write_csv, write_figure, write_npy, write_text
 from .data.dataset import TransformedImages
 from .data.images import IMAGE_ERRORS, load_rgb
 from .data.sources import IMAGE_EXTENSIONS, ImageSet, load_source
@@ -167,19 +167,13 @@ def _align_labels(images: ImageSet, model_classes: list[str], data: str) -> Imag
 
 
 def write_evaluation(out: Path, result: dict, meter: ClassificationMeter, class_names: list[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text(out / "metrics.json", json.dumps(result, indent=2) + "\n")
     confusion = meter.confusion.numpy()
-    with open(out / "confusion.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["true \\ predicted", *class_names])
-        for name, row in zip(class_names, confusion):
-            writer.writerow([name, *row.tolist()])
-    with open(out / "per_class_accuracy.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["class", "accuracy", "examples"])
-        for name, acc, n in zip(class_names, meter.per_class_accuracy(), confusion.sum(axis=1)):
-            writer.writerow([name, f"{acc:.6f}", int(n)])
+    write_csv(out / "confusion.csv", ["true \\ predicted", *class_names],
+              ([name, *row.tolist()] for name, row in zip(class_names, confusion)))
+    write_csv(out / "per_class_accuracy.csv", ["class", "accuracy", "examples"],
+              ([name, f"{acc:.6f}", int(n)]
+               for name, acc, n in zip(class_names, meter.per_class_accuracy(), confusion.sum(axis=1))))
     plot_confusion(confusion, class_names, out / "confusion.png")
 
 
@@ -207,8 +201,10 @@ def plot_confusion(confusion: np.ndarray, class_names: list[str], path: Path) ->
     ax.set_ylabel("true")
     ax.set_title(f"confusion matrix (top-1 {np.trace(confusion) / max(confusion.sum(), 1):.1%})")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        write_figure(path, fig, dpi=100, what="confusion plot")
+    finally:
+        plt.close(fig)
 
 
 # --------------------------------------------------------------------------- predict / embed
@@ -292,11 +288,7 @@ def embed(spec: str, inputs: list[str], out: Path, *, batch: int = 32, workers: 
     order = sorted(rows)
     width = predictor.model.num_features
     features = np.stack([rows[i].numpy() for i in order]) if order else np.zeros((0, width), np.float32)
-    npy.parent.mkdir(parents=True, exist_ok=True)
-    np.save(npy, features.astype(np.float32))
-    with open(index_csv, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["row", "path"])
-        writer.writerows((row, str(files[i])) for row, i in enumerate(order))
+    write_npy(npy, features.astype(np.float32), what="features")
+    write_csv(index_csv, ["row", "path"], ((row, str(files[i])) for row, i in enumerate(order)), what="index")
     return {"features": str(npy), "index": str(index_csv), "shape": list(features.shape),
             "resolution": predictor.resolution, "unreadable": [str(p) for p in unreadable]}

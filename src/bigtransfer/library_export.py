@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, rundir
-from .atomic import write_atomically, write_json
+from .atomic import write_json, write_safetensors
 from .errors import BigTransferError
 from .inference import DEFAULT_RESOLUTION
 from .models import checkpoint, create_model, interop
@@ -91,22 +91,14 @@ class Source:
 # --------------------------------------------------------------------------- writing
 def write_timm_file(source: Source, path: Path) -> Path:
     """The model as a timm state dict in `path`, atomically."""
-    from safetensors.torch import save_file
-
-    tensors = source.library_state(TIMM_LAYOUT)
-    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=source.metadata),
-                            what="timm weights file", durable=True)
+    return write_safetensors(path, source.library_state(TIMM_LAYOUT), source.metadata, what="timm weights file")
 
 
 def write_transformers_folder(source: Source, folder: Path) -> list[Path]:
     """config.json, model.safetensors and preprocessor_config.json in `folder` (claimed by the caller)."""
-    from safetensors.torch import save_file
-
     model = source.model
-    tensors = source.library_state(TRANSFORMERS_LAYOUT)
-    weights = write_atomically(folder / WEIGHTS_NAME,
-                               lambda tmp: save_file(tensors, str(tmp), metadata=source.metadata),
-                               what="transformers weights file", durable=True)
+    weights = write_safetensors(folder / WEIGHTS_NAME, source.library_state(TRANSFORMERS_LAYOUT), source.metadata,
+                                what="transformers weights file")
     config = transformers_config(model.config.arch, model.config.num_classes, source.class_names,
                                  model.config.groups)
     written = [weights, write_json(folder / CONFIG_NAME, config, what="transformers config")]

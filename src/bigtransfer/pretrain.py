@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import rundir, upstream
+from .atomic import remove_file, write_json
 from .data.dataset import TransformedImages
 from .data.shards import ShardSet, ShardStream, is_shard_dir
 from .data.sources import Splits, load_source, report_skipped
@@ -32,7 +33,6 @@ from .train.checkpointing import (
     check_resumable,
     fingerprint_of,
     finished_summary,
-    write_json_atomic,
 )
 from .train.distributed import DistContext
 from .train.execution import ExecutionOptions
@@ -174,7 +174,7 @@ def run_pretrain(opts: PretrainOptions) -> dict:
 def _pretrain(opts: PretrainOptions, ctx: DistContext) -> dict:
     out = Path(opts.out)
     if opts.restart and ctx.is_main:
-        (out / "checkpoints" / "latest.safetensors").unlink(missing_ok=True)
+        remove_file(out / "checkpoints" / "latest.safetensors")
     ctx.barrier()
     resolution = opts.resolution or upstream.RESOLUTION
     data = open_upstream_data(opts, resolution)
@@ -197,8 +197,7 @@ def _pretrain(opts: PretrainOptions, ctx: DistContext) -> dict:
     probe = (TransferProbe(opts.probe_data, opts.probe_resolution or resolution, opts.probe_shots, ctx.device, bf16)
              if opts.probe_data else None)
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "config.json", {
+        write_json(out / "config.json", {
             **settings, "fingerprint": fingerprint, "world_size": ctx.world_size, "device": str(ctx.device),
             "precision": precision,
             "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}})
@@ -232,7 +231,7 @@ def _pretrain(opts: PretrainOptions, ctx: DistContext) -> dict:
     summary = {"final": metrics, "fewshot": probes.get(plan.steps, {}), "classes": len(data.classes),
                "train_images": data.size, "steps": plan.steps, "model": str(out / "final.safetensors")}
     if ctx.is_main:
-        write_json_atomic(out / "summary.json", summary)
+        write_json(out / "summary.json", summary)
     ctx.barrier()
     ctx.shutdown()
     return summary

@@ -23,7 +23,7 @@ from .models.foreign_config import timm_config, timm_model_name
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 TIMM_FOLDER = "timm"
-NOT_UPLOADED = [rundir.MARKER, rundir.LOCK]
+NOT_UPLOADED = [rundir.MARKER, rundir.LOCK, rundir.RECORD]
 
 
 def check_repo_id(repo: str) -> str:

@@ -9,7 +9,14 @@ by their contents (every entry a name we write, the main file in our format) and
 While a verb writes a folder it holds an exclusive lock on `.bigtransfer.lock`: a second
 process on the same folder stops at once with an error naming the holder (pid, host, start
 time). The kernel drops the lock when its holder dies, however it dies, so a lock left by a dead
-process is simply taken over. `--restart` deletes only the files we write, by name.
+process is simply taken over, and the temporary files the dead one left are removed.
+
+A folder is not ours if a symbolic link stands where we write a file or folder (or anywhere in
+a folder of ours): it is refused before anything is written (`atomic` refuses such links again
+at every write). A folder claimed new keeps a record of everything created in it
+(`.bigtransfer.written`); `clear` (--restart) deletes what is recorded and nothing else. Folders
+from before records were kept are cleared by name, conservatively: files we write and folders
+of ours, never a plain folder (it may be the user's).
 """
 
 from __future__ import annotations
@@ -20,16 +27,18 @@ import errno
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .atomic import write_json
+from . import atomic
+from .atomic import HIDDEN, LOCK, MARKER, RECORD, NotOurs, write_json
 from .errors import BigTransferError
 
-MARKER = ".bigtransfer.json"
-LOCK = ".bigtransfer.lock"
+__all__ = ["KINDS", "LOCK", "MARKER", "RECORD", "RunInUse", "check_claim", "check_new_file", "claim", "clear",
+           "exclusive", "maybe_owned", "owned"]
 MARKER_FORMAT = "bigtransfer-output-1"
 
 # What each kind of output folder may hold: entries written by the project (a trailing "/"
@@ -136,20 +145,25 @@ def check_claim(out: Path, kind: str, flag: str = "--out") -> bool:
     if kind not in KINDS:
         raise ValueError(f"unknown output kind {kind!r}")
     out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise BigTransferError(f"{flag} {out}: is a symbolic link to nothing; name a new or empty folder")
     if out.exists() and not out.is_dir():
         raise BigTransferError(f"{flag} {out}: exists and is not a folder; name a new or empty folder")
     if not out.is_dir():
         return False
+    _check_hidden(out, flag)
     marker = _marker(out)
     if marker is not None:
         if marker["kind"] != kind:
             raise BigTransferError(f"{flag} {out}: holds a bigtransfer {marker['kind']} output, not a {kind} "
                                    f"one; choose another folder")
+        _refuse_planted_links(out, kind, flag)
         return True
-    entries = sorted(e.name for e in out.iterdir() if e.name != LOCK)
+    entries = sorted(e.name for e in out.iterdir() if e.name not in HIDDEN)
     if not entries:
         return False
     if _legacy(out, kind, entries):
+        _refuse_planted_links(out, kind, flag)
         return True
     foreign = [e for e in entries if not _ours(out, kind, e)] or entries
     raise BigTransferError(
@@ -157,16 +171,69 @@ def check_claim(out: Path, kind: str, flag: str = "--out") -> bool:
         f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); name a new or empty folder")
 
 
-def claim(out: Path, kind: str, flag: str = "--out") -> Path:
-    """Create or adopt `out` as a `kind` output folder (see `check_claim`) and mark it as ours."""
+def _check_hidden(out: Path, flag: str) -> None:
+    """Our marker, record and lock: plain files of ours, or absent (never a link, a FIFO, a device,
+    a folder, or a hard link to a file that has other names)."""
+    for name in HIDDEN:
+        try:
+            st = os.lstat(out / name)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            raise NotOurs(f"{flag} {out}: {name!r} there is a symbolic link or not a plain file of ours; "
+                          "bigtransfer keeps its own marker, record and lock there, so the folder is not ours to "
+                          "write (remove it or choose another folder)")
+
+
+def _refuse_planted_links(out: Path, kind: str, flag: str) -> None:
+    """A symbolic link where a `kind` folder's verb writes, or anywhere inside a folder of ours
+    there, makes `out` not ours: refused before anything is written or deleted. What the folder's
+    record names counts as a name we write, whatever the kind."""
+    recorded = {e.split("/")[0] for e in atomic.read_record(out) or ()}
+    for entry in os.scandir(out):
+        if entry.name in HIDDEN:
+            continue
+        ours = entry.name in recorded or _ours(out, kind, entry.name)
+        if entry.is_symlink():
+            if ours:
+                raise NotOurs(f"{flag} {out}: {entry.name!r} there is a symbolic link where bigtransfer writes its "
+                              "own file or folder; the folder is not ours to write (remove the link or choose "
+                              "another folder)")
+        elif entry.is_dir(follow_symlinks=False) and ours:
+            link = _first_link(Path(entry.path))
+            if link is not None:
+                raise NotOurs(f"{flag} {out}: {str(link.relative_to(out))!r} there is a symbolic link inside a "
+                              "folder bigtransfer writes; the folder is not ours to write (remove the link or "
+                              "choose another folder)")
+
+
+def _first_link(folder: Path) -> Path | None:
+    for root, dirs, files in os.walk(folder):  # os.walk does not descend into links
+        for name in sorted(dirs + files):
+            if os.path.islink(os.path.join(root, name)):
+                return Path(root, name)
+    return None
+
+
+def claim(out: Path, kind: str, flag: str = "--out", *, clean: bool = True) -> Path:
+    """Create or adopt `out` as a `kind` output folder (see `check_claim`) and mark it as ours.
+
+    A folder marked here (new or empty) keeps a record of what is created in it. `clean`: remove
+    the temporary files dead writers left (`owned` does it once it holds the lock)."""
     out = Path(out)
     check_claim(out, kind, flag)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        atomic.make_folder(out)
         if not (out / MARKER).is_file():
+            if not any(e.name not in HIDDEN for e in out.iterdir()):
+                atomic.create_empty(out / RECORD)  # before the marker: a marked folder without one is from before
             write_json(out / MARKER, {"format": MARKER_FORMAT, "kind": kind, "created": _now()})
+    except NotOurs:
+        raise
     except OSError as err:
         raise BigTransferError(f"{flag} {out}: cannot create the folder ({err.strerror})") from None
+    if clean:
+        atomic.remove_orphans(out)
     return out
 
 
@@ -178,9 +245,10 @@ def _now() -> str:
 @contextlib.contextmanager
 def exclusive(out: Path, flag: str = "--out") -> Iterator[None]:
     """Hold `out`'s lock for the block; raises RunInUse naming the holder if another process has it."""
-    path = Path(out) / LOCK
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = atomic.open_lock(Path(out) / LOCK)
+    except NotOurs:
+        raise
     except OSError as err:
         raise BigTransferError(f"{flag} {out}: cannot create the lock file ({err.strerror})") from None
     try:
@@ -250,88 +318,126 @@ def owned(out: Path, kind: str, *, main: bool = True, agree: Callable[[bool], bo
         return
     with contextlib.ExitStack() as stack:
         try:
-            claim(out, kind, flag)
+            claim(out, kind, flag, clean=False)
             stack.enter_context(exclusive(out, flag))
         except BigTransferError:
             agree(False)
             raise
         agree(True)
+        atomic.remove_orphans(out, locked_since=time.time())  # one writer at a time: older temporaries are dead
         yield Path(out)
 
 
 # --------------------------------------------------------------------------- --restart
+_RUN_KINDS = ("finetune", "pretrain", "distill", "detect-train")
+
+
 def clear(out: Path, kind: str) -> list[Path]:
-    """Delete the files a `kind` folder's verb writes (by name; nothing else); returns what was kept.
+    """Delete what bigtransfer recorded as created in the `kind` folder `out`, nothing else;
+    returns what was kept (the user's files and folders).
 
-    `out` keeps its marker and lock; nested run folders of ours (the demo's pre-training and
-    fine-tuning runs) are cleared the same way and removed once empty."""
+    `out` keeps its marker, record and lock; nested output folders of ours (the demo's
+    pre-training and fine-tuning runs) are cleared by their own records and removed once empty.
+    A folder from before records were kept is cleared by name (see the module's docstring)."""
     out = Path(out)
-    kept: list[Path] = []
-    if check_claim(out, kind):
-        _clear_folder(out, kind, kept)
-    return kept
+    if not check_claim(out, kind):
+        return []
+    _clear(out, kind)
+    return _left_over(out)
 
 
-def _clear_folder(folder: Path, kind: str, kept: list[Path]) -> None:
-    for entry in sorted(folder.iterdir()):
-        if entry.name in (MARKER, LOCK):
+def _clear(folder: Path, kind: str) -> None:
+    record = atomic.read_record(folder)
+    if record is None:
+        _clear_by_name(folder, kind)
+        atomic.create_empty(folder / RECORD)  # from now on, what is created here is recorded
+        return
+    for entry in sorted(record, key=lambda e: (-len(e.rstrip("/").split("/")), e)):  # contents before folders
+        path = folder / entry
+        if not entry.endswith("/"):
+            with contextlib.suppress(NotOurs):  # a link or a folder at a recorded name: the user's now
+                atomic.remove_file(path)
+        elif not path.is_symlink() and _has_marker(path):
+            _clear_nested_output(path)
+        else:
+            atomic.remove_empty_folder(path)
+    left = sorted(e for e in record if os.path.lexists(folder / e))
+    atomic.write_text(folder / RECORD, "".join(json.dumps(e) + "\n" for e in left), what="record")
+
+
+def _has_marker(folder: Path) -> bool:
+    return (folder / MARKER).is_file() and not (folder / MARKER).is_symlink()
+
+
+def _clear_by_name(folder: Path, kind: str) -> None:
+    """A folder from before records were kept: the files a `kind` verb writes, by name, and the
+    runs of ours below it; a plain folder stays (it may be the user's)."""
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name in HIDDEN or entry.is_symlink() or not _ours(folder, kind, entry.name):
             continue
-        if not _ours(folder, kind, entry.name) or entry.is_symlink():
-            kept.append(entry)
-        elif not entry.is_dir():
-            entry.unlink()
-        elif entry.name in _RUN_FOLDERS and kind in ("finetune", "pretrain", "distill", "detect-train"):
-            _clear_patterns(entry, _RUN_FOLDERS[entry.name], kept)
-            _remove_if_empty(entry)
+        path = Path(entry.path)
+        if not entry.is_dir(follow_symlinks=False):
+            atomic.remove_file(path)
+        elif entry.name in _RUN_FOLDERS and kind in _RUN_KINDS:
+            for sub in os.scandir(path):
+                if sub.is_file(follow_symlinks=False) and any(Path(sub.name).match(p) for p in _RUN_FOLDERS[entry.name]):
+                    atomic.remove_file(Path(sub.path))
+            atomic.remove_empty_folder(path)
         else:
-            _clear_nested(entry, kept)
+            _clear_runs_below(path)
 
 
-def _clear_patterns(folder: Path, patterns: tuple[str, ...], kept: list[Path]) -> None:
-    for entry in folder.iterdir():
-        if entry.is_file() and any(entry.match(p) for p in patterns):
-            entry.unlink()
-        else:
-            kept.append(entry)
+def _clear_runs_below(folder: Path) -> None:
+    if _has_marker(folder) or _is_run(folder):
+        _clear_nested_output(folder)
+        return
+    for entry in os.scandir(folder):
+        if entry.is_dir(follow_symlinks=False):
+            _clear_runs_below(Path(entry.path))
 
 
-def _clear_nested(folder: Path, kept: list[Path]) -> None:
-    """A folder below an output folder: a run of ours is cleared, a plain folder searched for runs."""
+def _clear_nested_output(folder: Path) -> None:
+    """An output folder of ours inside the one being cleared: cleared under its own lock (a
+    process writing it stops the restart) and removed if nothing of the user's is left in it."""
     try:
         marker = _marker(folder)
     except BigTransferError:
         marker = None
-    kind = marker["kind"] if marker else "finetune" if _is_run(folder) else None
-    if kind is not None:
-        _clear_folder(folder, kind, kept)  # its marker stays while anything of the user's is left in it
-    else:
-        for entry in sorted(folder.iterdir()):
-            if entry.is_dir() and not entry.is_symlink():
-                _clear_nested(entry, kept)
-            else:
-                kept.append(entry)
-    _remove_if_empty(folder)
+    kind = marker["kind"] if marker and marker["kind"] in KINDS else "finetune"
+    with exclusive(folder):
+        _clear(folder, kind)
+        if any(e.name not in HIDDEN for e in os.scandir(folder)):
+            return
+        for name in HIDDEN:
+            atomic.remove_file(folder / name)
+    atomic.remove_empty_folder(folder)
 
 
-def _remove_if_empty(folder: Path) -> None:
-    """Remove `folder` if nothing but our marker and a released lock is left in it."""
-    if any(e.name not in (MARKER, LOCK) for e in folder.iterdir()):
-        return
-    if (folder / LOCK).exists():
-        with exclusive(folder):  # raises if another process is writing it: then it stays
-            (folder / LOCK).unlink()
-    (folder / MARKER).unlink(missing_ok=True)
-    folder.rmdir()
+def _left_over(out: Path) -> list[Path]:
+    """What is left in `out` besides our marker, record and lock: files, links and empty folders."""
+    left = []
+    for root, dirs, files in os.walk(out):
+        names = [n for n in files if n not in HIDDEN] + [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        left.extend(Path(root, n) for n in names)
+        if root != str(out) and not dirs and not os.listdir(root):
+            left.append(Path(root))
+    return sorted(left)
 
 
 # --------------------------------------------------------------------------- single files
 def check_new_file(path: Path, flag: str = "--out", overwrite: bool = False) -> Path:
     """An output file: refuse to replace an existing file unless `overwrite` (and never a folder)."""
     path = Path(path)
+    if path.is_symlink():
+        raise NotOurs(f"{flag} {path}: is a symbolic link{'' if path.exists() else ' to nothing'}; bigtransfer "
+                      "writes no file through a link: name the file itself")
     if path.is_dir():
         raise BigTransferError(f"{flag} {path}: is a folder; name the output file")
+    if path.exists() and not path.is_file():
+        raise BigTransferError(f"{flag} {path}: is not a plain file; name a new file")
     if path.exists() and not overwrite:
         raise BigTransferError(f"{flag} {path}: the file exists; pass --overwrite to replace it")
+    atomic.remove_dead_temps(path)  # of a writer killed while writing this file
     return path
 
 

@@ -27,13 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from . import rundir
+from .atomic import write_json
 from .data.cache import decoded_splits
 from .data.sources import Splits, load_source, stratified_split
 from .errors import BigTransferError
 from .evaluate.report import claim_out
 from .finetune import FinetuneOptions, check_options, make_plan, run_finetune
 from .rundir import RunInUse
-from .train.checkpointing import write_json_atomic
 
 RESIZE_RATIO = 160 / 128  # the HyperRule's resize/crop ratio
 
@@ -217,4 +217,4 @@ def _final_comparison(opts: SearchOptions, study, parts: dict[str, Splits]) -> N
     summary = {"best_trial": best.number, "best_params": best.params, "best_val_top1": best.value}
     for name, (finetune, data) in runs.items():
         summary[name] = run_finetune(finetune, splits=_prepared(opts, finetune, data))["final"]["top1"]
-    write_json_atomic(Path(opts.out) / "final.json", summary)
+    write_json(Path(opts.out) / "final.json", summary)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from torchvision.transforms import v2
 
+from ..atomic import write_atomically, write_text
 from ..errors import BigTransferError, BigTransferWarning
 from .images import IMAGE_ERRORS
 from .sources import ImageSet, Splits
@@ -105,26 +106,30 @@ def _load_or_decode(images: ImageSet, needed: np.ndarray, side: int, cache_dir: 
     stem = cache_dir / f"{side}px-{_cache_key(images, needed, side)}"
     array_path, sizes_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
     if not (array_path.is_file() and sizes_path.is_file()):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        # Decoded straight into the file (a big test split need not fit in memory), under a temporary
-        # name and renamed when complete: a killed process or two racing workers never leave half a cache.
-        tmp = array_path.with_name(f"{array_path.name}.{os.getpid()}.tmp")
-        target = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(needed), side, side, 3))
-        try:
-            _, sizes = _decode(images, needed, side, strict, progress, pixels=target)
-            target.flush()
-        except BaseException:
-            del target
-            tmp.unlink(missing_ok=True)
-            raise
-        del target
-        os.replace(tmp, array_path)
-        tmp = sizes_path.with_name(f"{sizes_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"origin": images.origin, "sizes": sizes}))
-        os.replace(tmp, sizes_path)
+        # Decoded straight into the file (a big test split need not fit in memory), written whole
+        # under a temporary name: a killed process or two racing workers never leave half a cache.
+        sizes: list = []
+        write_atomically(array_path, lambda fh: sizes.extend(_decode_into(fh, images, needed, side, strict, progress)),
+                         what="decoded image cache")
+        write_text(sizes_path, json.dumps({"origin": images.origin, "sizes": sizes}), what="decoded image cache")
     sizes = [tuple(s) for s in json.loads(sizes_path.read_text())["sizes"]]
     # Copy-on-write mapping: pages shared between processes, yet writable, which torch.from_numpy wants.
     return np.load(array_path, mmap_mode="c"), sizes
+
+
+def _decode_into(fh, images: ImageSet, needed: np.ndarray, side: int, strict: bool, progress: bool) -> list:
+    """Decode into `fh` as a .npy file, through a memory map of it; returns the original sizes."""
+    shape = (len(needed), side, side, 3)
+    np.lib.format.write_array_header_1_0(fh, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    fh.flush()
+    offset = fh.tell()
+    if hasattr(os, "posix_fallocate"):  # the space is taken now: a full disk is an error here, not a SIGBUS later
+        os.posix_fallocate(fh.fileno(), 0, offset + int(np.prod(shape)))
+    pixels = np.memmap(fh, dtype=np.uint8, mode="r+", offset=offset, shape=shape)
+    _, sizes = _decode(images, needed, side, strict, progress, pixels=pixels)
+    pixels.flush()
+    del pixels
+    return sizes
 
 
 def decoded_splits(splits: Splits, train_side: int, test_side: int, *, needed: Sequence[int] | None = None,

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from .. import rundir
+from ..atomic import flush_to_disk, write_image
 from ..errors import BigTransferError
 from .images import to_rgb
 
@@ -70,10 +71,10 @@ def _import(source: Path, dest: Path, image_column: str, label_column: str, prog
         for i, row in enumerate(tqdm(split, desc=f"{source.name}:{target}", unit="img", disable=not progress)):
             label = row[label_column]
             folder = dest / target / _safe_name(names[label] if names else str(label))
-            folder.mkdir(parents=True, exist_ok=True)
             image = row[image_column]
             if not hasattr(image, "save"):
                 raise BigTransferError(f"{source}: column {image_column!r} does not hold images")
-            to_rgb(image).save(folder / f"{i:07d}.png")
+            write_image(folder / f"{i:07d}.png", to_rgb(image), durable=False)  # one flush at the end
         written[target] = len(split)
+    flush_to_disk()
     return written

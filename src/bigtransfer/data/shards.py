@@ -87,8 +87,8 @@ def _write_split(images: ImageSet, out: Path, name: str, shard_size: int, progre
         for start in range(0, len(images), shard_size):
             items = range(start, min(start + shard_size, len(images)))
 
-            def write(tmp: Path, items: range = items) -> None:
-                with open(tmp, "wb") as stream, wds.TarWriter(stream) as sink:  # a file object: no URL opener
+            def write(stream, items: range = items) -> None:
+                with wds.TarWriter(stream) as sink:  # a file object: no URL opener
                     for i in items:
                         ext, data = _encoded(images, i)
                         sample = {"__key__": f"{i:09d}", ext: data, "cls": int(images.labels[i])}

@@ -347,7 +347,7 @@ def _run(opts: DedupOptions, out: Path) -> dict:
     summary["seconds"] = seconds
     summary["peak_memory_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     summary["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
-    from ..train.checkpointing import write_json_atomic
+    from ..atomic import write_json
 
-    write_json_atomic(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     return summary

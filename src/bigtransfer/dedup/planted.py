@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..atomic import write_image
+
 
 def planted_precision_recall(pairs_csv: Path, truth: set[tuple[str, str]]) -> dict:
     """Precision and recall of found (downstream path, upstream path) pairs against planted ones."""
@@ -33,9 +35,8 @@ def write_planted_set(root: Path, *, upstream_per_class: int = 100, classes: int
     # A folder of class folders: a downstream set without a test split counts all its images.
     for name, images, folder in (("up", upstream, root / "upstream"), ("test", test, root / "test")):
         for i in range(len(images)):
-            target = folder / images.classes[images.labels[i]]
-            target.mkdir(parents=True, exist_ok=True)
-            images.load(i).save(target / f"{name}{i:06d}.png")
+            write_image(folder / images.classes[images.labels[i]] / f"{name}{i:06d}.png", images.load(i),
+                        durable=False)  # test data, made again at will
     truth = set()
     for i in rng.choice(len(test), size=min(planted, len(test)), replace=False).tolist():
         image = test.load(i)
@@ -46,7 +47,6 @@ def write_planted_set(root: Path, *, upstream_per_class: int = 100, classes: int
         copy = copy.resize((max(8, round(copy.width * scale)), max(8, round(copy.height * scale))), Image.BILINEAR)
         label = test.classes[test.labels[i]]
         path = root / "upstream" / label / f"planted{i:06d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        copy.save(path, quality=int(rng.integers(40, 81)))
+        write_image(path, copy, durable=False, quality=int(rng.integers(40, 81)))
         truth.add((str(root / "test" / label / f"test{i:06d}.png"), str(path)))
     return truth

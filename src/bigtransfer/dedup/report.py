@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..atomic import write_csv, write_figure, write_text
 from ..data.images import IMAGE_ERRORS, load_rgb
-from ..evaluate.report import write_csv, write_text_atomic
 from .candidates import source_names
 
 STAGES = {
@@ -157,8 +157,10 @@ def _sheet_png(path: Path, groups, header: list[str], columns: int = 4) -> None:
                 ax.axis("off")
                 if side == 0:
                     ax.set_title(caption, fontsize=5.5, loc="left")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        write_figure(path, fig, dpi=100, what="contact sheet")
+    finally:
+        plt.close(fig)
 
 
 def _sheet_html(path: Path, groups, self_test, total: int) -> None:
@@ -179,7 +181,7 @@ def _sheet_html(path: Path, groups, self_test, total: int) -> None:
                  "your upstream images exactly like them, and discarded afterwards: what dedup finds of them is "
                  "what it is worth on your data.</p><table><tr><th>edit</th><th>planted</th><th>found</th>"
                  f"<th>recall</th><th>false pairs</th></tr>{body}</table>")
-    write_text_atomic(path, (
+    write_text(path, (
         "<!doctype html><html><head><meta charset='utf-8'><title>Near-duplicates</title><style>"
         "body{font-family:system-ui,sans-serif}figure{display:inline-block;margin:6px;text-align:center}"
         "img{width:96px;height:96px;object-fit:contain;border:1px solid #ccc;margin:1px;image-rendering:pixelated}"

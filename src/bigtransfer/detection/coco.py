@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from ..atomic import write_image, write_text
 from ..data.images import IMAGE_ERRORS, load_rgb
 from ..errors import BigTransferError
 
@@ -134,7 +135,6 @@ def write_rectangles(root: Path, images: int, *, size: int = 96, seed: int = 0,
     """A tiny COCO-format set: 1-3 coloured rectangles on noise per image; returns the json path."""
     colours = colours or {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 70, 230)}
     rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
     entries, annotations = [], []
     for i in range(images):
         pixels = rng.integers(0, 110, (size, size, 3), dtype=np.uint8)
@@ -145,9 +145,9 @@ def write_rectangles(root: Path, images: int, *, size: int = 96, seed: int = 0,
             pixels[y:y + h, x:x + w] = np.clip(np.array(list(colours.values())[c]) + rng.integers(-20, 20, 3), 0, 255)
             annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": c + 1,
                                 "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
-        Image.fromarray(pixels).save(root / f"{i:05d}.png")
+        write_image(root / f"{i:05d}.png", Image.fromarray(pixels), durable=False)  # test data
         entries.append({"id": i, "file_name": f"{i:05d}.png", "width": size, "height": size})
     path = root / "annotations.json"
-    path.write_text(json.dumps({"images": entries, "annotations": annotations,
-                                "categories": [{"id": k + 1, "name": n} for k, n in enumerate(colours)]}))
+    write_text(path, json.dumps({"images": entries, "annotations": annotations,
+                                 "categories": [{"id": k + 1, "name": n} for k, n in enumerate(colours)]}))
     return path

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .. import rundir
+from ..atomic import write_json, write_safetensors, write_text
 from ..data.sampler import ChunkSampler, StepBatches
 from ..errors import BigTransferError
 from ..inference import resolve_device
@@ -29,7 +30,6 @@ from ..train.checkpointing import (
     read_train_state,
     restore_train_state,
     save_train_state,
-    write_json_atomic,
 )
 from ..train.logbook import Logbook
 from ..train.schedule import LRSchedule
@@ -103,8 +103,7 @@ def _detect_train(opts: DetectOptions) -> dict:
     torch.manual_seed(opts.seed)  # the new heads' initialisation is part of the run
     model = build_retinanet(opts.model, train_set.num_classes, min_size=opts.resolution, max_size=opts.resolution,
                             fpn_channels=opts.fpn_channels).to(device)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "config.json", {**settings, "fingerprint": fingerprint, "body": model.backbone.body_config,
+    write_json(out / "config.json", {**settings, "fingerprint": fingerprint, "body": model.backbone.body_config,
                                             "options": {k: str(v) for k, v in asdict(opts).items()}})
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.0, momentum=opts.momentum, weight_decay=opts.weight_decay)
@@ -149,17 +148,15 @@ def _detect_train(opts: DetectOptions) -> dict:
             state, momentum = gather_train_state(model, optimizer, False)
             save_train_state(checkpoint, state, momentum, done, fingerprint)
     bar.close()
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "final.safetensors"),
-              metadata={"format": "bigtransfer-retinanet", "config": json.dumps(settings)})
+    write_safetensors(out / "final.safetensors", model.state_dict(),
+                      {"format": "bigtransfer-retinanet", "config": json.dumps(settings)}, what="detection model")
     metrics = evaluate_detector(model, val_set, device, batch=max(1, opts.batch), out=out,
                                 progress=opts.progress) if val_set else {}
     if metrics:
         logbook.log(p["steps"], "eval", **metrics)
     logbook.close()
     summary = {"final": metrics, "steps": p["steps"], "model": str(out / "final.safetensors")}
-    write_json_atomic(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     return summary
 
 
@@ -187,10 +184,7 @@ def evaluate_detector(model, coco: CocoSet, device: torch.device, *, batch: int 
                                        "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
                                        "score": round(score, 5)})
     if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        tmp = Path(out) / ".detections.json.tmp"
-        tmp.write_text(json.dumps(detections))  # the COCO results format: a plain list
-        tmp.replace(Path(out) / "detections.json")
+        write_text(Path(out) / "detections.json", json.dumps(detections), what="detections")  # COCO results: a list
     if not detections:
         return {name: 0.0 for name in COCO_STATS}
     import contextlib
@@ -234,5 +228,5 @@ def _detect_eval(run, data, images, *, device, batch, out, progress) -> dict:
     model.load_state_dict(state)
     metrics = evaluate_detector(model.to(dev), coco, dev, batch=batch, out=out, progress=progress)
     if out is not None:
-        write_json_atomic(Path(out) / "metrics.json", metrics)
+        write_json(Path(out) / "metrics.json", metrics)
     return metrics

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .. import rundir
+from ..atomic import write_json
 from ..data.cache import decoded, decoded_splits
 from ..data.dataset import TransformedImages
 from ..data.fewshot import sample_per_class
@@ -33,7 +34,6 @@ from ..data.transforms import eval_transform
 from ..errors import BigTransferError
 from ..finetune import FinetuneOptions, check_options, make_plan, prepare_data, run_finetune
 from ..rundir import RunInUse
-from ..train.checkpointing import write_json_atomic
 from .report import claim_out, collect_fewshot, write_fewshot_report
 
 FULL = "full"  # a "shot count" meaning the whole training split
@@ -204,5 +204,5 @@ def _linear_probe_baseline(opts: SweepOptions, splits: Splits, all_jobs: list[Jo
         done[job.name] = {"shots": job.shots, "seed": job.seed,
                           "top1": float((logits.argmax(1) == test_y).float().mean()),
                           "top5": float((top5 == test_y[:, None]).any(1).float().mean())}
-        write_json_atomic(path, done)
+        write_json(path, done)
 

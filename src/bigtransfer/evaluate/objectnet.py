@@ -349,16 +349,12 @@ def _to_objectnet_labels(images: ImageSet, boxes: list[Box | None], mapping: Res
 def write_objectnet(out: Path, result: dict) -> None:
     """`objectnet.json` (everything), `per_class_accuracy.csv` (class, top1, top5, images) and
     `report.html` in `out` (with `protocol.json`, so `bigtransfer report OUT` can rebuild the page)."""
-    from ..train.checkpointing import write_json_atomic
+    from ..atomic import write_csv, write_json
     from .report import write_objectnet_report
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "protocol.json", {"protocol": "objectnet", **result["settings"]})
-    write_json_atomic(out / "objectnet.json", result)
-    with open(out / "per_class_accuracy.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["class", "top1", "top5", "images"])
-        for name, n in result["per_class_images"].items():
-            writer.writerow([name, f"{result['per_class_accuracy'][name]:.6f}",
-                             f"{result['per_class_top5'][name]:.6f}", n])
+    write_json(out / "protocol.json", {"protocol": "objectnet", **result["settings"]})
+    write_json(out / "objectnet.json", result)
+    write_csv(out / "per_class_accuracy.csv", ["class", "top1", "top5", "images"],
+              ([name, f"{result['per_class_accuracy'][name]:.6f}", f"{result['per_class_top5'][name]:.6f}", n]
+               for name, n in result["per_class_images"].items()))
     write_objectnet_report(out, result)

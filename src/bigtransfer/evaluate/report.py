@@ -9,7 +9,6 @@ processes are still working on a sweep), and `write_*_report` writes `results.js
 from __future__ import annotations
 
 import base64
-import csv
 import functools
 import html
 import io
@@ -20,9 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import rundir
-from ..atomic import write_atomically, write_text
+from ..atomic import write_csv, write_json, write_text
 from ..errors import BigTransferError
-from ..train.checkpointing import write_json_atomic
 
 PROTOCOL_FILE = "protocol.json"
 
@@ -62,20 +60,6 @@ def page(title: str, sections: list[tuple[str, str]]) -> str:
     return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>\n" + "\n".join(parts)
             + "\n</body></html>\n")
-
-
-def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(header)
-            writer.writerows(rows)
-
-    write_atomically(path, write)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_text(path, text)
 
 
 def _pct(value: float | None) -> str:
@@ -133,7 +117,7 @@ def claim_out(out: Path, settings: dict) -> None:
             raise BigTransferError(f"--out {out} holds a {settings['protocol']} run with other settings "
                                    f"({', '.join(changed)}); use another --out to start a new one")
     rundir.claim(out, settings["protocol"])
-    write_json_atomic(path, settings)
+    write_json(path, settings)
 
 
 def _shot_order(shots) -> list:
@@ -234,7 +218,7 @@ def fewshot_figure(results: dict, title: str = ""):
 @tolerant
 def write_fewshot_report(out: Path, results: dict) -> Path:
     out = Path(out)
-    write_json_atomic(out / "results.json", results)
+    write_json(out / "results.json", results)
     write_csv(out / "results.csv", ["method", "examples_per_class", "seed", "top1", "top5"],
               [[r["method"], r["shots"], r["seed"], r["top1"], r.get("top5")] for r in results["runs"]])
     ft = results["protocol"]["finetune"]
@@ -244,7 +228,7 @@ def write_fewshot_report(out: Path, results: dict) -> Path:
             "logistic regression on the frozen pre-logits of the same draws.</p>")
     fig = fewshot_figure(results, f"{ft['model']} on {Path(str(ft['data'])).name}")
     path = out / "report.html"
-    write_text_atomic(path, page("Few-shot transfer", [
+    write_text(path, page("Few-shot transfer", [
         ("Accuracy vs examples per class", figure_html(fig, "few-shot accuracy") + note),
         ("Test top-1 over random draws", table_html(header, rows)),
     ]))
@@ -329,7 +313,7 @@ def write_vtab_report(out: Path, results: dict) -> Path:
     from .vtab_tasks import GROUP_OF
 
     out = Path(out)
-    write_json_atomic(out / "results.json", results)
+    write_json(out / "results.json", results)
     write_csv(out / "results.csv", ["task", "group", "split", "seed", "scored_on", "top1"],
               [[r["task"], r["group"], r["split"], r["seed"], r["scored_on"], r["top1"]] for r in results["runs"]])
     test = results["test"]
@@ -347,7 +331,7 @@ def write_vtab_report(out: Path, results: dict) -> Path:
     if test["tasks"]:
         sections.insert(0, ("Per task and group", figure_html(vtab_figure(results), "VTAB-1k scores")))
     path = out / "report.html"
-    write_text_atomic(path, page("VTAB-1k", sections))
+    write_text(path, page("VTAB-1k", sections))
     return path
 
 
@@ -412,7 +396,7 @@ def ablation_figure(results: dict, task: str):
 @tolerant
 def write_ablation_report(out: Path, results: dict) -> Path:
     out = Path(out)
-    write_json_atomic(out / "results.json", results)
+    write_json(out / "results.json", results)
     rows = [["upstream", "", norm, "", value] for norm, value in results["upstream_top1"].items()]
     rows += [["transfer", task, norm, k, value] for task, by_norm in results["transfer_top1"].items()
              for norm, medians in by_norm.items() for k, value in medians.items()]
@@ -431,7 +415,7 @@ def write_ablation_report(out: Path, results: dict) -> Path:
         sections.append((f"Table 5: transfer to {task} (median (min-max) test top-1 over {p['repeats']} draws)",
                          figure_html(ablation_figure(results, task), f"transfer to {task}") + tables))
     path = out / "report.html"
-    write_text_atomic(path, page("Normalisation ablation (BN / GN, with and without WS)", sections))
+    write_text(path, page("Normalisation ablation (BN / GN, with and without WS)", sections))
     return path
 
 
@@ -471,7 +455,7 @@ def write_objectnet_report(out: Path, result: dict) -> Path:
             + ("restricted to the mapped ILSVRC classes" if settings["restrict"] else "over all classes")
             + f" ({_e(settings['mapped_ilsvrc_classes'])} mapped onto {_e(settings['objectnet_classes'])}).</p>")
     path = Path(out) / "report.html"
-    write_text_atomic(path, page("ObjectNet evaluation", [
+    write_text(path, page("ObjectNet evaluation", [
         ("Summary", summary + note), ("Per class", figure_html(objectnet_figure(result), "ObjectNet per class")
                                       + table_html(["class", "top-1", "top-5", "images"], rows))]))
     return path
@@ -525,7 +509,7 @@ def search_figure(results: dict):
 @tolerant
 def write_search_report(out: Path, results: dict) -> Path:
     out = Path(out)
-    write_json_atomic(out / "results.json", results)
+    write_json(out / "results.json", results)
     names = list(results["protocol"]["space"])
     params = ["base_lr", "steps", "dropout", "l2_to_init", "mixup", "resolution"]
     write_csv(out / "results.csv", ["trial", "state", "val_top1", *params],
@@ -544,7 +528,7 @@ def write_search_report(out: Path, results: dict) -> Path:
                             table_html(["", "validation top-1", "test top-1 (retrained on train+val)"], rows)
                             + f"<h3>Best trial ({_e(final['best_trial'])})</h3>" + best))
     path = out / "report.html"
-    write_text_atomic(path, page("Hyper-parameter search (Supp. A)", sections))
+    write_text(path, page("Hyper-parameter search (Supp. A)", sections))
     return path
 
 
@@ -607,7 +591,7 @@ def distill_figure(results: dict):
 @tolerant
 def write_distill_report(out: Path, results: dict) -> Path:
     out = Path(out)
-    write_json_atomic(out / "results.json", results)
+    write_json(out / "results.json", results)
     write_csv(out / "results.csv", ["model", "top1", "top5", "examples", "run"],
               [[r["model"], r["top1"], r["top5"], r["examples"], r["run"]] for r in results["rows"]])
     p = results["protocol"]
@@ -619,7 +603,7 @@ def write_distill_report(out: Path, results: dict) -> Path:
     if results["rows"] or results["curve"]:
         sections.append(("Accuracy", figure_html(distill_figure(results), "distillation accuracy")))
     path = out / "report.html"
-    write_text_atomic(path, page("Distillation", sections))
+    write_text(path, page("Distillation", sections))
     return path
 
 

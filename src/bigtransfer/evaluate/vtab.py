@@ -131,15 +131,14 @@ def job_splits(opts: VtabOptions, splits: Splits, job: VtabJob) -> Splits:
 
 def write_split_record(opts: VtabOptions, task: str, splits: Splits) -> None:
     """OUT/<task>/splits.json: whether the 800/200 came from the folder or a seeded draw, and sizes."""
-    from ..train.checkpointing import write_json_atomic
+    from ..atomic import write_json
 
     parts = task_splits(opts, splits)
     record = {"source": parts["source"], "train800": len(parts["train800"]), "val200": len(parts["val200"]),
               "test": len(splits.test) if splits.test is not None else 0}
     if parts["source"] == "drawn":
         record["split_seed"] = opts.split_seed
-    (Path(opts.out) / task).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(opts.out) / task / "splits.json", record)
+    write_json(Path(opts.out) / task / "splits.json", record)
 
 
 def job_options(opts: VtabOptions, job: VtabJob) -> FinetuneOptions:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..atomic import write_atomically
+from ..atomic import write_safetensors
 from ..errors import BigTransferError
 from . import foreign_config, interop
 from .resnetv2 import FOREIGN_WS_EPS, NORMS, WS_EPS, ArchSpec, ModelConfig, ResNetV2
@@ -678,8 +678,6 @@ def save_checkpoint(
 
     `state_dict` replaces `model.state_dict()` (a sharded model's tensors, gathered whole).
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     config = model.config
     if class_names is not None and len(class_names) != config.num_classes:
@@ -704,8 +702,7 @@ def save_checkpoint(
     }
     source = model.state_dict() if state_dict is None else state_dict
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in source.items()}
-    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), what="weights file",
-                            durable=True)
+    return write_safetensors(path, tensors, metadata, what="weights file")
 
 
 def read_metadata(path: Path) -> dict:

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from ..atomic import RESUME_HINT, write_atomically, write_json
+from ..atomic import RESUME_HINT, write_safetensors
 from ..errors import BigTransferError
 
 FORMAT = "bigtransfer-train-state"
@@ -75,8 +74,7 @@ def save_train_state(path: Path, model_state: dict[str, torch.Tensor], optimizer
     tensors = {f"model/{k}": v.contiguous() for k, v in model_state.items()}
     tensors.update({f"optimizer/{k}": v.contiguous() for k, v in optimizer_state.items()})
     meta = {"format": FORMAT, "step": str(step), "fingerprint": fingerprint, "extra": json.dumps(extra or {})}
-    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), what=f"checkpoint of step {step}",
-                     hint=RESUME_HINT, durable=True)
+    write_safetensors(path, tensors, meta, what=f"checkpoint of step {step}", hint=RESUME_HINT)
 
 
 def read_train_state(path: Path, fingerprint: str) -> tuple[dict, dict, int, dict]:
@@ -201,7 +199,3 @@ def fingerprint_of(settings: dict) -> str:
 
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """JSON via a temporary file and a rename: readers never see half a file."""
-    write_json(path, data)

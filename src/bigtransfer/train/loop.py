@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..atomic import remove_file
 from ..data.mixup import mix, mixup_ratio
 from ..data.sampler import ChunkSampler, StepBatches
 from ..errors import BigTransferError
@@ -367,7 +368,7 @@ def train(
                 state, _ = gather_train_state(model, None, cfg.fsdp)
                 if ctx.is_main:
                     final.write(state)
-                    checkpoint.unlink(missing_ok=True)
+                    remove_file(checkpoint)
                 final_written = True
             if eval_data is not None:
                 final_metrics = evaluate(cfg.steps, logged=completed > start or final_written)
