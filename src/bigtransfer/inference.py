@@ -6,10 +6,15 @@ name or an authors' `.npz`. Class names and input resolution come from the file'
 
 from __future__ import annotations
 
-import csv
+import contextlib
+import io
 import json
+import os
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -24,6 +29,7 @@ from .errors import BigTransferError
 from .evaluate.metrics import ClassificationMeter
 from .models import checkpoint, zoo
 from .models.factory import create_model, resolve_weights
+from .safe_text import path_text, spreadsheet_writer
 
 DEFAULT_RESOLUTION = 224
 
@@ -171,12 +177,12 @@ def write_evaluation(out: Path, result: dict, meter: ClassificationMeter, class_
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     confusion = meter.confusion.numpy()
     with open(out / "confusion.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
+        writer = spreadsheet_writer(fh)
         writer.writerow(["true \\ predicted", *class_names])
         for name, row in zip(class_names, confusion):
             writer.writerow([name, *row.tolist()])
     with open(out / "per_class_accuracy.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
+        writer = spreadsheet_writer(fh)
         writer.writerow(["class", "accuracy", "examples"])
         for name, acc, n in zip(class_names, meter.per_class_accuracy(), confusion.sum(axis=1)):
             writer.writerow([name, f"{acc:.6f}", int(n)])
@@ -292,11 +298,34 @@ def embed(spec: str, inputs: list[str], out: Path, *, batch: int = 32, workers: 
     order = sorted(rows)
     width = predictor.model.num_features
     features = np.stack([rows[i].numpy() for i in order]) if order else np.zeros((0, width), np.float32)
-    npy.parent.mkdir(parents=True, exist_ok=True)
-    np.save(npy, features.astype(np.float32))
-    with open(index_csv, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["row", "path"])
-        writer.writerows((row, str(files[i])) for row, i in enumerate(order))
+    index = io.StringIO(newline="")
+    writer = spreadsheet_writer(index)
+    writer.writerow(["row", "path"])
+    writer.writerows((row, path_text(files[i])) for row, i in enumerate(order))
+    _write_together({npy: lambda fh: np.save(fh, features.astype(np.float32)),
+                     index_csv: lambda fh: fh.write(index.getvalue().encode("utf-8"))}, what="embedding")
     return {"features": str(npy), "index": str(index_csv), "shape": list(features.shape),
             "resolution": predictor.resolution, "unreadable": [str(p) for p in unreadable]}
+
+
+def _write_together(writers: dict[Path, Callable[[BinaryIO], object]], what: str) -> None:
+    """Several files as one: each written to a temporary name beside it, then all renamed into place;
+    if any write fails, none of the files is touched (a re-run is never blocked by half an output)."""
+    staged: dict[Path, Path] = {}
+    try:
+        for path, write in writers.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staged[path] = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            with open(staged[path], "xb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
+    except OSError as err:
+        raise BigTransferError(f"{path_text(next(iter(writers)))}: cannot write the {what} ({err.strerror or err}); "
+                               f"nothing was written") from None
+    finally:
+        for tmp in staged.values():
+            with contextlib.suppress(OSError):
+                tmp.unlink()

@@ -18,8 +18,9 @@ import warnings
 from collections.abc import Sequence
 
 from ..errors import BigTransferError, BigTransferWarning
+from ..safe_text import line as one_line
 from . import data, detection, protocols, training, using, weights
-from .common import READS_IMAGES
+from .common import PATH_ROLES, READS_IMAGES
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `ls | head -1`
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     """Our warnings (skipped images, ...) as one line a user reads as a warning, not a crash."""
     if issubclass(category, BigTransferWarning):
-        print(f"bigtransfer: warning: {message}", file=file or sys.stderr, flush=True)
+        print(f"bigtransfer: warning: {one_line(str(message))}", file=file or sys.stderr, flush=True)
     else:
         _default_show_warning(message, category, filename, lineno, file, line)
 
@@ -66,17 +67,50 @@ def _image_limit(max_pixels: int | None) -> None:
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
+def _flag(name: str) -> str:
+    """How --help names an argument: --out, or a positional's metavar (SOURCE, RUN_DIR, ...)."""
+    return name.upper() if name in ("images", "source", "dest", "run_dir") else "--" + name.replace("_", "-")
+
+
+def _check_paths_apart(args: argparse.Namespace) -> None:
+    """A verb's outputs may not overlap its inputs (see bigtransfer.overlap); checked before it runs."""
+    if args.verb not in PATH_ROLES:
+        return
+    from ..overlap import Named, check_apart, existing_paths
+
+    writes, scanned, read = PATH_ROLES[args.verb]
+    outputs = []
+    for name in writes:
+        if name == "ROOT/TASK":
+            outputs.append(Named("--root/--task", args.root / args.task))
+        elif getattr(args, name.split(".")[0]) is not None:
+            stem, _, suffix = name.partition(".")
+            path = getattr(args, stem)
+            outputs.append(Named(_flag(stem), path.with_suffix("." + suffix) if suffix else path))
+
+    def inputs(names):
+        return [found for name in names
+                for found in existing_paths(_flag(name.rstrip("*")), getattr(args, name.rstrip("*")),
+                                            listed=name.endswith("*"))]
+
+    check_apart(outputs, inputs(scanned), inputs(read))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verb in READS_IMAGES:
         _image_limit(args.max_pixels)
+    for stream in (sys.stdout, sys.stderr):  # a name that is not UTF-8 is printed escaped, never a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     previous, warnings.showwarning = warnings.showwarning, _show_warning
     try:
+        _check_paths_apart(args)
         code = args.run(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return code
     except BigTransferError as err:
-        print(f"bigtransfer: error: {err}", file=sys.stderr)
+        print(f"bigtransfer: error: {one_line(str(err))}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("bigtransfer: interrupted", file=sys.stderr)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BigTransferError, BigTransferWarning
+from ..safe_text import path_from_text, path_text, quoted, spreadsheet_value
 from .images import IMAGE_ERRORS, probe
 from .imageset import ImageSet, Splits
 
@@ -211,13 +212,13 @@ def warn_skipped(skipped: list[str], where, listed_in: Path | None = None) -> No
     """One warning for all the unreadable images of a source: the count and the first few names
     (and where the whole list was written, if it was)."""
     if skipped:
-        named = ", ".join(skipped[:NAMED_FIRST]) + (", ..." if len(skipped) > NAMED_FIRST else "")
+        named = ", ".join(map(path_text, skipped[:NAMED_FIRST])) + (", ..." if len(skipped) > NAMED_FIRST else "")
         where_all = f" (all {len(skipped)}: {listed_in})" if listed_in else ""
         warnings.warn(f"{where}: skipped {len(skipped)} unreadable image(s): {named}{where_all}", BigTransferWarning,
                       stacklevel=3)
 
 
-SKIPPED_LIST = "skipped_images.txt"  # a run's unreadable images, one per line
+SKIPPED_LIST = "skipped_images.txt"  # a run's unreadable images, one per line (safe_text.path_text)
 
 
 def report_skipped(run_dir: Path, skipped: list[str], where, warn: bool = True) -> None:
@@ -225,7 +226,7 @@ def report_skipped(run_dir: Path, skipped: list[str], where, warn: bool = True) 
     from ..atomic import write_text
 
     if skipped:
-        listed = write_text(Path(run_dir) / SKIPPED_LIST, "".join(f"{path}\n" for path in skipped),
+        listed = write_text(Path(run_dir) / SKIPPED_LIST, "".join(f"{path_text(path)}\n" for path in skipped),
                             what="list of skipped images")
         if warn:
             warn_skipped(skipped, where, listed_in=listed)
@@ -257,8 +258,8 @@ def manifest(csv_path: Path, *, strict: bool = False, progress: bool = True, sep
 
     def names_of(row) -> list[str]:
         if multilabel:
-            return [n.strip() for n in row[label_column].split(";") if n.strip()]
-        return [row["label"]] if row["label"] else []
+            return [spreadsheet_value(n.strip()) for n in row[label_column].split(";") if n.strip()]
+        return [spreadsheet_value(row["label"])] if row["label"] else []
 
     classes = _sorted_labels({name for row, _ in rows for name in names_of(row)})
     index = {name: i for i, name in enumerate(classes)}
@@ -272,9 +273,9 @@ def manifest(csv_path: Path, *, strict: bool = False, progress: bool = True, sep
         names = names_of(row)
         if not row["path"] or not names:
             raise BigTransferError(f"{csv_path} line {line}: empty path or label")
-        file = (csv_path.parent / row["path"]).expanduser()
-        if not file.is_file():
-            raise BigTransferError(f"{csv_path} line {line}: no such file {row['path']!r}")
+        file = _manifest_file(csv_path, row["path"])
+        if file is None:
+            raise BigTransferError(f"{csv_path} line {line}: no such file {quoted(row['path'])}")
         split = split_names.get(row.get("split", "train").lower() or "train") if has_split else "train"
         if split is None:
             raise BigTransferError(f"{csv_path} line {line}: unknown split {row['split']!r} (use train, val or test)")
@@ -290,6 +291,16 @@ def manifest(csv_path: Path, *, strict: bool = False, progress: bool = True, sep
     if "train" not in splits:
         raise BigTransferError(f"{csv_path}: no training rows")
     return Splits(splits["train"], splits.get("test"), skipped, val=splits.get("val"))
+
+
+def _manifest_file(csv_path: Path, cell: str) -> Path | None:
+    """The file a manifest's path cell names: as written, or as one of our CSV files renders a path
+    (upstream_filtered.csv: spreadsheet-guarded, unprintable characters backslash-escaped)."""
+    for text in dict.fromkeys((cell, path_from_text(spreadsheet_value(cell)))):
+        file = (csv_path.parent / text).expanduser()
+        if file.is_file():
+            return file
+    return None
 
 
 def _sorted_labels(labels: set[str]) -> list[str]:

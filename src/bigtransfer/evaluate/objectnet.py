@@ -45,6 +45,7 @@ from ..data.images import probe
 from ..data.sources import ImageSet, load_source
 from ..data.transforms import objectnet_transform
 from ..errors import BigTransferError, BigTransferWarning
+from ..safe_text import spreadsheet_writer
 
 Box = tuple[int, int, int, int]
 TOP_K = 5
@@ -356,7 +357,7 @@ def write_objectnet(out: Path, result: dict) -> None:
     write_json_atomic(out / "protocol.json", {"protocol": "objectnet", **result["settings"]})
     write_json_atomic(out / "objectnet.json", result)
     with open(out / "per_class_accuracy.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
+        writer = spreadsheet_writer(fh)
         writer.writerow(["class", "top1", "top5", "images"])
         for name, n in result["per_class_images"].items():
             writer.writerow([name, f"{result['per_class_accuracy'][name]:.6f}",

@@ -9,7 +9,6 @@ processes are still working on a sweep), and `write_*_report` writes `results.js
 from __future__ import annotations
 
 import base64
-import csv
 import functools
 import html
 import io
@@ -22,6 +21,7 @@ import numpy as np
 from .. import rundir
 from ..atomic import write_atomically, write_text
 from ..errors import BigTransferError
+from ..safe_text import spreadsheet_writer
 from ..train.checkpointing import write_json_atomic
 
 PROTOCOL_FILE = "protocol.json"
@@ -67,7 +67,7 @@ def page(title: str, sections: list[tuple[str, str]]) -> str:
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
+            writer = spreadsheet_writer(fh)
             writer.writerow(header)
             writer.writerows(rows)
 
