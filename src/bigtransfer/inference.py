@@ -29,7 +29,7 @@ from .errors import BigTransferError
 from .evaluate.metrics import ClassificationMeter
 from .models import checkpoint, zoo
 from .models.factory import create_model, resolve_weights
-from .safe_text import path_text, spreadsheet_writer
+from .safe_text import path_text, quoted, spreadsheet_writer
 
 DEFAULT_RESOLUTION = 224
 
@@ -167,7 +167,7 @@ def _align_labels(images: ImageSet, model_classes: list[str], data: str) -> Imag
     index = {name: i for i, name in enumerate(model_classes)}
     missing = [c for c in images.classes if c not in index]
     if missing:
-        raise BigTransferError(f"--data {data}: class {missing[0]!r} is not one of the model's classes")
+        raise BigTransferError(f"--data {data}: class {quoted(missing[0])} is not one of the model's classes")
     mapping = np.array([index[c] for c in images.classes], dtype=np.int64)
     return images.relabeled(model_classes, mapping[images.labels])
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .atomic import write_json
 from .errors import BigTransferError
+from .safe_text import load_json
 
 MARKER = ".bigtransfer.json"
 LOCK = ".bigtransfer.lock"
@@ -42,7 +43,7 @@ _PROTOCOL_FILES = ("protocol.json", "results.json", "results.csv", "report.html"
 
 def _json_has(path: Path, *keys: str) -> bool:
     try:
-        data = json.loads(path.read_text())
+        data = load_json(path.read_text())
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and all(k in data for k in keys)
@@ -55,7 +56,7 @@ def _is_run(folder: Path) -> bool:
 def _is_protocol(kind: str) -> Callable[[Path], bool]:
     def check(folder: Path) -> bool:
         try:
-            return json.loads((folder / "protocol.json").read_text()).get("protocol") == kind
+            return load_json((folder / "protocol.json").read_text()).get("protocol") == kind
         except (OSError, ValueError, AttributeError):
             return False
     return check
@@ -106,7 +107,7 @@ def _marker(folder: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
+        data = load_json(path.read_text())
     except (OSError, ValueError):
         raise BigTransferError(f"{path}: damaged marker file (not JSON); delete it if the folder is ours") from None
     if not isinstance(data, dict) or data.get("format") != MARKER_FORMAT or not isinstance(data.get("kind"), str):

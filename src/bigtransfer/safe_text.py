@@ -193,10 +193,10 @@ class JSONTooDeep(ValueError):
     """JSON nested deeper than Python's parser can follow."""
 
 
-def load_json(text: str | bytes) -> Any:
+def load_json(text: str | bytes, **options) -> Any:
     """`json.loads` of a user's file: too deep a nesting is a ValueError (as malformed JSON is)."""
     try:
-        return json.loads(text)
+        return json.loads(text, **options)
     except RecursionError:
         raise JSONTooDeep("JSON nested too deeply (thousands of levels)") from None
 

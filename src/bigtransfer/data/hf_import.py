@@ -84,14 +84,14 @@ def _import(source: Path, dest: Path, image_column: str, label_column: str, prog
         if target == "test" and name != "test" and "test" in splits:
             target = "validation"  # kept apart from the test split, not dropped
         if target is None:
-            raise BigTransferError(f"{source}: unknown split {name!r} (expected train, validation or test)")
+            raise BigTransferError(f"{source}: unknown split {quoted(name)} (expected train, validation or test)")
         chosen[target] = split
     if "train" not in chosen and "train800" not in chosen:
         raise BigTransferError(f"{source}: no 'train' split")
     for split in chosen.values():
         for column in (image_column, label_column):
             if column not in split.column_names:
-                raise BigTransferError(f"{source}: no column {column!r} (columns: {', '.join(split.column_names)}); "
+                raise BigTransferError(f"{source}: no column {quoted(column)} (columns: {', '.join(split.column_names)}); "
                                        "use --image-column/--label-column")
     folders = class_folders([name for split in chosen.values() for name in _class_names(split, label_column)])
     written = {}
@@ -103,7 +103,7 @@ def _import(source: Path, dest: Path, image_column: str, label_column: str, prog
             folder.mkdir(parents=True, exist_ok=True)
             image = row[image_column]
             if not hasattr(image, "save"):
-                raise BigTransferError(f"{source}: column {image_column!r} does not hold images")
+                raise BigTransferError(f"{source}: column {quoted(image_column)} does not hold images")
             to_rgb(image).save(folder / f"{i:07d}.png")
         written[target] = len(split)
     return written

@@ -87,7 +87,7 @@ def _builtin_params(spec: str, text: str, allowed: tuple[str, ...]) -> dict[str,
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key not in allowed or not value.lstrip("-").isdigit():
-            raise BigTransferError(f"--data {spec}: expected {', '.join(k + '=N' for k in allowed)}, got {item!r}")
+            raise BigTransferError(f"--data {spec}: expected {', '.join(k + '=N' for k in allowed)}, got {quoted(item)}")
         params[key] = int(value)
     return params
 
@@ -98,7 +98,7 @@ def _check_classes(images: ImageSet, spec: str) -> None:
         raise BigTransferError(f"--data {spec}: only one class ({images.classes}); classification needs two or more")
     empty = [images.classes[c] for c in np.flatnonzero(counts == 0)]
     if empty:
-        raise BigTransferError(f"--data {spec}: class {empty[0]!r} has no training images")
+        raise BigTransferError(f"--data {spec}: class {quoted(empty[0])} has no training images")
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +163,7 @@ def _scan_class_folders(folder: Path, known: list[str] | None = None) -> tuple[l
     if known is not None:
         unknown = sorted(set(classes) - set(known))
         if unknown:
-            raise BigTransferError(f"{folder}: class folder {unknown[0]!r} does not exist in the training split")
+            raise BigTransferError(f"{folder}: class folder {quoted(unknown[0])} does not exist in the training split")
         classes = known
     index = {name: i for i, name in enumerate(classes)}
     paths, labels = [], []
@@ -278,7 +278,7 @@ def manifest(csv_path: Path, *, strict: bool = False, progress: bool = True, sep
             raise BigTransferError(f"{csv_path} line {line}: no such file {quoted(row['path'])}")
         split = split_names.get(row.get("split", "train").lower() or "train") if has_split else "train"
         if split is None:
-            raise BigTransferError(f"{csv_path} line {line}: unknown split {row['split']!r} (use train, val or test)")
+            raise BigTransferError(f"{csv_path} line {line}: unknown split {quoted(row['split'])} (use train, val or test)")
         parts[split][0].append(str(file))
         parts[split][1].append(index[names[0]])
         parts[split][2].append(tuple(index[n] for n in names))
@@ -385,20 +385,20 @@ def _read_cifar_members(path: Path, names: list[str]) -> dict[str, dict]:
         raise BigTransferError(f"{path}: cannot read the CIFAR archive ({err})") from None
     missing = [n for n in names if n not in raw]
     if missing:
-        raise BigTransferError(f"{path}: cannot read CIFAR member {missing[0]!r} (not in the archive)")
+        raise BigTransferError(f"{path}: cannot read CIFAR member {quoted(missing[0])} (not in the archive)")
     batches = {}
     for name, data in raw.items():
         try:
             batches[name] = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
                 KeyError) as err:
-            raise BigTransferError(f"{path}: cannot read CIFAR member {name!r} ({err})") from None
+            raise BigTransferError(f"{path}: cannot read CIFAR member {quoted(name)} ({err})") from None
     return batches
 
 
 def _check_member_size(path: Path, name: str, size: int) -> None:
     if size > MAX_CIFAR_MEMBER:
-        raise BigTransferError(f"{path}: CIFAR member {name!r} is {size:,} bytes, more than a CIFAR batch can be "
+        raise BigTransferError(f"{path}: CIFAR member {quoted(name)} is {size:,} bytes, more than a CIFAR batch can be "
                                f"({MAX_CIFAR_MEMBER:,}); not a CIFAR archive")
 
 

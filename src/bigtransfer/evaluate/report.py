@@ -21,7 +21,7 @@ import numpy as np
 from .. import rundir
 from ..atomic import write_atomically, write_text
 from ..errors import BigTransferError
-from ..safe_text import spreadsheet_writer
+from ..safe_text import load_json, spreadsheet_writer
 from ..train.checkpointing import write_json_atomic
 
 PROTOCOL_FILE = "protocol.json"
@@ -90,8 +90,8 @@ def spread(values: list[float]) -> dict:
 def read_json(path: Path):
     """A results file's JSON; one clear error if it was damaged or edited into something else."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return load_json(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
         raise BigTransferError(f"{path}: not a readable JSON file ({err})") from None
 
 
