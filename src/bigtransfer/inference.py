@@ -29,7 +29,7 @@ from .errors import BigTransferError
 from .evaluate.metrics import ClassificationMeter
 from .models import checkpoint, zoo
 from .models.factory import create_model, resolve_weights
-from .safe_text import path_text, quoted, spreadsheet_writer
+from .safe_text import path_text, plot_text, quoted, spreadsheet_writer
 
 DEFAULT_RESOLUTION = 224
 
@@ -202,8 +202,9 @@ def plot_confusion(confusion: np.ndarray, class_names: list[str], path: Path) ->
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     if k <= 50:
-        ax.set_xticks(range(k), class_names, rotation=90)
-        ax.set_yticks(range(k), class_names)
+        labels = [plot_text(name) for name in class_names]
+        ax.set_xticks(range(k), labels, rotation=90)
+        ax.set_yticks(range(k), labels)
         if k <= 20:
             for (i, j), n in np.ndenumerate(confusion):
                 if n:

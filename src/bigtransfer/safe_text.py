@@ -11,7 +11,7 @@ files and model cards, and from there into other tools. Each rendering is decide
   formula in a spreadsheet): such a cell is written with a leading `'`, as spreadsheet-safe
   writers do; `spreadsheet_value` reads it back.
 - `markdown_text` / `markdown_code` / `markdown_fence`: a name shown in Markdown as text, never as
-  a heading, a link or raw HTML.
+  a heading, a link or raw HTML; `plot_text`: a name on a plot, never mathtext.
 - `load_json`: JSON from a user's file, where nesting a million levels deep is a ValueError like
   any other malformed JSON, not a RecursionError.
 """
@@ -104,6 +104,12 @@ def path_from_text(text: str) -> str:
         return {"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}[code]
 
     return _UNESCAPE.sub(original, text)
+
+
+def plot_text(text: Any, limit: int = 40) -> str:
+    """`text` as a matplotlib label: one printable line, and a `$` escaped so that it is never
+    parsed as mathtext (`$\\frac{$` as a class name would end the plot with a parse error)."""
+    return line(str(text), limit).replace("$", r"\$")
 
 
 # --------------------------------------------------------------------------- spreadsheets

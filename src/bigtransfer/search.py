@@ -14,8 +14,9 @@ that several workers on several machines share. A trial's fine-tuning run lives 
 OUT/trials/NNNN and checkpoints like any run. A worker that dies stops sending heartbeats; its
 trial is then marked failed and retried with the same settings in the same directory, so it
 resumes from its checkpoint instead of starting over. An SQLite file named by --storage must be
-new or a study database: one holding anything but Optuna's tables (or not SQLite at all, or an
-empty file) is refused before Optuna touches it.
+new or a study database: one holding anything but Optuna's tables, or a file that is not SQLite,
+is refused before Optuna touches it. (An empty file is an empty SQLite database, and is what a
+worker starting the same study a moment earlier leaves while it creates the tables: accepted.)
 """
 
 from __future__ import annotations
@@ -138,18 +139,17 @@ def check_storage(url: str | None) -> None:
     """--storage: an SQLite file must not exist yet, or be a database of Optuna's tables alone.
 
     Optuna would add its tables to any database it is pointed at (and then fail on one that is not
-    a study's), and would silently turn an empty file into a database."""
+    a study's)."""
     path = _sqlite_file(url)
     if path is None or not os.path.lexists(path):
         return
-    where = f"--storage {quoted(url)}"
+    where = "--storage"
     if not path.is_file():
         raise BigTransferError(f"{where}: {path_text(path)} is not a file")
     with open(path, "rb") as fh:
         header = fh.read(len(SQLITE_HEADER))
     if not header:
-        raise BigTransferError(f"{where}: {path_text(path)} is an empty file, not a study database; name a new file "
-                               f"(it is created) or an existing study's database")
+        return  # an empty database: SQLite's own, or a worker's that is creating the study now
     if header != SQLITE_HEADER:
         raise BigTransferError(f"{where}: {path_text(path)} is not an SQLite database; name a new file or an "
                                f"existing study's database")

@@ -298,8 +298,11 @@ def _manifest_file(csv_path: Path, cell: str) -> Path | None:
     (upstream_filtered.csv: spreadsheet-guarded, unprintable characters backslash-escaped)."""
     for text in dict.fromkeys((cell, path_from_text(spreadsheet_value(cell)))):
         file = (csv_path.parent / text).expanduser()
-        if file.is_file():
-            return file
+        try:
+            if file.is_file():
+                return file
+        except OSError:  # a name too long for the file system, ...: no such file
+            continue
     return None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,8 @@ def write_outputs(out: Path, *, found, cosines, tests, upstream, up_splits, up_r
     duplicates = set(found.pairs.upstream.tolist())
     kept = [j for j in range(len(upstream)) if j not in duplicates]
     write_csv(out / "upstream_filtered.csv", ["path", "label", "split"],
-              [[path_text(upstream.paths[j]), upstream.classes[upstream.labels[j]], up_splits[j]] for j in kept])
+              [[path_text(os.path.abspath(upstream.paths[j])), upstream.classes[upstream.labels[j]], up_splits[j]]
+               for j in kept])  # absolute: the file is a manifest, whose relative paths start at its own folder
     by_stage = {stage: sum(r["stage"] == stage for r in rows) for stage in STAGES}
     by_source: dict[str, int] = {}
     for r in rows:

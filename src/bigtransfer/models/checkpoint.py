@@ -697,8 +697,9 @@ def _exported_details(metadata: dict[str, str], num_classes: int | None, weights
         return {}
     try:
         block = load_json(metadata[BIGTRANSFER_KEY])
-    except ValueError:
-        block = None
+    except ValueError as err:
+        raise BigTransferError(f"{weights}: damaged bigtransfer metadata ({BIGTRANSFER_KEY} is not JSON: {err})") \
+            from None
     if not isinstance(block, dict):
         raise BigTransferError(f"{weights}: damaged bigtransfer metadata ({BIGTRANSFER_KEY} is not a JSON object)")
     details = {}
