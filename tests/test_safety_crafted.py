@@ -500,3 +500,12 @@ def test_dedup_and_training_runs_list_odd_names_one_per_line(tmp_path, tiny_mode
     listed = (tmp_path / "run" / "skipped_images.txt").read_text(encoding="utf-8").splitlines()
     assert len(listed) == 4 and all(line.endswith(("bad\\xff.png", "bad\\nname.png")) for line in listed)
     assert len([line for line in err.splitlines() if "skipped 4 unreadable" in line]) == 1
+
+
+def test_a_name_longer_than_the_file_system_allows_is_one_line(tmp_path, tiny_model, capsys):
+    long_name = str(tmp_path / ("x" * 5000))
+    for argv in (["info", long_name], ["predict", "--model", str(tiny_model), long_name],
+                 ["finetune", "--data", long_name, "--model", TINY, "--out", str(tmp_path / "run")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert one_line_error(err) and len(err) < 3000, err[:300]

@@ -12,6 +12,7 @@ reader of our output went away (`bigtransfer models | head -1`), which ends quie
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import warnings
@@ -19,10 +20,13 @@ from collections.abc import Sequence
 
 from ..errors import BigTransferError, BigTransferWarning
 from ..safe_text import line as one_line
+from ..safe_text import path_text
 from . import data, detection, protocols, training, using, weights
 from .common import PATH_ROLES, READS_IMAGES
 
 EXIT_USAGE = 2
+# What only a name the user gave can cause, wherever a path is first looked at: one line, not a traceback.
+USER_PATH_ERRORS = (errno.ENAMETOOLONG, errno.ELOOP)
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `ls | head -1`
 FAMILIES = (weights, training, using, protocols, data, detection)
 
@@ -111,6 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except BigTransferError as err:
         print(f"bigtransfer: error: {one_line(str(err))}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:
+        if err.errno not in USER_PATH_ERRORS:
+            raise
+        print(f"bigtransfer: error: {one_line(path_text(err.filename or '?'))}: {err.strerror}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("bigtransfer: interrupted", file=sys.stderr)
