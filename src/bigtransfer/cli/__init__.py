@@ -7,6 +7,8 @@ verbs share. Nothing is imported from the library until a verb runs, so `--help`
 Exit codes: 0 success, 2 bad arguments or bad input (one line naming the file or flag),
 1 internal failure (with a traceback, because that is a bug), 130 interrupted, 141 when the
 reader of our output went away (`bigtransfer models | head -1`), which ends quietly as `ls` does.
+Errors and warnings are one printable line of bounded length (safe_text.line), whatever they
+quote; before a verb runs, its outputs are checked apart from its inputs (overlap.py).
 """
 
 from __future__ import annotations
@@ -116,11 +118,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BigTransferError as err:
         print(f"bigtransfer: error: {one_line(str(err))}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as err:
-        if err.errno not in USER_PATH_ERRORS:
-            raise
-        print(f"bigtransfer: error: {one_line(path_text(err.filename or '?'))}: {err.strerror}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("bigtransfer: interrupted", file=sys.stderr)
         return 130
@@ -128,5 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Nobody reads any more: stop quietly, and keep Python from complaining when it flushes at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except OSError as err:  # after BrokenPipeError, one of its kind
+        if err.errno not in USER_PATH_ERRORS:
+            raise
+        print(f"bigtransfer: error: {one_line(path_text(err.filename or '?'))}: {err.strerror}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         warnings.showwarning = previous

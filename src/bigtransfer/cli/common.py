@@ -45,7 +45,7 @@ PATH_ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] 
     "export": (("out",), (), ("model",)),
     "push": (("to_folder",), (), ("run_dir",)),
     "fewshot": (("out",), ("data",), ("model", "weights")),
-    "vtab": (("out",), ("root",), ("model", "weights")),
+    "vtab": (("out",), (), ("root", "model", "weights")),  # reads ROOT/TASK of the tasks named, not ROOT
     "objectnet": (("out",), ("data",), ("model", "mapping", "boxes")),
     "ablation": (("out",), ("upstream", "downstream*"), ()),
     "search": (("out",), ("data",), ("model", "weights")),
