@@ -58,6 +58,11 @@ def _tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata()  # noqa: SIM118
 
 
+def _user_files(folder: Path) -> dict:
+    """Every file under `folder` but the test's model cache: what a refused command must leave as it was."""
+    return {k: v for k, v in snapshot(folder).items() if not k.startswith("cache/")}
+
+
 def _photo(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (32, 32), (200, 30, 30)).save(folder / "photo.png")
@@ -86,13 +91,14 @@ def test_deep_json_in_weights_metadata_and_configs_is_one_line(tiny_model, tmp_p
     (folder / "config.json").write_text(DEEP)
     cases.append((folder, "config.json"))
     photo = _photo(tmp_path / "photos")
+    before = _user_files(tmp_path)
     capsys.readouterr()
     for path, where in cases:
         for argv in (["info", path], ["predict", "--model", path, photo], ["convert", path, tmp_path / "c.safetensors"]):
             assert main([str(a) for a in argv]) == 2, (argv, where)
             err = capsys.readouterr().err
             assert one_line_error(err) and where in err and "nested too deeply" in err, err
-    assert not (tmp_path / "c.safetensors").exists()
+    assert _user_files(tmp_path) == before
 
 
 def test_deep_json_in_the_other_files_a_user_hands_in(tmp_path, tiny_model, capsys):
@@ -153,6 +159,7 @@ def test_tensors_that_are_not_floating_point_are_refused_by_every_verb(fmt, dtyp
     save_file(_retyped(tensors, dtype), str(target), metadata=meta)
     model = target if fmt != "transformers" else target.parent
     photo = _photo(tmp_path / "photos")
+    before = _user_files(tmp_path)
     capsys.readouterr()
     for argv in (["info", model], ["predict", "--model", model, photo], ["convert", model, tmp_path / "c.safetensors"],
                  ["embed", "--model", model, photo, "--out", tmp_path / "features"],
@@ -160,7 +167,7 @@ def test_tensors_that_are_not_floating_point_are_refused_by_every_verb(fmt, dtyp
         assert main([str(a) for a in argv]) == 2, argv
         err = capsys.readouterr().err
         assert one_line_error(err) and "not floating-point numbers" in err, (argv, err)
-    assert not [p for p in tmp_path.iterdir() if p.name in ("c.safetensors", "features.npy", "m.onnx")]
+    assert _user_files(tmp_path) == before
 
 
 @pytest.mark.parametrize("dtype", [np.int64, np.int8, np.bool_], ids=lambda d: np.dtype(d).name)
