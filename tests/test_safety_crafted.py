@@ -331,11 +331,12 @@ def big_png() -> bytes:
     return _blank_png(13000, 13000)
 
 
-def _ico(frames: list[bytes]) -> bytes:
-    """An ICO file whose directory entries say 256x256 and whose frames are the given PNG bytes."""
+def _ico(frames: list[bytes], declared: int = 0) -> bytes:
+    """An ICO file whose directory entries say `declared` pixels square (0: 256) and whose frames are
+    the given PNG bytes."""
     offset, entries = 6 + 16 * len(frames), b""
     for frame in frames:
-        entries += struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(frame), offset)
+        entries += struct.pack("<BBBBHHII", declared, declared, 0, 0, 1, 32, len(frame), offset)
         offset += len(frame)
     return struct.pack("<HHH", 0, 1, len(frames)) + entries + b"".join(frames)
 
@@ -373,7 +374,7 @@ def test_icons_wrapping_a_huge_png_are_refused_before_decoding(big_png, tmp_path
                                 check=False)
         verdict, peak_kib = result.stdout.splitlines()
         assert verdict.startswith("refused:") and int(peak_kib) * 1024 < 150 * MIB, (name, result.stdout, result.stderr)
-    (tmp_path / "good.ico").write_bytes(_ico([small]))  # an honest icon still reads
+    (tmp_path / "good.ico").write_bytes(_ico([small], declared=16))  # an honest icon still reads
     from bigtransfer.data.images import load_rgb
 
     assert load_rgb(tmp_path / "good.ico").size == (16, 16)
