@@ -22,7 +22,6 @@ deletes on --restart only what is recorded there.
 from __future__ import annotations
 
 import contextlib
-import csv
 import errno
 import hashlib
 import io
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from .errors import BigTransferError
+from .safe_text import spreadsheet_writer
 
 RESUME_HINT = "the previous checkpoint is intact: free space and re-run the same command to resume"
 MARKER = ".bigtransfer.json"  # an output folder bigtransfer claimed (see rundir)
@@ -250,31 +250,48 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object], *, what: s
     the file should be) become one BigTransferError naming `path`; the old file stays intact.
     `durable=False` skips the two fsyncs (still whole or absent after a crash of this process,
     not after a power cut): for bulk writers that call `flush_to_disk` once when done."""
-    path = Path(path)
-    try:
-        with open_folder(path.parent, create=True) as folder:
-            existing = folder.lstat(path.name)
-            _check_replaceable(path, existing)
-            tmp = temp_name(path.name)
-            fd = folder.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
-            try:
+    return write_together({Path(path): write}, what=what, hint=hint, durable=durable)[0]
+
+
+def write_together(writers: dict[Path, Callable[[BinaryIO], object]], *, what: str = "file", hint: str = "",
+                   durable: bool = True) -> list[Path]:
+    """Several files as one output: each filled under a temporary name beside it, and only when all
+    are whole are they renamed into place, so a failure leaves every one of them as it was (an
+    output of two files is never half there to block a re-run)."""
+    staged: list[tuple[Folder, Path, str | None, bool]] = []  # (folder, path, temporary, is new)
+    current = None
+    with contextlib.ExitStack() as stack:
+        try:
+            for path, write in writers.items():
+                current = path = Path(path)
+                folder = stack.enter_context(open_folder(path.parent, create=True))
+                existing = folder.lstat(path.name)
+                _check_replaceable(path, existing)
+                tmp = temp_name(path.name)
+                fd = folder.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
+                staged.append((folder, path, tmp, existing is None))
                 _fill(fd, write, durable)
-                if existing is None:
+            for i, (folder, path, tmp, new) in enumerate(staged):
+                current = path
+                if new:
                     folder.record(path.name)
                 os.replace(tmp, path.name, src_dir_fd=folder.fd, dst_dir_fd=folder.fd)
-                tmp = None
-                if durable:
+                staged[i] = (folder, path, None, new)
+            if durable:
+                for folder, *_ in staged:
                     folder.sync()
-            finally:
+        except NotOurs:
+            raise
+        except OSError as err:
+            reason = err.strerror or str(err)
+            raise BigTransferError(f"{current}: cannot write the {what} ({reason})"
+                                   + (f"; {hint}" if hint else "")) from None
+        finally:
+            for folder, _, tmp, _ in staged:
                 if tmp is not None:
                     with contextlib.suppress(OSError):
                         os.unlink(tmp, dir_fd=folder.fd)
-    except NotOurs:
-        raise
-    except OSError as err:
-        reason = err.strerror or str(err)
-        raise BigTransferError(f"{path}: cannot write the {what} ({reason})" + (f"; {hint}" if hint else "")) from None
-    return path
+    return [path for _, path, _, _ in staged]
 
 
 def _fill(fd: int, write: Callable[[BinaryIO], object], durable: bool) -> None:
@@ -309,15 +326,21 @@ def write_json(path: Path, data, what: str = "file") -> Path:
     return write_text(path, json.dumps(data, indent=2, default=str) + "\n", what)
 
 
-def write_csv(path: Path, header: Sequence, rows: Iterable[Sequence], what: str = "file") -> Path:
-    """A CSV file (a header row, then `rows`) into `path`, atomically."""
+def csv_writer(header: Sequence, rows: Iterable[Sequence]) -> Callable[[BinaryIO], None]:
+    """A writer of a CSV file (a header row, then `rows`) in UTF-8 whose text cells cannot start a
+    spreadsheet formula (see safe_text.spreadsheet_cell)."""
     def write(fh: BinaryIO) -> None:
         with io.TextIOWrapper(fh, encoding="utf-8", newline="") as text:
-            writer = csv.writer(text)
+            writer = spreadsheet_writer(text)
             writer.writerow(header)
             writer.writerows(rows)
 
-    return write_atomically(path, write, what=what)
+    return write
+
+
+def write_csv(path: Path, header: Sequence, rows: Iterable[Sequence], what: str = "file") -> Path:
+    """A CSV file (a header row, then `rows`) into `path`, atomically; spreadsheet-safe cells."""
+    return write_atomically(path, csv_writer(header, rows), what=what)
 
 
 def write_figure(path: Path, fig, dpi: int = 100, what: str = "figure") -> Path:

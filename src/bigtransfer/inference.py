@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import rundir
-from .atomic import write_csv, write_figure, write_npy, write_text
+from .atomic import csv_writer, write_csv, write_figure, write_text, write_together
 from .data.dataset import TransformedImages
 from .data.images import IMAGE_ERRORS, load_rgb
 from .data.sources import IMAGE_EXTENSIONS, ImageSet, load_source
@@ -24,6 +24,7 @@ from .errors import BigTransferError
 from .evaluate.metrics import ClassificationMeter
 from .models import checkpoint, zoo
 from .models.factory import create_model, resolve_weights
+from .safe_text import path_text, plot_text, quoted
 
 DEFAULT_RESOLUTION = 224
 
@@ -161,7 +162,7 @@ def _align_labels(images: ImageSet, model_classes: list[str], data: str) -> Imag
     index = {name: i for i, name in enumerate(model_classes)}
     missing = [c for c in images.classes if c not in index]
     if missing:
-        raise BigTransferError(f"--data {data}: class {missing[0]!r} is not one of the model's classes")
+        raise BigTransferError(f"--data {data}: class {quoted(missing[0])} is not one of the model's classes")
     mapping = np.array([index[c] for c in images.classes], dtype=np.int64)
     return images.relabeled(model_classes, mapping[images.labels])
 
@@ -190,8 +191,9 @@ def plot_confusion(confusion: np.ndarray, class_names: list[str], path: Path) ->
     image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     if k <= 50:
-        ax.set_xticks(range(k), class_names, rotation=90)
-        ax.set_yticks(range(k), class_names)
+        labels = [plot_text(name) for name in class_names]
+        ax.set_xticks(range(k), labels, rotation=90)
+        ax.set_yticks(range(k), labels)
         if k <= 20:
             for (i, j), n in np.ndenumerate(confusion):
                 if n:
@@ -288,7 +290,9 @@ def embed(spec: str, inputs: list[str], out: Path, *, batch: int = 32, workers: 
     order = sorted(rows)
     width = predictor.model.num_features
     features = np.stack([rows[i].numpy() for i in order]) if order else np.zeros((0, width), np.float32)
-    write_npy(npy, features.astype(np.float32), what="features")
-    write_csv(index_csv, ["row", "path"], ((row, str(files[i])) for row, i in enumerate(order)), what="index")
+    index_rows = ((row, path_text(files[i])) for row, i in enumerate(order))
+    write_together({npy: lambda fh: np.save(fh, features.astype(np.float32)),
+                    index_csv: csv_writer(["row", "path"], index_rows)}, what="embedding (features and index)")
     return {"features": str(npy), "index": str(index_csv), "shape": list(features.shape),
             "resolution": predictor.resolution, "unreadable": [str(p) for p in unreadable]}
+

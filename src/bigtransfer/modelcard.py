@@ -1,7 +1,9 @@
 """The model card (README.md) of a pushed run: what the model is, how it was made, how to load it.
 
 Everything in it comes from the run's own files (config.json, summary.json, final.safetensors'
-metadata) and the zoo's table of released weights; nothing is estimated or filled in.
+metadata) and the zoo's table of released weights; nothing is estimated or filled in. What came
+from a user (class names, the data's name, values in the run's files) is escaped (safe_text), so
+a name can add no heading, link or HTML to the card.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from . import __version__, hyperrule
 from .models import zoo
 from .models.hub import hub_copy
 from .models.resnetv2 import FOREIGN_WS_EPS, ArchSpec, parameter_count
+from .safe_text import markdown_code, markdown_fence, markdown_text
 
 MAX_LISTED_CLASSES = 100
 
@@ -56,10 +59,10 @@ def _front_matter(facts: CardFacts) -> str:
 
 def _title(facts: CardFacts) -> str:
     data = facts.config.get("data", "?")
-    return (f"# {facts.repo_id.split('/')[-1]}\n\n"
+    return (f"# {markdown_text(facts.repo_id.split('/')[-1])}\n\n"
             f"A BiT (Big Transfer, Kolesnikov et al., ECCV 2020) ResNet-v2 {facts.arch.name}, "
             f"{'fine-tuned' if facts.run_kind == 'finetune' else 'trained'} with "
-            f"bigtransfer {__version__} on `{data}` "
+            f"bigtransfer {__version__} on {markdown_code(data)} "
             f"({len(facts.class_names)} classes).")
 
 
@@ -86,7 +89,7 @@ def _upstream(facts: CardFacts) -> str:
         lines.append(f"- `{entry.name}`: {entry.description} ({entry.arch_name}, {entry.num_classes}-way head), "
                      f"the authors' release" + (f"; on the hub as `{copy.repo_id}`" if copy else ""))
     elif upstream:
-        lines.append(f"- `{upstream}` (not one of the authors' released files)")
+        lines.append(f"- {markdown_code(upstream)} (not one of the authors' released files)")
     else:
         lines.append("- none recorded: trained from a random initialisation")
     return "\n".join(lines)
@@ -104,8 +107,8 @@ def _plan(facts: CardFacts) -> str:
         title = f"## Training plan ({facts.run_kind})"
     settings = {k: facts.config.get(k) for k in ("examples_per_class", "seed", "freeze_until", "linear_probe")
                 if facts.config.get(k) not in (None, False)}
-    extra = f"\n\nAlso: {', '.join(f'{k}={v}' for k, v in settings.items())}." if settings else ""
-    return f"{title}\n\nFrom the run's config.json:\n\n```\n{described}\n```{extra}"
+    extra = f"\n\nAlso: {', '.join(markdown_text(f'{k}={v}') for k, v in settings.items())}." if settings else ""
+    return f"{title}\n\nFrom the run's config.json:\n\n{markdown_fence(described)}{extra}"
 
 
 def _results(facts: CardFacts) -> str:
@@ -116,7 +119,7 @@ def _results(facts: CardFacts) -> str:
     for key, value in final.items():
         shown = f"{value:.2%}" if key.startswith("top") and isinstance(value, float) else (
             f"{value:.4f}" if isinstance(value, float) else str(value))
-        rows.append(f"| {key} | {shown} |")
+        rows.append(f"| {markdown_text(key)} | {markdown_text(shown)} |")
     counts = [f"{facts.summary[k]} {k.replace('_', ' ')}" for k in ("train_examples", "test_examples", "steps")
               if k in facts.summary]
     return ("## Results\n\nOn the held-out split at the end of training (the run's summary.json"
@@ -125,7 +128,7 @@ def _results(facts: CardFacts) -> str:
 
 def _classes(facts: CardFacts) -> str:
     names = facts.class_names
-    shown = ", ".join(f"`{n}`" for n in names[:MAX_LISTED_CLASSES])
+    shown = ", ".join(markdown_code(n) for n in names[:MAX_LISTED_CLASSES])
     more = f", ... ({len(names) - MAX_LISTED_CLASSES} more: config.json's id2label has all)" \
         if len(names) > MAX_LISTED_CLASSES else ""
     return f"## Classes\n\n{len(names)} classes, in the head's order: {shown}{more}."
@@ -173,5 +176,5 @@ def _notes(facts: CardFacts) -> str:
     fingerprint = facts.config.get("fingerprint")
     return "\n".join(["## Notes", "",
                       f"- Written by `bigtransfer push` ({__version__}) from a {facts.run_kind} run"
-                      + (f" (fingerprint `{fingerprint}`)" if fingerprint else "") + ".",
+                      + (f" (fingerprint {markdown_code(fingerprint)})" if fingerprint else "") + ".",
                       f"- The same function in every format here: {eps}."])

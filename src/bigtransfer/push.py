@@ -10,7 +10,6 @@ with huggingface_hub (HF_ENDPOINT and HF_TOKEN / `hf auth login` apply), our mar
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from pathlib import Path
@@ -20,6 +19,7 @@ from .atomic import write_json, write_text
 from .errors import BigTransferError
 from .models import hub
 from .models.foreign_config import timm_config, timm_model_name
+from .safe_text import load_json
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 TIMM_FOLDER = "timm"
@@ -47,7 +47,7 @@ def read_run(run_dir: Path) -> tuple[Path, dict, dict, str]:
     loaded = {}
     for name in ("config.json", "summary.json"):
         try:
-            loaded[name] = json.loads(files[name].read_text())
+            loaded[name] = load_json(files[name].read_text())
         except (OSError, ValueError) as err:
             raise BigTransferError(f"{files[name]}: not readable JSON ({err})") from None
         if not isinstance(loaded[name], dict):
@@ -56,7 +56,7 @@ def read_run(run_dir: Path) -> tuple[Path, dict, dict, str]:
     kind = "finetune"
     if marker.is_file():
         try:
-            kind = json.loads(marker.read_text()).get("kind", kind)
+            kind = load_json(marker.read_text()).get("kind", kind)
         except (OSError, ValueError, AttributeError):
             raise BigTransferError(f"{marker}: damaged marker file") from None
     return files["final.safetensors"], loaded["config.json"], loaded["summary.json"], kind

@@ -36,6 +36,7 @@ from pathlib import Path
 from . import atomic
 from .atomic import HIDDEN, LOCK, MARKER, RECORD, NotOurs, write_json
 from .errors import BigTransferError
+from .safe_text import load_json
 
 __all__ = ["KINDS", "LOCK", "MARKER", "RECORD", "RunInUse", "check_claim", "check_new_file", "claim", "clear",
            "exclusive", "maybe_owned", "owned"]
@@ -51,7 +52,7 @@ _PROTOCOL_FILES = ("protocol.json", "results.json", "results.csv", "report.html"
 
 def _json_has(path: Path, *keys: str) -> bool:
     try:
-        data = json.loads(path.read_text())
+        data = load_json(path.read_text())
     except (OSError, ValueError):
         return False
     return isinstance(data, dict) and all(k in data for k in keys)
@@ -64,7 +65,7 @@ def _is_run(folder: Path) -> bool:
 def _is_protocol(kind: str) -> Callable[[Path], bool]:
     def check(folder: Path) -> bool:
         try:
-            return json.loads((folder / "protocol.json").read_text()).get("protocol") == kind
+            return load_json((folder / "protocol.json").read_text()).get("protocol") == kind
         except (OSError, ValueError, AttributeError):
             return False
     return check
@@ -115,7 +116,7 @@ def _marker(folder: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
+        data = load_json(path.read_text())
     except (OSError, ValueError):
         raise BigTransferError(f"{path}: damaged marker file (not JSON); delete it if the folder is ours") from None
     if not isinstance(data, dict) or data.get("format") != MARKER_FORMAT or not isinstance(data.get("kind"), str):

@@ -13,11 +13,15 @@ Optuna keeps the books: a study in an SQLite file under OUT by default, or any d
 that several workers on several machines share. A trial's fine-tuning run lives in
 OUT/trials/NNNN and checkpoints like any run. A worker that dies stops sending heartbeats; its
 trial is then marked failed and retried with the same settings in the same directory, so it
-resumes from its checkpoint instead of starting over.
+resumes from its checkpoint instead of starting over. An SQLite file named by --storage must be
+new or a study database: one holding anything but Optuna's tables, or a file that is not SQLite,
+is refused before Optuna touches it. (An empty file is an empty SQLite database, and is what a
+worker starting the same study a moment earlier leaves while it creates the tables: accepted.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import warnings
@@ -34,6 +38,7 @@ from .errors import BigTransferError
 from .evaluate.report import claim_out
 from .finetune import FinetuneOptions, check_options, make_plan, run_finetune
 from .rundir import RunInUse
+from .safe_text import path_text, quoted
 
 RESIZE_RATIO = 160 / 128  # the HyperRule's resize/crop ratio
 
@@ -122,6 +127,68 @@ def _optuna():
     return optuna
 
 
+# The tables Optuna keeps a study in (optuna/storages/_rdb/models.py, and alembic's version table).
+OPTUNA_TABLES = frozenset({"studies", "study_directions", "study_user_attributes", "study_system_attributes",
+                           "trials", "trial_user_attributes", "trial_system_attributes", "trial_params",
+                           "trial_values", "trial_intermediate_values", "trial_heartbeats", "version_info",
+                           "alembic_version"})
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_storage(url: str | None) -> None:
+    """--storage: an SQLite file must not exist yet, or be a database of Optuna's tables alone.
+
+    Optuna would add its tables to any database it is pointed at (and then fail on one that is not
+    a study's)."""
+    path = _sqlite_file(url)
+    if path is None or not os.path.lexists(path):
+        return
+    where = "--storage"
+    if not path.is_file():
+        raise BigTransferError(f"{where}: {path_text(path)} is not a file")
+    with open(path, "rb") as fh:
+        header = fh.read(len(SQLITE_HEADER))
+    if not header:
+        return  # an empty database: SQLite's own, or a worker's that is creating the study now
+    if header != SQLITE_HEADER:
+        raise BigTransferError(f"{where}: {path_text(path)} is not an SQLite database; name a new file or an "
+                               f"existing study's database")
+    foreign = sorted(set(_sqlite_tables(path, where)) - OPTUNA_TABLES)
+    if foreign:
+        raise BigTransferError(f"{where}: {path_text(path)} holds tables that are not an Optuna study's "
+                               f"({quoted(foreign[0])}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); "
+                               f"name a new file or a study's own database")
+
+
+def _sqlite_file(url: str | None) -> Path | None:
+    """The file an `sqlite://` storage URL names (None for another database or an in-memory one)."""
+    if not url or url.split(":", 1)[0].split("+", 1)[0] != "sqlite":
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        database = make_url(url).database
+    except (ArgumentError, ValueError):
+        raise BigTransferError(f"--storage {quoted(url)}: not a database URL") from None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser()
+
+
+def _sqlite_tables(path: Path, where: str) -> list[str]:
+    """The tables and views of an SQLite file, read without writing to it."""
+    import sqlite3
+    from urllib.parse import quote
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)) as db:
+            rows = db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')").fetchall()
+    except sqlite3.Error as err:
+        raise BigTransferError(f"{where}: {path_text(path)} is not a readable SQLite database ({err})") from None
+    return [name for (name,) in rows if not name.startswith("sqlite_")]
+
+
 def open_study(opts: SearchOptions):
     """The study, created or joined; stale trials of dead workers are failed and retried."""
     optuna = _optuna()
@@ -158,6 +225,7 @@ def run_search(opts: SearchOptions) -> dict:
     out = Path(opts.out)
     check_options(opts.finetune, check_out=False)
     rundir.check_claim(out, "search")
+    check_storage(opts.storage)
     splits = load_source(opts.finetune.data, val_fraction=opts.finetune.val_fraction, seed=opts.finetune.split_seed,
                          strict=opts.finetune.strict, progress=opts.finetune.progress)
     if opts.final and splits.test is None:

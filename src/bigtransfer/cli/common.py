@@ -34,6 +34,31 @@ def verb(subparsers, name: str, summary: str, examples: str) -> argparse.Argumen
     return p
 
 
+# What each verb writes and reads, by argument name, so that an output never overlaps an input
+# (bigtransfer.overlap): its outputs, the data folders it reads whole, and what it reads by name.
+# A name ending in "*" is a comma-separated list; "ROOT/TASK" is vtab-import's output.
+PATH_ROLES: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "convert": (("dest",), (), ("source",)),
+    "finetune": (("out",), ("data",), ("model", "weights")),
+    "pretrain": (("out",), ("data", "probe_data"), ("model",)),
+    "distill": (("out",), ("data",), ("teacher", "student", "compare")),
+    "evaluate": (("out",), ("data",), ("model",)),
+    "embed": (("out.npy", "out.csv"), ("images",), ("model",)),
+    "export": (("out",), (), ("model",)),
+    "push": (("to_folder",), (), ("run_dir",)),
+    "fewshot": (("out",), ("data",), ("model", "weights")),
+    "vtab": (("out",), (), ("root", "model", "weights")),  # reads ROOT/TASK of the tasks named, not ROOT
+    "objectnet": (("out",), ("data",), ("model", "mapping", "boxes")),
+    "ablation": (("out",), ("upstream", "downstream*"), ()),
+    "search": (("out",), ("data",), ("model", "weights")),
+    "pack": (("out",), ("data",), ()),
+    "vtab-import": (("ROOT/TASK",), ("hf",), ()),
+    "dedup": (("out",), ("upstream", "downstream*"), ("model",)),
+    "detect-train": (("out",), (), ("data", "val_data", "images", "val_images", "model")),
+    "detect-eval": (("out",), (), ("model", "data", "images")),
+}
+
+
 # --------------------------------------------------------------------------- value parsers
 def positive_int(text: str) -> int:
     try:

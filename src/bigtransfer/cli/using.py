@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from ..errors import BigTransferError
+from ..safe_text import line as one_line
+from ..safe_text import path_text
 from .common import (
     add_data_args,
     add_model_args,
@@ -61,12 +63,12 @@ def _run_predict(args) -> int:
         print(json.dumps({"predictions": results, "unreadable": [str(p) for p in unreadable]}, indent=2))
     else:
         for r in results:
-            print(r["path"])
+            print(path_text(r["path"]))
             for rank, pred in enumerate(r["predictions"], start=1):
-                print(f"  {rank}. {pred['label']:<30} {pred['probability']:7.2%}")
+                print(f"  {rank}. {one_line(pred['label']):<30} {pred['probability']:7.2%}")
     if unreadable:
         print(f"bigtransfer: warning: {len(unreadable)} unreadable image(s): "
-              f"{', '.join(map(str, unreadable[:5]))}", file=sys.stderr)
+              f"{', '.join(map(path_text, unreadable[:5]))}", file=sys.stderr)
     return 0
 
 
@@ -86,10 +88,10 @@ def _run_embed(args) -> int:
 
     result = embed(args.model, args.images, args.out, batch=args.batch, workers=args.workers, device=args.device,
                    resolution=args.resolution, progress=not args.quiet, overwrite=args.overwrite)
-    print(f"wrote {result['features']} {tuple(result['shape'])} and {result['index']}")
+    print(f"wrote {path_text(result['features'])} {tuple(result['shape'])} and {path_text(result['index'])}")
     if result["unreadable"]:
         print(f"bigtransfer: warning: skipped {len(result['unreadable'])} unreadable image(s): "
-              f"{', '.join(result['unreadable'][:5])}", file=sys.stderr)
+              f"{', '.join(map(path_text, result['unreadable'][:5]))}", file=sys.stderr)
     return 0
 
 

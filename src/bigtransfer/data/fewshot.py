@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BigTransferError
+from ..safe_text import quoted
 
 
 def sample_per_class(labels: np.ndarray, k: int, seed: int, classes: list[str] | None = None) -> np.ndarray:
@@ -19,7 +20,7 @@ def sample_per_class(labels: np.ndarray, k: int, seed: int, classes: list[str] |
         if len(members) < k:
             name = classes[c] if classes is not None else c
             raise BigTransferError(
-                f"--examples-per-class {k}: class {name!r} has only {len(members)} training image(s)"
+                f"--examples-per-class {k}: class {quoted(name)} has only {len(members)} training image(s)"
             )
         chosen.append(rng.choice(members, size=k, replace=False))
     return np.sort(np.concatenate(chosen))

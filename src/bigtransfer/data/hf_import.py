@@ -5,16 +5,23 @@ DEST/test/<class>/*.png, the layout every bigtransfer command reads (VTAB-1k tas
 A `validation` split becomes the test split when there is no `test` split; beside one, it is
 kept as DEST/validation/ (VTAB-1k's given val200). VTAB-1k's `train800`/`val200` splits keep
 their names; `train800val200` (their union) is not written again.
+
+A class name becomes a folder name usable on every OS; distinct names that would share a folder
+(`a/b` and `a?b`, `cat` and `cat!`, `Cat` and `cat` on a case-insensitive disk) each get a suffix
+from a hash of the name instead of being merged, and a warning says so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+import warnings
 from pathlib import Path
 
 from .. import rundir
 from ..atomic import flush_to_disk, write_image
-from ..errors import BigTransferError
+from ..errors import BigTransferError, BigTransferWarning
+from ..safe_text import quoted
 from .images import to_rgb
 
 SPLIT_TARGETS = {"train": "train", "test": "test", "validation": "test", "val": "test",
@@ -26,6 +33,28 @@ def _safe_name(name: str) -> str:
     """A class name usable as a folder name on every OS."""
     cleaned = re.sub(r"[^\w.+-]+", "_", name).strip("._")
     return cleaned or "_"
+
+
+def class_folders(names: list[str]) -> dict[str, str]:
+    """Each distinct class name's folder name: `_safe_name`, with a hash suffix for names that would
+    otherwise share a folder (compared case-insensitively); a warning names the first few."""
+    groups: dict[str, list[str]] = {}
+    for name in dict.fromkeys(names):
+        groups.setdefault(_safe_name(name).casefold(), []).append(name)
+    folders = {}
+    for members in groups.values():
+        for name in members:
+            digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+            folders[name] = _safe_name(name) if len(members) == 1 else f"{_safe_name(name)}-{digest}"
+    if len({f.casefold() for f in folders.values()}) != len(folders):
+        raise BigTransferError("class names that differ only in characters a folder name cannot hold collide "
+                               "even with a hash suffix; rename the classes")
+    shared = [name for members in groups.values() if len(members) > 1 for name in members]
+    if shared:
+        shown = ", ".join(f"{quoted(n)} -> {folders[n]}" for n in shared[:6])
+        warnings.warn(f"{len(shared)} class names would share a folder; each got a suffix instead: {shown}"
+                      + (", ..." if len(shared) > 6 else ""), BigTransferWarning, stacklevel=3)
+    return folders
 
 
 def import_hf_dataset(source: Path, dest: Path, *, image_column: str = "image", label_column: str = "label",
@@ -56,25 +85,32 @@ def _import(source: Path, dest: Path, image_column: str, label_column: str, prog
         if target == "test" and name != "test" and "test" in splits:
             target = "validation"  # kept apart from the test split, not dropped
         if target is None:
-            raise BigTransferError(f"{source}: unknown split {name!r} (expected train, validation or test)")
+            raise BigTransferError(f"{source}: unknown split {quoted(name)} (expected train, validation or test)")
         chosen[target] = split
     if "train" not in chosen and "train800" not in chosen:
         raise BigTransferError(f"{source}: no 'train' split")
-    written = {}
-    for target, split in chosen.items():
+    for split in chosen.values():
         for column in (image_column, label_column):
             if column not in split.column_names:
-                raise BigTransferError(f"{source}: no column {column!r} (columns: {', '.join(split.column_names)}); "
+                raise BigTransferError(f"{source}: no column {quoted(column)} (columns: {', '.join(split.column_names)}); "
                                        "use --image-column/--label-column")
-        feature = split.features[label_column]
-        names = getattr(feature, "names", None)  # a ClassLabel has names; plain ints/strings name themselves
+    folders = class_folders([name for split in chosen.values() for name in _class_names(split, label_column)])
+    written = {}
+    for target, split in chosen.items():
+        names = getattr(split.features[label_column], "names", None)  # a ClassLabel has names
         for i, row in enumerate(tqdm(split, desc=f"{source.name}:{target}", unit="img", disable=not progress)):
             label = row[label_column]
-            folder = dest / target / _safe_name(names[label] if names else str(label))
+            folder = dest / target / folders[names[label] if names else str(label)]
             image = row[image_column]
             if not hasattr(image, "save"):
-                raise BigTransferError(f"{source}: column {image_column!r} does not hold images")
+                raise BigTransferError(f"{source}: column {quoted(image_column)} does not hold images")
             write_image(folder / f"{i:07d}.png", to_rgb(image), durable=False)  # one flush at the end
         written[target] = len(split)
     flush_to_disk()
     return written
+
+
+def _class_names(split, label_column: str) -> list[str]:
+    """A split's class names: a ClassLabel's names, or the distinct values of a plain int/string column."""
+    names = getattr(split.features[label_column], "names", None)
+    return list(names) if names else [str(v) for v in split.unique(label_column)]

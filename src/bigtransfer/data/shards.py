@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .. import rundir
 from ..atomic import write_atomically, write_json
 from ..errors import BigTransferError, BigTransferWarning
+from ..safe_text import load_json, quoted
 from .dataset import seeded_cpu_rng
 from .images import IMAGE_ERRORS, load_rgb
 from .sources import ImageSet, Splits
@@ -116,7 +117,7 @@ class ShardSet:
         self.root = str(root).rstrip("/")
         index = Path(self.root) / META
         try:
-            meta = json.loads(index.read_text())
+            meta = load_json(index.read_text())
         except (OSError, ValueError) as err:
             raise BigTransferError(f"{index}: cannot read the shard index ({err})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -128,12 +129,12 @@ class ShardSet:
         for split, info in splits.items():
             shards = info.get("shards") if isinstance(info, dict) else None
             if not isinstance(shards, list) or not isinstance(info.get("count"), int) or info["count"] < 0:
-                raise BigTransferError(f"{index}: damaged shard index (split {split!r})")
+                raise BigTransferError(f"{index}: damaged shard index (split {quoted(split)})")
             for name in shards:
                 if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
-                    raise BigTransferError(f"{index}: shard name {name!r} is not a plain .tar file name")
+                    raise BigTransferError(f"{index}: shard name {quoted(name)} is not a plain .tar file name")
                 if not (Path(self.root) / name).is_file():
-                    raise BigTransferError(f"{index}: shard {name!r} is missing from {self.root}")
+                    raise BigTransferError(f"{index}: shard {quoted(name)} is missing from {self.root}")
         self.classes: list[str] = classes
         self.multilabel: bool = meta["multilabel"]
         self.splits = splits
@@ -153,7 +154,7 @@ def _decode(sample: dict, num_classes: int, multilabel: bool):
     rgb = load_rgb(data)
     if multilabel:
         hot = torch.zeros(num_classes, dtype=torch.uint8)
-        hot[json.loads(sample["labels.json"])] = 1
+        hot[load_json(sample["labels.json"])] = 1
         return rgb, hot
     return rgb, int(sample["cls"])
 

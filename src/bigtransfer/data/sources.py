@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BigTransferError, BigTransferWarning
+from ..safe_text import path_from_text, path_text, quoted, spreadsheet_value
 from .images import IMAGE_ERRORS, probe
 from .imageset import ImageSet, Splits
 
@@ -86,7 +87,7 @@ def _builtin_params(spec: str, text: str, allowed: tuple[str, ...]) -> dict[str,
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key not in allowed or not value.lstrip("-").isdigit():
-            raise BigTransferError(f"--data {spec}: expected {', '.join(k + '=N' for k in allowed)}, got {item!r}")
+            raise BigTransferError(f"--data {spec}: expected {', '.join(k + '=N' for k in allowed)}, got {quoted(item)}")
         params[key] = int(value)
     return params
 
@@ -97,7 +98,7 @@ def _check_classes(images: ImageSet, spec: str) -> None:
         raise BigTransferError(f"--data {spec}: only one class ({images.classes}); classification needs two or more")
     empty = [images.classes[c] for c in np.flatnonzero(counts == 0)]
     if empty:
-        raise BigTransferError(f"--data {spec}: class {empty[0]!r} has no training images")
+        raise BigTransferError(f"--data {spec}: class {quoted(empty[0])} has no training images")
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -162,7 +163,7 @@ def _scan_class_folders(folder: Path, known: list[str] | None = None) -> tuple[l
     if known is not None:
         unknown = sorted(set(classes) - set(known))
         if unknown:
-            raise BigTransferError(f"{folder}: class folder {unknown[0]!r} does not exist in the training split")
+            raise BigTransferError(f"{folder}: class folder {quoted(unknown[0])} does not exist in the training split")
         classes = known
     index = {name: i for i, name in enumerate(classes)}
     paths, labels = [], []
@@ -211,13 +212,13 @@ def warn_skipped(skipped: list[str], where, listed_in: Path | None = None) -> No
     """One warning for all the unreadable images of a source: the count and the first few names
     (and where the whole list was written, if it was)."""
     if skipped:
-        named = ", ".join(skipped[:NAMED_FIRST]) + (", ..." if len(skipped) > NAMED_FIRST else "")
+        named = ", ".join(map(path_text, skipped[:NAMED_FIRST])) + (", ..." if len(skipped) > NAMED_FIRST else "")
         where_all = f" (all {len(skipped)}: {listed_in})" if listed_in else ""
         warnings.warn(f"{where}: skipped {len(skipped)} unreadable image(s): {named}{where_all}", BigTransferWarning,
                       stacklevel=3)
 
 
-SKIPPED_LIST = "skipped_images.txt"  # a run's unreadable images, one per line
+SKIPPED_LIST = "skipped_images.txt"  # a run's unreadable images, one per line (safe_text.path_text)
 
 
 def report_skipped(run_dir: Path, skipped: list[str], where, warn: bool = True) -> None:
@@ -225,7 +226,7 @@ def report_skipped(run_dir: Path, skipped: list[str], where, warn: bool = True) 
     from ..atomic import write_text
 
     if skipped:
-        listed = write_text(Path(run_dir) / SKIPPED_LIST, "".join(f"{path}\n" for path in skipped),
+        listed = write_text(Path(run_dir) / SKIPPED_LIST, "".join(f"{path_text(path)}\n" for path in skipped),
                             what="list of skipped images")
         if warn:
             warn_skipped(skipped, where, listed_in=listed)
@@ -257,8 +258,8 @@ def manifest(csv_path: Path, *, strict: bool = False, progress: bool = True, sep
 
     def names_of(row) -> list[str]:
         if multilabel:
-            return [n.strip() for n in row[label_column].split(";") if n.strip()]
-        return [row["label"]] if row["label"] else []
+            return [spreadsheet_value(n.strip()) for n in row[label_column].split(";") if n.strip()]
+        return [spreadsheet_value(row["label"])] if row["label"] else []
 
     classes = _sorted_labels({name for row, _ in rows for name in names_of(row)})
     index = {name: i for i, name in enumerate(classes)}
@@ -272,12 +273,12 @@ def manifest(csv_path: Path, *, strict: bool = False, progress: bool = True, sep
         names = names_of(row)
         if not row["path"] or not names:
             raise BigTransferError(f"{csv_path} line {line}: empty path or label")
-        file = (csv_path.parent / row["path"]).expanduser()
-        if not file.is_file():
-            raise BigTransferError(f"{csv_path} line {line}: no such file {row['path']!r}")
+        file = _manifest_file(csv_path, row["path"])
+        if file is None:
+            raise BigTransferError(f"{csv_path} line {line}: no such file {quoted(row['path'])}")
         split = split_names.get(row.get("split", "train").lower() or "train") if has_split else "train"
         if split is None:
-            raise BigTransferError(f"{csv_path} line {line}: unknown split {row['split']!r} (use train, val or test)")
+            raise BigTransferError(f"{csv_path} line {line}: unknown split {quoted(row['split'])} (use train, val or test)")
         parts[split][0].append(str(file))
         parts[split][1].append(index[names[0]])
         parts[split][2].append(tuple(index[n] for n in names))
@@ -290,6 +291,19 @@ def manifest(csv_path: Path, *, strict: bool = False, progress: bool = True, sep
     if "train" not in splits:
         raise BigTransferError(f"{csv_path}: no training rows")
     return Splits(splits["train"], splits.get("test"), skipped, val=splits.get("val"))
+
+
+def _manifest_file(csv_path: Path, cell: str) -> Path | None:
+    """The file a manifest's path cell names: as written, or as one of our CSV files renders a path
+    (upstream_filtered.csv: spreadsheet-guarded, unprintable characters backslash-escaped)."""
+    for text in dict.fromkeys((cell, path_from_text(spreadsheet_value(cell)))):
+        file = (csv_path.parent / text).expanduser()
+        try:
+            if file.is_file():
+                return file
+        except OSError:  # a name too long for the file system, ...: no such file
+            continue
+    return None
 
 
 def _sorted_labels(labels: set[str]) -> list[str]:
@@ -374,20 +388,20 @@ def _read_cifar_members(path: Path, names: list[str]) -> dict[str, dict]:
         raise BigTransferError(f"{path}: cannot read the CIFAR archive ({err})") from None
     missing = [n for n in names if n not in raw]
     if missing:
-        raise BigTransferError(f"{path}: cannot read CIFAR member {missing[0]!r} (not in the archive)")
+        raise BigTransferError(f"{path}: cannot read CIFAR member {quoted(missing[0])} (not in the archive)")
     batches = {}
     for name, data in raw.items():
         try:
             batches[name] = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
                 KeyError) as err:
-            raise BigTransferError(f"{path}: cannot read CIFAR member {name!r} ({err})") from None
+            raise BigTransferError(f"{path}: cannot read CIFAR member {quoted(name)} ({err})") from None
     return batches
 
 
 def _check_member_size(path: Path, name: str, size: int) -> None:
     if size > MAX_CIFAR_MEMBER:
-        raise BigTransferError(f"{path}: CIFAR member {name!r} is {size:,} bytes, more than a CIFAR batch can be "
+        raise BigTransferError(f"{path}: CIFAR member {quoted(name)} is {size:,} bytes, more than a CIFAR batch can be "
                                f"({MAX_CIFAR_MEMBER:,}); not a CIFAR archive")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 
 from ..atomic import write_csv, write_figure, write_text
 from ..data.images import IMAGE_ERRORS, load_rgb
+from ..safe_text import path_text
 from .candidates import source_names
 
 STAGES = {
@@ -32,8 +34,8 @@ def pair_rows(found, cosines, tests, upstream) -> list[dict]:
     rows = []
     for k in order:
         i, j, v = int(found.pairs.test[k]), int(found.pairs.upstream[k]), found.verdicts
-        rows.append({"downstream": tests.spec(i), "downstream_path": tests.describe(i),
-                     "upstream_path": upstream.paths[j], "stage": str(found.stage[k]),
+        rows.append({"downstream": tests.spec(i), "downstream_path": path_text(tests.describe(i)),
+                     "upstream_path": path_text(upstream.paths[j]), "stage": str(found.stage[k]),
                      "proposed_by": source_names(int(found.pairs.sources[k])),
                      "residual": _rounded(v.residual[k], 3), "used": _rounded(v.used[k], 3),
                      "correlation": _rounded(v.correlation[k], 4), "scale": _rounded(v.scale[k], 2),
@@ -58,7 +60,8 @@ def write_outputs(out: Path, *, found, cosines, tests, upstream, up_splits, up_r
     duplicates = set(found.pairs.upstream.tolist())
     kept = [j for j in range(len(upstream)) if j not in duplicates]
     write_csv(out / "upstream_filtered.csv", ["path", "label", "split"],
-              [[upstream.paths[j], upstream.classes[upstream.labels[j]], up_splits[j]] for j in kept])
+              [[path_text(os.path.abspath(upstream.paths[j])), upstream.classes[upstream.labels[j]], up_splits[j]]
+               for j in kept])  # absolute: the file is a manifest, whose relative paths start at its own folder
     by_stage = {stage: sum(r["stage"] == stage for r in rows) for stage in STAGES}
     by_source: dict[str, int] = {}
     for r in rows:
@@ -69,7 +72,7 @@ def write_outputs(out: Path, *, found, cosines, tests, upstream, up_splits, up_r
     if self_test is not None:
         summary["self_test"] = {k: v for k, v in self_test.items() if k != "missed"}
         summary["self_test"]["missed"] = [
-            {"test_image": tests.describe(m["test"]), "edit": m["edit"]} for m in self_test["missed"]]
+            {"test_image": path_text(tests.describe(m["test"])), "edit": m["edit"]} for m in self_test["missed"]]
     return summary
 
 
@@ -121,7 +124,7 @@ def contact_sheet(out: Path, rows: list[dict], tests, upstream, self_test, plant
         for m in self_test["missed"][:per_stage]:
             missed.append((_thumbnail(lambda i=m["test"]: tests.load(i)),
                            _thumbnail(lambda c=m["copy"]: load_rgb(planted.blobs[c])),
-                           f"missed: {m['edit']}", Path(tests.describe(m["test"])).name))
+                           f"missed: {m['edit']}", Path(path_text(tests.describe(m["test"]))).name))
     groups.append((f"self-test copies that were not found ({len(self_test['missed']) if self_test else 0})", missed))
     _sheet_png(out / "contact_sheet.png", [(title, cells[:PNG_PER_STAGE]) for title, cells in groups],
                self_test_lines(self_test))

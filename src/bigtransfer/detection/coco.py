@@ -21,6 +21,7 @@ from torchvision.transforms.v2 import functional as TF
 from ..atomic import write_image, write_text
 from ..data.images import IMAGE_ERRORS, load_rgb
 from ..errors import BigTransferError
+from ..safe_text import load_json, quoted
 
 
 @dataclass
@@ -47,11 +48,13 @@ def read_coco(path: str | Path, image_root: str | Path | None = None) -> CocoSet
     """Read and check a COCO json file; images are looked up under `image_root` (default: its folder)."""
     path = Path(path).expanduser()
     try:
-        data = json.loads(path.read_text())
+        data = load_json(path.read_text())
     except (OSError, UnicodeDecodeError) as err:
         raise _fail(path, f"cannot read the annotations ({err})") from None
     except json.JSONDecodeError as err:
         raise _fail(path, f"not valid JSON (line {err.lineno}: {err.msg})") from None
+    except ValueError as err:  # nested too deeply
+        raise _fail(path, f"not valid JSON ({err})") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations",
                                                                                      "categories")):
         raise _fail(path, "expected a COCO object with 'images', 'annotations' and 'categories' lists")
@@ -73,13 +76,13 @@ def read_coco(path: str | Path, image_root: str | Path | None = None) -> CocoSet
         if not isinstance(ann, dict) or not {"image_id", "category_id", "bbox"} <= set(ann):
             raise _fail(path, f"{where}: needs image_id, category_id and bbox")
         if ann["image_id"] not in size_of:
-            raise _fail(path, f"{where}: image_id {ann['image_id']!r} is not among the images")
+            raise _fail(path, f"{where}: image_id {quoted(ann['image_id'])} is not among the images")
         if ann["category_id"] not in label_of:
-            raise _fail(path, f"{where}: category_id {ann['category_id']!r} is not among the categories")
+            raise _fail(path, f"{where}: category_id {quoted(ann['category_id'])} is not among the categories")
         bbox = ann["bbox"]
         if (not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox)
                 or not all(np.isfinite(bbox))):
-            raise _fail(path, f"{where}: bbox must be [x, y, width, height] numbers, got {bbox!r}")
+            raise _fail(path, f"{where}: bbox must be [x, y, width, height] numbers, got {quoted(bbox)}")
         x, y, w, h = (float(v) for v in bbox)
         width, height = size_of[ann["image_id"]]
         if w <= 0 or h <= 0 or x < 0 or y < 0 or x + w > width + 1 or y + h > height + 1:

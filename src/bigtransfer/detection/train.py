@@ -24,6 +24,7 @@ from ..atomic import write_json, write_safetensors, write_text
 from ..data.sampler import ChunkSampler, StepBatches
 from ..errors import BigTransferError
 from ..inference import resolve_device
+from ..safe_text import load_json
 from ..train.checkpointing import (
     fingerprint_of,
     gather_train_state,
@@ -212,9 +213,9 @@ def _detect_eval(run, data, images, *, device, batch, out, progress) -> dict:
 
     run = Path(run)
     try:
-        config = json.loads((run / "config.json").read_text())
+        config = load_json((run / "config.json").read_text())
         state = load_file(str(run / "final.safetensors"))
-    except (OSError, json.JSONDecodeError, SafetensorError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise BigTransferError(f"--model {run}: not a finished detection run ({err})") from None
     coco = read_coco(data, images)
     if coco.num_classes != config["num_classes"]:

@@ -45,6 +45,7 @@ from ..data.images import probe
 from ..data.sources import ImageSet, load_source
 from ..data.transforms import objectnet_transform
 from ..errors import BigTransferError, BigTransferWarning
+from ..safe_text import load_json, quoted
 
 Box = tuple[int, int, int, int]
 TOP_K = 5
@@ -72,14 +73,16 @@ def _mapping_from_json(text: str, path: Path) -> dict[str, list[str | int]]:
         seen = {}
         for key, value in pairs:
             if key in seen:
-                raise BigTransferError(f"{path}: key {key!r} appears twice")
+                raise BigTransferError(f"{path}: key {quoted(key)} appears twice")
             seen[key] = value
         return seen
 
     try:
-        raw = json.loads(text, object_pairs_hook=no_duplicates)
+        raw = load_json(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as err:
         raise BigTransferError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
+    except ValueError as err:  # nested too deeply
+        raise BigTransferError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(raw, dict):
         raise BigTransferError(f'{path}: expected an object {{"objectnet class": ["ilsvrc class", ...]}}')
     mapping: dict[str, list[str | int]] = {}
@@ -89,9 +92,9 @@ def _mapping_from_json(text: str, path: Path) -> dict[str, list[str | int]]:
             # bool is an int subclass, but `true` is no class index
             if isinstance(entry, bool) or not isinstance(entry, (str, int)) or entry == "":
                 raise BigTransferError(
-                    f"{path}: key {key!r}: {entry!r} is neither an ILSVRC class name nor an integer index")
+                    f"{path}: key {quoted(key)}: {quoted(entry)} is neither an ILSVRC class name nor an integer index")
         if not entries:
-            raise BigTransferError(f"{path}: key {key!r} maps to no ILSVRC class")
+            raise BigTransferError(f"{path}: key {quoted(key)} maps to no ILSVRC class")
         mapping[key] = list(entries)
     return mapping
 
@@ -151,12 +154,12 @@ def _head_index(entry: str | int, names: dict[str, int], n: int, key: str, where
             unnamed = list(names) == [str(i) for i in range(n)]
             hint = f" (the model has no class names; use indices 0..{n - 1})" if unnamed else ""
             raise BigTransferError(
-                f"{where}: ILSVRC class {entry!r} (for {key!r}) is not one of the model's {n} classes{hint}") from None
+                f"{where}: ILSVRC class {quoted(entry)} (for {quoted(key)}) is not one of the model's {n} classes{hint}") from None
     else:
         index = entry
     if not 0 <= index < n:
         raise BigTransferError(
-            f"{where}: ILSVRC index {entry!r} (for {key!r}) is outside the model's head (0..{n - 1})")
+            f"{where}: ILSVRC index {quoted(entry)} (for {quoted(key)}) is outside the model's head (0..{n - 1})")
     return index
 
 
@@ -186,7 +189,7 @@ def load_boxes(path: str | Path, images: ImageSet, root: str | Path) -> list[Box
                     unmatched.append(row["path"])
                     continue
                 if i in line_of:
-                    raise BigTransferError(f"{path} line {line}: a second box for {row['path']!r} "
+                    raise BigTransferError(f"{path} line {line}: a second box for {quoted(row['path'])} "
                                            f"(the first is on line {line_of[i]})")
                 line_of[i] = line
                 size = images.sizes[i] if images.sizes is not None else probe(images.paths[i])
@@ -194,7 +197,7 @@ def load_boxes(path: str | Path, images: ImageSet, root: str | Path) -> list[Box
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise BigTransferError(f"{path}: cannot read the boxes ({err})") from None
     if unmatched:
-        warnings.warn(f"{path}: {len(unmatched)} box row(s) name no image of the data (first: {unmatched[0]!r}); "
+        warnings.warn(f"{path}: {len(unmatched)} box row(s) name no image of the data (first: {quoted(unmatched[0])}); "
                       f"paths are relative to {root}", BigTransferWarning, stacklevel=2)
     return boxes
 
@@ -332,12 +335,12 @@ def _to_objectnet_labels(images: ImageSet, boxes: list[Box | None], mapping: Res
     if unmapped:
         if not skip_unmapped:
             raise BigTransferError(
-                f"--data {data}: class {unmapped[0]!r} is not in --mapping {mapping_file} ({len(unmapped)} of "
+                f"--data {data}: class {quoted(unmapped[0])} is not in --mapping {mapping_file} ({len(unmapped)} of "
                 f"{len(images.classes)} data classes are unmapped; --skip-unmapped drops their images)")
         mapped_labels = [i for i, c in enumerate(images.classes) if c in column]
         keep = np.flatnonzero(np.isin(images.labels, mapped_labels))
         warnings.warn(f"--data {data}: dropped {len(images) - len(keep)} image(s) of {len(unmapped)} class(es) "
-                      f"not in the mapping (first: {unmapped[0]!r})", BigTransferWarning, stacklevel=3)
+                      f"not in the mapping (first: {quoted(unmapped[0])})", BigTransferWarning, stacklevel=3)
     if not len(keep):
         raise BigTransferError(f"--data {data}: no images to evaluate" + (" of mapped classes" if unmapped else ""))
     to_column = np.array([column.get(c, -1) for c in images.classes], dtype=np.int64)

@@ -21,6 +21,7 @@ import numpy as np
 from .. import rundir
 from ..atomic import write_csv, write_json, write_text
 from ..errors import BigTransferError
+from ..safe_text import load_json
 
 PROTOCOL_FILE = "protocol.json"
 
@@ -74,8 +75,8 @@ def spread(values: list[float]) -> dict:
 def read_json(path: Path):
     """A results file's JSON; one clear error if it was damaged or edited into something else."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return load_json(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
         raise BigTransferError(f"{path}: not a readable JSON file ({err})") from None
 
 

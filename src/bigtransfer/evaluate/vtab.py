@@ -26,6 +26,7 @@ from ..data.sources import Splits, load_source
 from ..errors import BigTransferError
 from ..finetune import FinetuneOptions, check_options, run_finetune
 from ..rundir import RunInUse
+from ..safe_text import quoted
 from .vtab_tasks import (
     GROUP_OF,
     GROUPS,
@@ -81,9 +82,9 @@ class VtabJob:
 def tasks_present(opts: VtabOptions) -> list[str]:
     for task in opts.tasks:
         if task not in GROUP_OF:
-            raise BigTransferError(f"--tasks: unknown VTAB task {task!r} (known: {', '.join(TASKS)})")
+            raise BigTransferError(f"--tasks: unknown VTAB task {quoted(task)} (known: {', '.join(TASKS)})")
         if not (Path(opts.root) / task).exists():
-            raise BigTransferError(f"--root {opts.root}: no folder for task {task!r} (expected {opts.root}/{task}/)")
+            raise BigTransferError(f"--root {opts.root}: no folder for task {quoted(task)} (expected {opts.root}/{task}/)")
     return list(opts.tasks)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import re
 import struct
 import zipfile
@@ -27,8 +28,9 @@ from safetensors import SafetensorError, safe_open
 
 from ..atomic import write_safetensors
 from ..errors import BigTransferError
+from ..safe_text import load_json, quoted
 from . import foreign_config, interop
-from .resnetv2 import FOREIGN_WS_EPS, NORMS, WS_EPS, ArchSpec, ModelConfig, ResNetV2
+from .resnetv2 import FOREIGN_WS_EPS, NORMS, WS_EPS, ArchSpec, ModelConfig, ResNetV2, parse_arch
 
 FORMAT_TAG = "bigtransfer"
 DEFAULT_VALUE_RANGE = (-1.0, 1.0)
@@ -117,10 +119,45 @@ def weights_file(path: Path) -> Path:
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
+    """The archive, once its directory is known to be small enough to read (`_check_zip_directory`)."""
     try:
+        _check_zip_directory(path)
         return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as err:
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error) as err:
         raise BigTransferError(f"{path}: truncated or corrupt .npz ({err})") from None
+
+
+_END_OF_DIRECTORY = b"PK\x05\x06"  # the End Of Central Directory record: 22 bytes, then a comment
+_ZIP64_LOCATOR, _ZIP64_END = b"PK\x06\x07", b"PK\x06\x06"
+MAX_ZIP_COMMENT = 65535
+MAX_ARRAYS = 10_000  # the largest released file (R152x4) has about 500
+MAX_ZIP_DIRECTORY = 256 * MAX_ARRAYS  # bytes of central directory (a BiT member needs about 150)
+
+
+def _check_zip_directory(path: Path) -> None:
+    """Refuse an archive whose directory lists more members than a checkpoint holds, from the counts in
+    its End Of Central Directory record, before zipfile reads the whole directory (a small crafted
+    .npz can list a million members: seconds and hundreds of megabytes of ZipInfo objects)."""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        start = max(0, size - 22 - MAX_ZIP_COMMENT)
+        fh.seek(start)
+        tail = fh.read()
+        at = tail.rfind(_END_OF_DIRECTORY)
+        if at < 0 or len(tail) - at < 22:
+            raise zipfile.BadZipFile("no end of central directory record")
+        entries, directory_size = struct.unpack("<HI", tail[at + 10:at + 16])
+        if (entries == 0xFFFF or directory_size == 0xFFFFFFFF) and at >= 20 \
+                and tail[at - 20:at - 16] == _ZIP64_LOCATOR:
+            (zip64_end,) = struct.unpack("<Q", tail[at - 12:at - 4])
+            fh.seek(zip64_end)
+            record = fh.read(56)
+            if len(record) < 56 or record[:4] != _ZIP64_END:
+                raise zipfile.BadZipFile("damaged zip64 end of central directory record")
+            entries, directory_size = struct.unpack("<QQ", record[32:48])
+    if entries > MAX_ARRAYS or directory_size > MAX_ZIP_DIRECTORY:
+        raise BigTransferError(f"{path}: the archive lists {entries:,} members in a {directory_size:,}-byte directory, "
+                               f"more than any BiT checkpoint holds ({MAX_ARRAYS:,} arrays)")
 
 
 # --------------------------------------------------------------------------- reading files
@@ -134,9 +171,6 @@ class _NpyHeader:
     fortran: bool
 
 
-MAX_ARRAYS = 10_000  # the largest released file (R152x4) has about 500
-
-
 def npz_headers(path: Path) -> dict[str, _NpyHeader]:
     """Name -> declared shape and dtype of every array in a `.npz`, decompressing only the headers.
 
@@ -145,7 +179,7 @@ def npz_headers(path: Path) -> dict[str, _NpyHeader]:
     sniff_format(path)
     headers: dict[str, _NpyHeader] = {}
     try:
-        with zipfile.ZipFile(path) as archive:
+        with _open_zip(path) as archive:
             members = [m for m in archive.infolist() if m.filename.endswith(".npy")]
             if len(members) > MAX_ARRAYS:
                 raise BigTransferError(f"{path}: {len(members)} arrays, more than any BiT checkpoint holds")
@@ -153,7 +187,7 @@ def npz_headers(path: Path) -> dict[str, _NpyHeader]:
                 with archive.open(info) as fh:
                     shape, fortran, dtype = _read_npy_header(fh)
                 if dtype.hasobject or dtype.kind not in "fiu":
-                    raise BigTransferError(f"{path}: array {info.filename!r} holds {dtype}, not numbers")
+                    raise BigTransferError(f"{path}: array {quoted(info.filename)} holds {dtype}, not numbers")
                 headers[info.filename[: -len(".npy")]] = _NpyHeader(info.filename, shape, dtype, fortran)
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as err:
         raise BigTransferError(f"{path}: truncated or corrupt .npz ({err})") from None
@@ -175,7 +209,7 @@ def read_npz_arrays(path: Path, headers: dict[str, _NpyHeader], names: list[str]
     """The named arrays (whose headers the caller has checked), each read up to its declared size."""
     arrays = {}
     try:
-        with zipfile.ZipFile(path) as archive:
+        with _open_zip(path) as archive:
             for name in names:
                 with archive.open(headers[name].member) as fh:
                     arrays[name] = np.lib.format.read_array(fh, allow_pickle=False)
@@ -330,7 +364,7 @@ def _infer_from_npz(headers: dict[str, _NpyHeader], layout: str, path: Path) -> 
     _, root_key, head_bias_key = _LAYOUTS[layout]
     root = headers[root_key].shape
     if len(root) != 4 or root[:3] != (7, 7, 3) or not 0 < root[3] <= 64 * MAX_WIDTH:
-        raise BigTransferError(f"{path}: tensor {root_key!r} has shape {root}, expected a 7x7x3xC HWIO kernel")
+        raise BigTransferError(f"{path}: tensor {quoted(root_key)} has shape {quoted(root)}, expected a 7x7x3xC HWIO kernel")
     unit_re = re.compile(r"block(\d)/unit(\d+)/")
     units = [0, 0, 0, 0]
     for key in headers:
@@ -391,7 +425,7 @@ def summarize(path: Path) -> FileSummary:
     weights = weights_file(path)
     shapes, dtypes, metadata = _safetensors_layout(weights)
     if metadata.get("format") == FORMAT_TAG:
-        return _summary_from_safetensors(shapes, metadata, weights)
+        return _summary_from_safetensors(shapes, dtypes, metadata, weights)
     return _foreign(path, shapes, dtypes, metadata)[0]
 
 
@@ -399,8 +433,10 @@ MAX_RESOLUTION = 16384
 MAX_WS_EPS = 1e-3  # far above any library's (1e-10 .. 1e-6): anything larger is damage, not a choice
 
 
-def _summary_from_safetensors(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], path: Path) -> FileSummary:
-    """The architecture from our metadata, each field checked against sane bounds and the tensors."""
+def _summary_from_safetensors(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], metadata: dict[str, str],
+                              path: Path) -> FileSummary:
+    """The architecture from our metadata, each field checked against sane bounds and the tensors:
+    a file whose tensors are another architecture's (or not numbers) is refused, not described."""
     if metadata.get("format") != FORMAT_TAG:
         raise BigTransferError(
             f"{path}: a .safetensors file without bigtransfer metadata; "
@@ -419,23 +455,37 @@ def _summary_from_safetensors(shapes: dict[str, tuple[int, ...]], metadata: dict
     except (KeyError, ValueError) as err:
         raise damaged(str(err)) from None
     if not 0 < ws_eps <= MAX_WS_EPS:
-        raise damaged(f"ws_eps {metadata['ws_eps']!r}")
+        raise damaged(f"ws_eps {quoted(metadata['ws_eps'])}")
     if len(units) != 4 or not all(1 <= u <= MAX_UNITS for u in units):
-        raise damaged(f"units {metadata['units']!r}")
+        raise damaged(f"units {quoted(metadata['units'])}")
     if not 0 < width <= MAX_WIDTH or (64 * width) % 1:
-        raise damaged(f"width {metadata['width']!r}")
+        raise damaged(f"width {quoted(metadata['width'])}")
     if norm not in NORMS or not 1 <= groups <= 64 * width:
-        raise damaged(f"norm {norm!r}, groups {groups}")
+        raise damaged(f"norm {quoted(norm)}, groups {groups}")
     root = shapes.get("root.conv.weight")
     if root != (round(64 * width), 3, 7, 7):
-        raise damaged(f"width {width:g} but root.conv.weight has shape {root}")
+        raise damaged(f"width {width:g} but root.conv.weight has shape {quoted(root)}")
     head = shapes.get("head.bias")
     num_classes = head[0] if head is not None and len(head) == 1 else None
     if head is not None and declared_classes != num_classes:
-        raise damaged(f"num_classes {declared_classes} but head.bias has shape {head}")
+        raise damaged(f"num_classes {declared_classes} but head.bias has shape {quoted(head)}")
     summary = FileSummary(ArchSpec(units, width), num_classes, norm, groups, metadata, ws_eps)  # type: ignore[arg-type]
+    if "architecture" in metadata and _parsed_arch(metadata["architecture"]) != summary.arch:
+        raise damaged(f"architecture {quoted(metadata['architecture'])} but units and width say {summary.arch.name}")
+    try:  # the tensors must be the model the metadata describes
+        _check_safetensors_tensors(shapes, dtypes, _meta_state(summary), path)
+    except BigTransferError as err:
+        raise damaged(f"it describes {summary.arch.name} ({norm}), but {str(err).removeprefix(f'{path}: ')}") \
+            from None
     _decoded_metadata(summary, path)  # every JSON field must parse and fit the tensors
     return summary
+
+
+def _parsed_arch(name: str) -> ArchSpec | None:
+    try:
+        return parse_arch(name)
+    except BigTransferError:
+        return None
 
 
 def _decoded_metadata(summary: FileSummary, path: Path) -> dict:
@@ -445,11 +495,11 @@ def _decoded_metadata(summary: FileSummary, path: Path) -> dict:
         if key not in summary.metadata:
             continue
         try:
-            value = json.loads(summary.metadata[key])
-        except ValueError:
-            raise BigTransferError(f"{path}: damaged bigtransfer metadata ({key} is not JSON)") from None
+            value = load_json(summary.metadata[key])
+        except ValueError as err:
+            raise BigTransferError(f"{path}: damaged bigtransfer metadata ({key} is not JSON: {err})") from None
         if not _valid_field(key, value, summary.num_classes):
-            raise BigTransferError(f"{path}: damaged bigtransfer metadata ({key}: {summary.metadata[key][:80]!r})")
+            raise BigTransferError(f"{path}: damaged bigtransfer metadata ({key}: {quoted(summary.metadata[key])})")
         decoded[key] = value
     return decoded
 
@@ -489,10 +539,10 @@ def load_state_dict(path: Path, model: ResNetV2, load_head: bool) -> dict[str, t
         table = interop.name_table(expected, layout)
         tensors = read_safetensors(weights, [theirs for theirs, _ in table.values()])
         return {ours: interop.to_ours(tensors.pop(theirs), expected[ours]) for ours, (theirs, _) in table.items()}
-    summary = _summary_from_safetensors(shapes, metadata, weights)
+    summary = _summary_from_safetensors(shapes, dtypes, metadata, weights)
     _check_same_architecture(summary, model, path)
-    expected = _expected(model, load_head)
-    _check_safetensors_shapes(shapes, expected, weights)
+    expected = {k: v for k, v in model.state_dict().items() if load_head or not k.startswith("head.")}
+    _check_safetensors_tensors(shapes, dtypes, expected, weights)
     return read_safetensors(weights, list(expected))
 
 
@@ -511,11 +561,16 @@ def _check_same_architecture(summary: FileSummary, model: ResNetV2, path: Path) 
         )
 
 
-def _expected_shapes(summary: FileSummary) -> dict[str, torch.Size]:
-    """Every tensor a model of this summary holds (built on the meta device: no memory)."""
+def _meta_state(summary: FileSummary) -> dict[str, torch.Tensor]:
+    """Every tensor a model of this summary holds, shape and dtype (built on the meta device: no memory)."""
     with torch.device("meta"):
         model = ResNetV2(summary.model_config())
-    return _expected(model, load_head=summary.num_classes is not None)
+    return {k: v for k, v in model.state_dict().items() if summary.num_classes is not None or not k.startswith("head.")}
+
+
+def _expected_shapes(summary: FileSummary) -> dict[str, torch.Size]:
+    """Every tensor a model of this summary holds, by shape."""
+    return {k: v.shape for k, v in _meta_state(summary).items()}
 
 
 def _check_npz_shapes(path: Path, headers: dict[str, _NpyHeader], layout: str, arch: ArchSpec,
@@ -524,12 +579,15 @@ def _check_npz_shapes(path: Path, headers: dict[str, _NpyHeader], layout: str, a
     table = _LAYOUTS[layout][0](arch, "head.weight" in expected)
     for name, entry in table.items():
         if entry.file_key not in headers:
-            raise BigTransferError(f"{path}: missing tensor {entry.file_key!r} (needed for {name})")
+            raise BigTransferError(f"{path}: missing tensor {quoted(entry.file_key)} (needed for {name})")
         if not _shape_fits(headers[entry.file_key].shape, entry, expected[name]):
             raise BigTransferError(
-                f"{path}: tensor {entry.file_key!r} has shape {headers[entry.file_key].shape}, "
+                f"{path}: tensor {quoted(entry.file_key)} has shape {quoted(headers[entry.file_key].shape)}, "
                 f"expected {_expected_file_shape(entry, expected[name])}"
             )
+        if headers[entry.file_key].dtype.kind != "f":
+            raise BigTransferError(f"{path}: tensor {quoted(entry.file_key)} holds {headers[entry.file_key].dtype}, "
+                                   f"not floating-point numbers")
     return table
 
 
@@ -547,19 +605,27 @@ def _npz_state_dict(path: Path, headers: dict[str, _NpyHeader], layout: str, arc
     return converted
 
 
-def _check_safetensors_shapes(shapes: dict[str, tuple[int, ...]], expected: dict[str, torch.Size], path: Path) -> None:
+def _check_safetensors_tensors(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str],
+                               expected: dict[str, torch.Tensor], path: Path) -> None:
+    """Every tensor `expected` names is in the file with its shape and a dtype of its kind (floating-point
+    for weights; an integer for a BatchNorm's step counter), and the file holds nothing else but a head."""
     for name, target in expected.items():
         if name not in shapes:
-            raise BigTransferError(f"{path}: missing tensor {name!r}")
-        if shapes[name] != tuple(target):
-            raise BigTransferError(f"{path}: tensor {name!r} has shape {shapes[name]}, expected {tuple(target)}")
+            raise BigTransferError(f"{path}: missing tensor {quoted(name)}")
+        if shapes[name] != tuple(target.shape):
+            raise BigTransferError(f"{path}: tensor {quoted(name)} has shape {quoted(shapes[name])}, expected {tuple(target.shape)}")
+        allowed = _FLOAT_DTYPES if target.dtype.is_floating_point else _INT_DTYPES
+        if dtypes[name] not in allowed:
+            kind = "floating-point numbers" if target.dtype.is_floating_point else "integers"
+            raise BigTransferError(f"{path}: tensor {quoted(name)} holds {dtypes[name]}, not {kind}")
     unexpected = [k for k in shapes if k not in expected and not k.startswith("head.")]
     if unexpected:
-        raise BigTransferError(f"{path}: unexpected tensor {unexpected[0]!r}")
+        raise BigTransferError(f"{path}: unexpected tensor {quoted(unexpected[0])}")
 
 
 # --------------------------------------------------------------------------- timm / transformers
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+_INT_DTYPES = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"}
 BIGTRANSFER_KEY = "bigtransfer"  # our class names, resolution and provenance in an exported file's metadata
 
 
@@ -573,7 +639,7 @@ def _foreign(path: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, s
         first = next(iter(shapes), None)
         raise BigTransferError(
             f"{weights}: a .safetensors file without bigtransfer metadata that is not a timm or transformers BiT "
-            f"state dict either (first tensor {first!r}); save models with bigtransfer.save_checkpoint so the "
+            f"state dict either (first tensor {quoted(first)}); save models with bigtransfer.save_checkpoint so the "
             f"architecture is recorded")
     reason = interop.not_bit_reason(layout, set(shapes))
     if reason:
@@ -616,7 +682,7 @@ def _foreign_arch(weights: Path, layout: interop.Layout, shapes: dict[str, tuple
     """Units counted per stage, width from the root conv; bounded like any file's declarations."""
     root = shapes.get(layout.root_key)
     if root is None or len(root) != 4 or root[1:] != (3, 7, 7) or not 0 < root[0] <= 64 * MAX_WIDTH:
-        raise BigTransferError(f"{weights}: tensor {layout.root_key!r} has shape {root}, expected a Cx3x7x7 kernel")
+        raise BigTransferError(f"{weights}: tensor {quoted(layout.root_key)} has shape {quoted(root)}, expected a Cx3x7x7 kernel")
     units = interop.count_units(layout, shapes)
     if sorted(units) != [0, 1, 2, 3]:
         raise BigTransferError(f"{weights}: units in stages {sorted(units)}; BiT has four stages, 0 to 3")
@@ -630,9 +696,10 @@ def _exported_details(metadata: dict[str, str], num_classes: int | None, weights
     if BIGTRANSFER_KEY not in metadata:
         return {}
     try:
-        block = json.loads(metadata[BIGTRANSFER_KEY])
-    except ValueError:
-        block = None
+        block = load_json(metadata[BIGTRANSFER_KEY])
+    except ValueError as err:
+        raise BigTransferError(f"{weights}: damaged bigtransfer metadata ({BIGTRANSFER_KEY} is not JSON: {err})") \
+            from None
     if not isinstance(block, dict):
         raise BigTransferError(f"{weights}: damaged bigtransfer metadata ({BIGTRANSFER_KEY} is not a JSON object)")
     details = {}
@@ -641,7 +708,7 @@ def _exported_details(metadata: dict[str, str], num_classes: int | None, weights
         if value is None:
             continue
         if not _valid_field(key, value, num_classes):
-            raise BigTransferError(f"{weights}: damaged bigtransfer metadata ({key}: {str(value)[:80]!r})")
+            raise BigTransferError(f"{weights}: damaged bigtransfer metadata ({key}: {quoted(value)})")
         details[key] = value
     return details
 
@@ -652,16 +719,16 @@ def _check_foreign_tensors(weights: Path, shapes: dict[str, tuple[int, ...]], dt
     table = interop.name_table(_expected_shapes(summary), layout)
     for theirs, shape in table.values():
         if theirs not in shapes:
-            raise BigTransferError(f"{weights}: missing tensor {theirs!r} (a {summary.arch.name} BiT has it)")
+            raise BigTransferError(f"{weights}: missing tensor {quoted(theirs)} (a {summary.arch.name} BiT has it)")
         if shapes[theirs] != shape:
-            raise BigTransferError(f"{weights}: tensor {theirs!r} has shape {shapes[theirs]}, expected {shape} "
+            raise BigTransferError(f"{weights}: tensor {quoted(theirs)} has shape {quoted(shapes[theirs])}, expected {shape} "
                                    f"for {summary.arch.name}")
         if dtypes[theirs] not in _FLOAT_DTYPES:
-            raise BigTransferError(f"{weights}: tensor {theirs!r} holds {dtypes[theirs]}, not floating-point numbers")
+            raise BigTransferError(f"{weights}: tensor {quoted(theirs)} holds {dtypes[theirs]}, not floating-point numbers")
     known = {theirs for theirs, _ in table.values()}
     unexpected = [name for name in shapes if name not in known]
     if unexpected:
-        raise BigTransferError(f"{weights}: unexpected tensor {unexpected[0]!r} (not part of a "
+        raise BigTransferError(f"{weights}: unexpected tensor {quoted(unexpected[0])} (not part of a "
                                f"{summary.describe()} BiT model)")
 
 

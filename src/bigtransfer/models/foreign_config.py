@@ -9,10 +9,10 @@ BiT's ResNet-v2 is refused with the setting that decides it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import BigTransferError
+from ..safe_text import load_json, quoted
 from .resnetv2 import RELEASED_ARCHS, ArchSpec
 
 CONFIG_NAME = "config.json"
@@ -28,7 +28,7 @@ def read_json(path: Path, what: str = "config") -> dict:
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:
             raise BigTransferError(f"{path}: {size} bytes, larger than any {what} file can be")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = load_json(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise BigTransferError(f"{path}: not a readable JSON {what} ({err})") from None
     if not isinstance(data, dict):
@@ -69,20 +69,20 @@ def check_transformers(config: dict, arch: ArchSpec, num_classes: int | None, pa
         return BigTransferError(f"{path}: {reason}")
 
     if config.get("model_type") != "bit":
-        raise refuse(f"model_type is {config.get('model_type')!r}, not 'bit'")
+        raise refuse(f"model_type is {quoted(config.get('model_type'))}, not 'bit'")
     for key, (bit_value, why) in _BIT_SETTINGS.items():
         value = config.get(key, bit_value)
         if isinstance(value, str):
             value = value.lower()
         if value != bit_value:
-            raise refuse(f"{key}={value!r} computes a different function from BiT ({why}); "
-                         f"bigtransfer reads only {key}={bit_value!r}")
+            raise refuse(f"{key}={quoted(value)} computes a different function from BiT ({why}); "
+                         f"bigtransfer reads only {key}={quoted(bit_value)}")
     output_stride = config.get("output_stride", 32)
     if not isinstance(output_stride, int) or output_stride < 32:
-        raise refuse(f"output_stride={output_stride!r} dilates the last stages; BiT has output stride 32")
+        raise refuse(f"output_stride={quoted(output_stride)} dilates the last stages; BiT has output stride 32")
     width_factor = config.get("width_factor", 1)
     if not isinstance(width_factor, (int, float)) or not 0 < width_factor <= 64:
-        raise refuse(f"damaged config (width_factor {width_factor!r})")
+        raise refuse(f"damaged config (width_factor {quoted(width_factor)})")
     try:
         depths = [int(d) for d in config.get("depths", [3, 4, 6, 3])]
         embedding = int(config.get("embedding_size", 64))
@@ -177,13 +177,13 @@ def check_timm(config: dict, arch: ArchSpec, num_classes: int | None, path: Path
     name = config.get("architecture")
     expected = timm_model_name(arch)
     if not isinstance(name, str) or not name.endswith("_bit"):
-        raise BigTransferError(f"{path}: timm architecture {name!r} is not one of timm's BiT models (resnetv2_*_bit)")
+        raise BigTransferError(f"{path}: timm architecture {quoted(name)} is not one of timm's BiT models (resnetv2_*_bit)")
     if expected is not None and name != expected:
         raise BigTransferError(f"{path}: the config names {name}, but the tensors are {arch.name} ({expected})")
     pretrained = config.get("pretrained_cfg") if isinstance(config.get("pretrained_cfg"), dict) else {}
     declared = config.get("num_classes", pretrained.get("num_classes"))
     if num_classes is not None and declared is not None and declared != num_classes:
-        raise BigTransferError(f"{path}: the config says {declared!r} classes, the head has {num_classes}")
+        raise BigTransferError(f"{path}: the config says {quoted(declared)} classes, the head has {num_classes}")
     labels = config.get("label_names", pretrained.get("label_names"))
     if isinstance(labels, list):  # timm keeps a list, or a dict {index: name} where indices have gaps
         labels = {str(i): n for i, n in enumerate(labels)}

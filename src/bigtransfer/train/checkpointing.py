@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..atomic import RESUME_HINT, write_safetensors
 from ..errors import BigTransferError
+from ..safe_text import load_json
 
 FORMAT = "bigtransfer-train-state"
 
@@ -91,7 +92,7 @@ def read_train_state(path: Path, fingerprint: str) -> tuple[dict, dict, int, dic
             momentum = {k[len("optimizer/"):]: fh.get_tensor(k) for k in names if k.startswith("optimizer/")}
     except (SafetensorError, OSError) as err:
         raise BigTransferError(f"{path}: unreadable training checkpoint ({err}); pass --restart to start over") from None
-    return state, momentum, int(meta["step"]), json.loads(meta.get("extra") or "{}")
+    return state, momentum, int(meta["step"]), load_json(meta.get("extra") or "{}")
 
 
 DIFFERENT_SETTINGS = ("this run directory holds a run with different settings; re-run the original command to "
@@ -120,8 +121,8 @@ def finished_summary(run_dir: Path, fingerprint: str) -> dict | None:
     """The summary of a finished run with this fingerprint (nothing left to do), else None."""
     run_dir = Path(run_dir)
     try:
-        config = json.loads((run_dir / "config.json").read_text())
-        summary = json.loads((run_dir / "summary.json").read_text())
+        config = load_json((run_dir / "config.json").read_text())
+        summary = load_json((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
     done = isinstance(config, dict) and config.get("fingerprint") == fingerprint and isinstance(summary, dict)
@@ -141,7 +142,7 @@ class FinalWeights:
 
 def _fingerprint_in(metadata: dict | None) -> str | None:
     """The run fingerprint that a weights file's provenance metadata names, if any."""
-    provenance = json.loads((metadata or {}).get("provenance") or "{}")
+    provenance = load_json((metadata or {}).get("provenance") or "{}")
     return provenance.get("fingerprint") if isinstance(provenance, dict) else None
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..atomic import RESUME_HINT, make_folder, open_append, open_folder, write_text
 from ..errors import BigTransferError
+from ..safe_text import load_json
 
 
 class Logbook:
@@ -88,7 +89,7 @@ def _records(path: Path) -> list[dict]:
     with open(path, errors="replace") as fh:
         for line in fh:
             try:
-                record = json.loads(line)
+                record = load_json(line)
             except ValueError:
                 continue
             if isinstance(record, dict) and isinstance(record.get("step"), int):
