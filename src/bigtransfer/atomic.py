@@ -284,7 +284,8 @@ def write_together(writers: dict[Path, Callable[[BinaryIO], object]], *, what: s
             raise
         except OSError as err:
             reason = err.strerror or str(err)
-            raise BigTransferError(f"{current}: cannot write the {what} ({reason})"
+            untouched = "; nothing was written" if len(writers) > 1 else ""
+            raise BigTransferError(f"{current}: cannot write the {what} ({reason}){untouched}"
                                    + (f"; {hint}" if hint else "")) from None
         finally:
             for folder, _, tmp, _ in staged:
