@@ -132,7 +132,13 @@ def load_predictor(spec: str | Path, *, device: str = "auto", resolution: int | 
     model = create_model(summary.arch.name, weights=path, num_classes=summary.num_classes or 1)
     runner = None
     if choice.backend == "onnxruntime":
-        runner = runtime.OnnxForward(runtime.cached_onnx(model, path, size), size)
+        try:
+            runner = runtime.OnnxForward(runtime.cached_onnx(model, path, size), size)
+        except BigTransferError as err:
+            if backend != "auto":
+                raise
+            choice = runtime.Choice("torch", choice.precision, f"ONNX Runtime was the choice, but {err}")
+    if runner is not None:
         model = runtime.prepare_torch(model, "fp32")
     else:
         model = runtime.prepare_torch(model.to(dev), choice.precision)
