@@ -135,17 +135,24 @@ def test_a_full_disk_while_exporting_onnx_or_pt2_leaves_the_previous_export(good
 
 @pytest.mark.slow
 def test_onnx_weights_beyond_one_protobuf_go_to_a_data_file_written_whole(good, tmp_path, monkeypatch):
-    """Models over 1.5 GB keep their weights in OUT.data (ONNX external data); tried here on the
-    tiny model with the threshold lowered, and run by onnxruntime against PyTorch."""
-    pytest.importorskip("onnxruntime")
-    from bigtransfer import export
+    """Models over 1.8 GB keep their weights in OUT.data (ONNX external data); tried here on the
+    tiny model with the threshold lowered, and the exported file run by onnxruntime against PyTorch."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from bigtransfer import export, runtime
+    from bigtransfer.inference import load_model
 
-    monkeypatch.setattr(export, "ONNX_INLINE_LIMIT", 0)
+    monkeypatch.setattr(runtime, "MAX_PROTOBUF_BYTES", 0)
     out = tmp_path / "big.onnx"
     report = export.export(str(good.model), out)
     assert report["max_abs_diff_vs_pytorch"] < 1e-4
     assert (tmp_path / "big.onnx.data").stat().st_size > 1 << 20 > out.stat().st_size
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "big.onnx.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data", "big.onnx.json", "big.onnx.md"]
+    loaded = load_model(str(good.model), torch.device("cpu"))
+    images = torch.rand(2, 3, loaded.resolution, loaded.resolution) * 2 - 1
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"images": images.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), loaded.model.eval()(images), atol=1e-4, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- the streamed safetensors writer

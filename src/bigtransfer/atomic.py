@@ -29,6 +29,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import stat
 from collections.abc import Callable, Iterable, Sequence
@@ -315,6 +316,15 @@ def flush_to_disk() -> None:
 def write_bytes(path: Path, data: bytes | bytearray | memoryview, what: str = "file", hint: str = "") -> Path:
     """`data` into `path`, atomically."""
     return write_atomically(path, lambda fh: fh.write(data), what=what, hint=hint)
+
+
+def copy_file(source: Path, path: Path, what: str = "file", durable: bool = True) -> Path:
+    """A finished file built elsewhere (a private temporary folder) copied into `path`, atomically."""
+    def write(fh: BinaryIO) -> None:
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, fh, 1 << 20)
+
+    return write_atomically(path, write, what=what, durable=durable)
 
 
 def write_text(path: Path, text: str, what: str = "file") -> Path:

@@ -7,6 +7,7 @@ name or an authors' `.npz`. Class names and input resolution come from the file'
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import rundir
+from . import rundir, runtime
 from .atomic import csv_writer, write_csv, write_figure, write_text, write_together
 from .data.dataset import TransformedImages
 from .data.images import IMAGE_ERRORS, load_rgb
@@ -52,27 +53,40 @@ def load_model(spec: str | Path, device: torch.device, resolution: int | None = 
 class Predictor:
     """A trained model ready to answer: how to prepare an image, and its forward passes.
 
-    The one path for everything that only runs a model forward (predict, embed, serve)."""
+    The one path for everything that only runs a model forward (predict, embed, evaluate, serve):
+    `backend` (torch or onnxruntime) and `precision` (fp32 or bf16) say how it runs, `choice` why."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module  # standardized kernels folded in: for running forward only
     class_names: list[str] | None  # None: the file has no head (features only)
     resolution: int
     source: Path
     device: torch.device
     multi_label: bool  # a sigmoid head: each class's probability on its own
     fingerprint: str | None  # the training run's fingerprint, when the file records one
+    backend: str = "torch"
+    precision: str = "fp32"
+    choice: str = ""  # why this backend and precision (what `auto` decided, or that they were asked for)
+    runner: Callable[[torch.Tensor, str], torch.Tensor] | None = None  # (images, "logits"|"features") -> fp32
+
+    def __post_init__(self):
+        if self.runner is None:
+            self.runner = runtime.TorchForward(self.model, self.device, self.precision)
 
     @property
     def name(self) -> str:
         return self.source.parent.name if self.source.name == "final.safetensors" else self.source.name
+
+    @property
+    def num_features(self) -> int:
+        return self.model.num_features
 
     def transform(self):
         """Image (PIL or array) -> the model's input tensor [3, R, R] in [-1, 1]."""
         return eval_transform(self.resolution)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.model(images.to(self.device)).float()
+        """Logits [N, classes], fp32 on the CPU or the model's device."""
+        return self.runner(images, "logits")
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Softmax over the classes, or per-class sigmoids for a multi-label head."""
@@ -81,8 +95,7 @@ class Predictor:
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pre-logits [N, 2048 * width]."""
-        with torch.inference_mode():
-            return self.model.forward_features(images.to(self.device)).float()
+        return self.runner(images, "features")
 
     def top_k(self, probabilities: torch.Tensor, k: int) -> list[list[dict]]:
         """Each row's `k` most likely classes by name, most likely first."""
@@ -93,23 +106,49 @@ class Predictor:
         return [[{"label": self.class_names[j], "probability": round(float(q), 6)} for q, j in zip(ps, cs)]
                 for ps, cs in zip(p.tolist(), c.tolist())]
 
+    def describe(self) -> str:
+        """'backend onnxruntime, fp32 (why)': one line for the CLI to print."""
+        return f"backend {self.backend}, {self.precision} ({self.choice})"
+
 
 def load_predictor(spec: str | Path, *, device: str = "auto", resolution: int | None = None,
-                   need_head: bool = True) -> Predictor:
-    """The model that `spec` names (run directory, weights file, released name) ready to run forward."""
+                   need_head: bool = True, backend: str = "auto", precision: str = "auto") -> Predictor:
+    """The model that `spec` names (run directory, weights file, released name) ready to run forward.
+
+    `backend`: torch, onnxruntime (CPU, fp32) or auto; `precision`: fp32, bf16 or auto (bf16 where
+    the device computes it natively and the model is heavy enough). See runtime.choose."""
+    from .train.memory import forward_flops_per_image
+
     path = resolve_weights(spec)
     summary = checkpoint.summarize(path)
     if need_head and summary.num_classes is None:
         raise BigTransferError(f"{path}: the file has no head, so it cannot classify; use `bigtransfer embed`")
+    if resolution is not None and resolution < 1:
+        raise BigTransferError(f"--resolution must be at least 1, got {resolution}")
     meta = checkpoint.read_metadata(path)
     dev = resolve_device(device)
-    model = create_model(summary.arch.name, weights=path, num_classes=summary.num_classes or 1).to(dev).eval()
+    size = resolution or meta.get("resolution") or DEFAULT_RESOLUTION
+    config = summary.model_config(summary.num_classes or 1)
+    choice = runtime.choose(backend, precision, dev, forward_flops_per_image(config, size))
+    model = create_model(summary.arch.name, weights=path, num_classes=summary.num_classes or 1)
+    runner = None
+    if choice.backend == "onnxruntime":
+        try:
+            runner = runtime.OnnxForward(runtime.cached_onnx(model, path, size), size)
+        except BigTransferError as err:
+            if backend != "auto":
+                raise
+            choice = runtime.Choice("torch", choice.precision, f"ONNX Runtime was the choice, but {err}")
+    if runner is not None:
+        model = runtime.prepare_torch(model, "fp32")
+    else:
+        model = runtime.prepare_torch(model.to(dev), choice.precision)
     names = None
     if summary.num_classes is not None:
         names = meta.get("class_names") or [str(i) for i in range(summary.num_classes)]
     provenance = meta.get("provenance") if isinstance(meta.get("provenance"), dict) else {}
-    return Predictor(model, names, resolution or meta.get("resolution") or DEFAULT_RESOLUTION, path, dev,
-                     _multi_label(spec, summary.num_classes, provenance), provenance.get("fingerprint"))
+    return Predictor(model, names, size, path, dev, _multi_label(spec, summary.num_classes, provenance),
+                     provenance.get("fingerprint"), choice.backend, choice.precision, choice.reason, runner)
 
 
 def _multi_label(spec: str | Path, num_classes: int | None, provenance: dict) -> bool:
@@ -131,30 +170,43 @@ def resolve_device(name: str) -> torch.device:
 # --------------------------------------------------------------------------- evaluate
 def evaluate(spec: str, data: str, *, split: str = "test", val_fraction: float | None = None, out: Path | None,
              batch: int = 64, workers: int = 0, device: str = "auto", resolution: int | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, backend: str = "auto", precision: str = "auto") -> dict:
     """Top-1, top-5, loss and per-class accuracy of a model on a labelled split; writes reports to `out`."""
     with rundir.maybe_owned(out, "evaluate"):
         return _evaluate(spec, data, split=split, val_fraction=val_fraction, out=out, batch=batch, workers=workers,
-                         device=device, resolution=resolution, progress=progress)
+                         device=device, resolution=resolution, progress=progress, backend=backend,
+                         precision=precision)
 
 
-def _evaluate(spec, data, *, split, val_fraction, out, batch, workers, device, resolution, progress) -> dict:
-    from .train.loop import evaluate_model
-
-    loaded = load_model(spec, resolve_device(device), resolution)
+def _evaluate(spec, data, *, split, val_fraction, out, batch, workers, device, resolution, progress, backend,
+              precision) -> dict:
+    predictor = load_predictor(spec, device=device, resolution=resolution, backend=backend, precision=precision)
     splits = load_source(data, val_fraction=val_fraction, progress=progress)
     images = splits.test if split == "test" else splits.train
     if images is None:
         raise BigTransferError(f"--data {data}: no {split} split")
-    images = _align_labels(images, loaded.class_names, data)
-    dataset = TransformedImages(images, eval_transform(loaded.resolution))
-    meter = evaluate_model(loaded.model, dataset, batch=batch, workers=workers, progress=progress)
-    result = {**meter.result(), "model": str(loaded.source), "data": data, "split": split,
-              "resolution": loaded.resolution,
-              "per_class_accuracy": dict(zip(loaded.class_names, meter.per_class_accuracy().round(6).tolist()))}
+    images = _align_labels(images, predictor.class_names, data)
+    meter = score(predictor, TransformedImages(images, predictor.transform()), batch=batch, workers=workers,
+                  progress=progress)
+    result = {**meter.result(), "model": str(predictor.source), "data": data, "split": split,
+              "resolution": predictor.resolution, "backend": predictor.backend, "precision": predictor.precision,
+              "backend_choice": predictor.choice,
+              "per_class_accuracy": dict(zip(predictor.class_names, meter.per_class_accuracy().round(6).tolist()))}
     if out is not None:
-        write_evaluation(out, result, meter, loaded.class_names)
+        write_evaluation(out, result, meter, predictor.class_names)
     return result
+
+
+def score(predictor: Predictor, dataset, *, batch: int = 64, workers: int = 0,
+          progress: bool = False) -> ClassificationMeter:
+    """Top-1/top-5/loss/confusion of the predictor over (image tensor, label) pairs."""
+    from tqdm.auto import tqdm
+
+    loader = DataLoader(dataset, batch_size=batch, num_workers=workers)
+    meter = ClassificationMeter(len(predictor.class_names))
+    for images, labels in tqdm(loader, desc="evaluating", unit="batch", disable=not progress):
+        meter.update(predictor.logits(images).cpu(), labels)
+    return meter
 
 
 def _align_labels(images: ImageSet, model_classes: list[str], data: str) -> ImageSet:
@@ -265,9 +317,12 @@ def _run_files(predictor: Predictor, files, fn, *, batch, workers, progress):
 
 
 def predict(spec: str, inputs: list[str], *, top_k: int = 5, batch: int = 32, workers: int = 0,
-            device: str = "auto", resolution: int | None = None, progress: bool = True) -> tuple[list[dict], list[Path]]:
-    """Top-k class names and probabilities for every image; also returns the files that could not be read."""
-    predictor = load_predictor(spec, device=device, resolution=resolution)
+            device: str = "auto", resolution: int | None = None, progress: bool = True, backend: str = "auto",
+            precision: str = "auto", predictor: Predictor | None = None) -> tuple[list[dict], list[Path]]:
+    """Top-k class names and probabilities for every image; also returns the files that could not be read.
+    (`predictor`: one already loaded, instead of loading `spec`.)"""
+    predictor = predictor or load_predictor(spec, device=device, resolution=resolution, backend=backend,
+                                            precision=precision)
     files = collect_images(inputs)
     rows, unreadable = _run_files(predictor, files, predictor.probabilities, batch=batch, workers=workers,
                                   progress=progress)
@@ -278,21 +333,24 @@ def predict(spec: str, inputs: list[str], *, top_k: int = 5, batch: int = 32, wo
 
 
 def embed(spec: str, inputs: list[str], out: Path, *, batch: int = 32, workers: int = 0, device: str = "auto",
-          resolution: int | None = None, progress: bool = True, overwrite: bool = False) -> dict:
-    """Pre-logit features of every image into OUT.npy, with OUT.csv mapping rows to files."""
+          resolution: int | None = None, progress: bool = True, overwrite: bool = False, backend: str = "auto",
+          precision: str = "auto", predictor: Predictor | None = None) -> dict:
+    """Pre-logit features of every image into OUT.npy, with OUT.csv mapping rows to files.
+    (`predictor`: one already loaded, instead of loading `spec`.)"""
     npy, index_csv = Path(out).with_suffix(".npy"), Path(out).with_suffix(".csv")
     for target in (npy, index_csv):
         rundir.check_new_file(target, overwrite=overwrite)
-    predictor = load_predictor(spec, device=device, resolution=resolution, need_head=False)
+    predictor = predictor or load_predictor(spec, device=device, resolution=resolution, need_head=False,
+                                            backend=backend, precision=precision)
     files = collect_images(inputs)
     rows, unreadable = _run_files(predictor, files, predictor.features, batch=batch, workers=workers,
                                   progress=progress)
     order = sorted(rows)
-    width = predictor.model.num_features
+    width = predictor.num_features
     features = np.stack([rows[i].numpy() for i in order]) if order else np.zeros((0, width), np.float32)
     index_rows = ((row, path_text(files[i])) for row, i in enumerate(order))
     write_together({npy: lambda fh: np.save(fh, features.astype(np.float32)),
                     index_csv: csv_writer(["row", "path"], index_rows)}, what="embedding (features and index)")
     return {"features": str(npy), "index": str(index_csv), "shape": list(features.shape),
-            "resolution": predictor.resolution, "unreadable": [str(p) for p in unreadable]}
-
+            "resolution": predictor.resolution, "backend": predictor.backend, "precision": predictor.precision,
+            "unreadable": [str(p) for p in unreadable]}

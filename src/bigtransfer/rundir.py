@@ -103,6 +103,7 @@ KINDS: dict[str, tuple[tuple[str, ...], Callable[[Path], bool]]] = {
     "pack": (("dataset.json",), lambda f: _json_has(f / "dataset.json", "format", "splits")),
     "push": (("README.md", "config.json", "model.safetensors", "preprocessor_config.json", "timm"), lambda f: False),
     "export-transformers": (("config.json", "model.safetensors", "preprocessor_config.json"), lambda f: False),
+    "export-triton": (("*/",), lambda f: False),  # a Triton model repository: one folder per model
     "import": (("train", "test"), lambda f: False),  # a data folder: never adopt one without our marker
 }
 

@@ -219,7 +219,18 @@ def add_model_args(p) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="auto")
+    add_runtime_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_runtime_args(p) -> None:
+    """How a trained model runs forward (predict, embed, evaluate, serve): backend and precision."""
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime"), default="auto",
+                   help="auto: what measured fastest for this device and model (printed); onnxruntime: CPU, fp32, "
+                        "the model exported to ONNX once and kept in the cache")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 where the device computes it natively (GPUs, AMX/AVX512-BF16 CPUs) and the model "
+                        "is heavy enough to gain from it, else fp32")
 
 
 def finetune_options(args, **extra):

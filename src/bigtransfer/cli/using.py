@@ -12,6 +12,7 @@ from ..safe_text import path_text
 from .common import (
     add_data_args,
     add_model_args,
+    add_runtime_args,
     positive_int,
     verb,
 )
@@ -34,7 +35,10 @@ def _run_evaluate(args) -> int:
 
     result = evaluate(args.model, args.data, split=args.split, val_fraction=args.val_fraction, out=args.out,
                       batch=args.batch, workers=args.workers, device=args.device, resolution=args.resolution,
-                      progress=not args.quiet)
+                      progress=not args.quiet, backend=args.backend, precision=args.precision)
+    if not args.quiet:
+        print(f"bigtransfer: backend {result['backend']}, {result['precision']} ({result['backend_choice']})",
+              file=sys.stderr)
     print(f"top-1 {result['top1']:.2%}  top-5 {result['top5']:.2%}  loss {result['loss']:.4f}  "
           f"({result['examples']} images, {args.split} split)")
     if args.out:
@@ -53,12 +57,23 @@ def _add_predict(sub) -> None:
     p.set_defaults(run=_run_predict)
 
 
+def _loaded(args, need_head: bool = True):
+    """The model to run, and one line on stderr saying how it runs (and why)."""
+    from ..inference import load_predictor
+
+    predictor = load_predictor(args.model, device=args.device, resolution=args.resolution, need_head=need_head,
+                               backend=args.backend, precision=args.precision)
+    if not args.quiet:
+        print(f"bigtransfer: {predictor.describe()}", file=sys.stderr)
+    return predictor
+
+
 def _run_predict(args) -> int:
     from ..inference import predict
 
     results, unreadable = predict(args.model, args.images, top_k=args.top_k, batch=args.batch,
-                                  workers=args.workers, device=args.device, resolution=args.resolution,
-                                  progress=not (args.quiet or args.json))
+                                  workers=args.workers, progress=not (args.quiet or args.json),
+                                  predictor=_loaded(args))
     if args.json:
         print(json.dumps({"predictions": results, "unreadable": [str(p) for p in unreadable]}, indent=2))
     else:
@@ -85,9 +100,12 @@ def _add_embed(sub) -> None:
 
 def _run_embed(args) -> int:
     from ..inference import embed
+    from ..rundir import check_new_file
 
-    result = embed(args.model, args.images, args.out, batch=args.batch, workers=args.workers, device=args.device,
-                   resolution=args.resolution, progress=not args.quiet, overwrite=args.overwrite)
+    for target in (args.out.with_suffix(".npy"), args.out.with_suffix(".csv")):
+        check_new_file(target, overwrite=args.overwrite)  # before the model loads (and maybe exports)
+    result = embed(args.model, args.images, args.out, batch=args.batch, workers=args.workers,
+                   progress=not args.quiet, overwrite=args.overwrite, predictor=_loaded(args, need_head=False))
     print(f"wrote {path_text(result['features'])} {tuple(result['shape'])} and {path_text(result['index'])}")
     if result["unreadable"]:
         print(f"bigtransfer: warning: skipped {len(result['unreadable'])} unreadable image(s): "
@@ -96,9 +114,13 @@ def _run_embed(args) -> int:
 
 
 def _add_export(sub) -> None:
-    p = verb(sub, "export", "Export a model to ONNX (checked with onnxruntime), TorchScript, torch.export (.pt2), "
-                            "a timm state dict or a transformers folder (each checked with that library).",
+    p = verb(sub, "export", "Export a model to ONNX (checked with onnxruntime; optionally int8), a Triton model "
+                            "repository, TorchScript, torch.export (.pt2), a timm state dict or a transformers folder "
+                            "(each checked with that library).",
               "  bigtransfer export --model runs/flowers --out flowers.onnx\n"
+              "  bigtransfer export --model runs/flowers --out flowers-int8.onnx --quantize int8 "
+              "--calibration ~/data/flowers/train\n"
+              "  bigtransfer export --model runs/flowers --format triton --out model_repository\n"
               "  bigtransfer export --model runs/flowers --format torchscript --out flowers.pt\n"
               "  bigtransfer export --model runs/flowers --format pt2 --out flowers.pt2\n"
               "  bigtransfer export --model runs/flowers --format timm --out flowers_timm.safetensors\n"
@@ -110,19 +132,39 @@ def _add_export(sub) -> None:
     p.add_argument("--model", required=True,
                    help="run directory, .safetensors file, released name, .npz, or a timm/transformers checkpoint")
     p.add_argument("--out", type=Path, required=True,
-                   help="output file (a folder for --format transformers: new, empty, or an earlier export)")
-    p.add_argument("--format", choices=("onnx", "torchscript", "pt2", "timm", "transformers"), default="onnx")
+                   help="output file (a folder for --format transformers and triton: new, empty, or an earlier export)")
+    p.add_argument("--format", choices=("onnx", "torchscript", "pt2", "timm", "transformers", "triton"),
+                   default="onnx")
     p.add_argument("--resolution", type=int, default=None, help="input size (default: from the model's metadata)")
     p.add_argument("--no-check", action="store_true", help="skip comparing the export with PyTorch / the library")
     p.add_argument("--overwrite", action="store_true", help="replace OUT (and OUT.json) if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    q = p.add_argument_group("int8 (--format onnx or triton)")
+    q.add_argument("--quantize", choices=("int8",), default=None,
+                   help="ONNX Runtime static quantization (QDQ, per-channel int8 kernels), calibrated on --calibration")
+    q.add_argument("--calibration", default=None, metavar="DATA",
+                   help="images to calibrate on: a folder or image files, or a --data source (its training split)")
+    q.add_argument("--calibration-images", type=int, default=None, metavar="N",
+                   help="calibrate on at most N images, evenly spread (default 256)")
+    q.add_argument("--data", default=None,
+                   help="labelled images to measure the top-1 change on (default: the run's own test split)")
+    q.add_argument("--max-drop", type=float, default=None, metavar="POINTS",
+                   help="refuse (and write nothing) if int8 loses more top-1 than this (default 1 point)")
+    t = p.add_argument_group("Triton (--format triton)")
+    t.add_argument("--name", default=None, help="the model's name in the repository (default: the run's name)")
+    t.add_argument("--max-batch", type=int, default=None, help="max_batch_size for dynamic batching (default 32)")
     p.set_defaults(run=_run_export)
 
 
 def _run_export(args) -> int:
     from ..export import export
 
+    extra = {key: value for key, value in (("calibration_images", args.calibration_images),
+                                           ("max_drop", args.max_drop), ("max_batch", args.max_batch))
+             if value is not None}
     report = export(args.model, args.out, args.format, resolution=args.resolution, check=not args.no_check,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, quantize=args.quantize, calibration=args.calibration, data=args.data,
+                    name=args.name, progress=not args.quiet, **extra)
     if args.format in ("timm", "transformers"):
         check = report.get("check", "not checked (--no-check)")
         diff = report.get("max_relative_diff")
@@ -132,6 +174,11 @@ def _run_export(args) -> int:
     diff = report.get("max_abs_diff_vs_pytorch")
     print(f"wrote {report['path']} ({args.format}; input {report['input']}"
           + (f"; max |diff| vs PyTorch {diff:.2e}" if diff is not None else "") + ")")
+    quantization = report.get("quantization")
+    if quantization:
+        print(f"int8: top-1 {quantization['top1_int8']:.2%} vs fp32 {quantization['top1_fp32']:.2%} "
+              f"({quantization['top1_change_points']:+.2f} points) on {quantization['evaluated_images']} images of "
+              f"{quantization['evaluated_on']}")
     return 0
 
 
@@ -189,6 +236,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ...")
     p.add_argument("--resolution", type=positive_int, default=None, help="input size (default: from the model's "
                                                                          "metadata)")
+    add_runtime_args(p)
     g = p.add_argument_group("batching and limits")
     g.add_argument("--max-batch", type=positive_int, default=16, help="images run through the model at once "
                                                                       "(default: %(default)s; 1 turns batching off)")
@@ -220,6 +268,7 @@ def serve_options(args):
     from ..serving.options import ServeOptions
 
     return ServeOptions(model=args.model, host=args.host, port=args.port, device=args.device,
+                        backend=args.backend, precision=args.precision,
                         resolution=args.resolution, max_batch=args.max_batch,
                         batch_timeout_ms=args.batch_timeout_ms, workers=args.workers, max_queue=args.max_queue,
                         max_upload_mb=args.max_upload_mb, max_images=args.max_images,

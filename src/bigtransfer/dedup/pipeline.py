@@ -127,10 +127,12 @@ def embedding_model(spec: str, device: torch.device) -> torch.nn.Module:
     """The model whose features propose candidates: a released name, a run, a weights file, or an
     architecture (randomly initialised, seed 0)."""
     from ..models.factory import create_model, model_source
+    from ..models.resnetv2 import fold_standardization
 
     name, weights = model_source(spec, None)
     torch.manual_seed(0)
-    return create_model(name, weights=weights).to(device).eval()
+    # Only ever run forward: the standardized kernels are computed once and the originals freed.
+    return fold_standardization(create_model(name, weights=weights).to(device).eval())
 
 
 @dataclass

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,21 +244,19 @@ def objectnet_hits(logits: torch.Tensor, truth: torch.Tensor, mapping: ResolvedM
     return hit[:, 0], hit.any(dim=1)
 
 
-def score_dataset(model: torch.nn.Module, dataset, mapping: ResolvedMapping, *, restrict: bool = True,
-                  batch: int = 32, workers: int = 0, device: torch.device | None = None,
+def score_dataset(logits_of: Callable[[torch.Tensor], torch.Tensor], dataset, mapping: ResolvedMapping, *,
+                  restrict: bool = True, batch: int = 32, workers: int = 0,
                   progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-ObjectNet-class (images, top-1 hits, top-5 hits) of `model` over (image, class index) pairs."""
+    """Per-ObjectNet-class (images, top-1 hits, top-5 hits) over (image, class index) pairs, given the
+    model's forward pass (`Predictor.logits`)."""
     from tqdm.auto import tqdm
 
-    device = device or next(model.parameters()).device
     n = len(mapping.objectnet)
     counts, top1, top5 = (np.zeros(n, dtype=np.int64) for _ in range(3))
-    loader = DataLoader(dataset, batch_size=batch, num_workers=workers, pin_memory=device.type == "cuda")
-    model.eval()
+    loader = DataLoader(dataset, batch_size=batch, num_workers=workers)
     with torch.inference_mode():
         for images, labels in tqdm(loader, desc="objectnet", unit="batch", disable=not progress):
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            hit1, hit5 = objectnet_hits(model(images).cpu(), labels, mapping, restrict)
+            hit1, hit5 = objectnet_hits(logits_of(images).cpu(), labels, mapping, restrict)
             counts += np.bincount(labels.numpy(), minlength=n)
             top1 += np.bincount(labels.numpy(), weights=hit1.numpy(), minlength=n).astype(np.int64)
             top5 += np.bincount(labels.numpy(), weights=hit5.numpy(), minlength=n).astype(np.int64)
@@ -278,9 +277,8 @@ def evaluate_objectnet(model_spec: str | Path, data: str, mapping: str | Path, *
 
 def _evaluate_objectnet(model_spec, data, mapping, *, boxes, restrict, skip_unmapped, resize, crop, batch, workers,
                         device, out, progress) -> dict:
-    from ..inference import load_model, resolve_device
+    from ..inference import load_predictor
 
-    dev = resolve_device(device)
     if resize < 1:
         raise BigTransferError(f"--resize must be at least 1, got {resize}")
     if not 1 <= crop <= resize:
@@ -288,7 +286,7 @@ def _evaluate_objectnet(model_spec, data, mapping, *, boxes, restrict, skip_unma
     if batch < 1:
         raise BigTransferError(f"--batch must be at least 1, got {batch}")
     classes = load_class_mapping(mapping)
-    loaded = load_model(model_spec, dev)
+    loaded = load_predictor(model_spec, device=device, resolution=crop)
     resolved = resolve_mapping(classes, loaded.class_names, Path(mapping))
 
     splits = load_source(data, progress=progress, require_test=False)
@@ -302,8 +300,8 @@ def _evaluate_objectnet(model_spec, data, mapping, *, boxes, restrict, skip_unma
     images, box_list, dropped = _to_objectnet_labels(images, box_list, resolved, data, mapping, skip_unmapped)
 
     dataset = BoxedImages(images, objectnet_transform(resize, crop), box_list)
-    counts, top1, top5 = score_dataset(loaded.model, dataset, resolved, restrict=restrict, batch=batch,
-                                       workers=workers, device=dev, progress=progress)
+    counts, top1, top5 = score_dataset(loaded.logits, dataset, resolved, restrict=restrict, batch=batch,
+                                       workers=workers, progress=progress)
     total = int(counts.sum())
     present = [j for j in report_order if counts[j]]
     result = {

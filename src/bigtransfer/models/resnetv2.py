@@ -108,15 +108,96 @@ def standardize_weight(weight: torch.Tensor, eps: float = WS_EPS) -> torch.Tenso
 
 
 class StdConv2d(nn.Conv2d):
-    """Conv2d whose kernel is weight-standardized on every forward pass."""
+    """Conv2d whose kernel is weight-standardized: on every forward pass while training (so the
+    gradient flows through the standardization), once while only running forward.
+
+    In eval mode with no gradient wanted for the kernel, the standardized kernel is a constant:
+    it is computed once and kept with the key of the weight it came from (its in-place version
+    counter, storage address, dtype and device). An optimizer step, `load_state_dict`, `.to()` or
+    any in-place edit changes the key, and `train()` drops the kept kernel, so it is recomputed.
+    Edits through `.data` bypass the version counter (as they bypass autograd's checks): call
+    `train()`/`eval()` or `forget_standardized()` after one. The kept pair is one tuple, read and
+    replaced whole, so threads running forward at once at worst compute it twice.
+    """
 
     def __init__(self, *args, eps: float = WS_EPS, **kwargs):
         super().__init__(*args, **kwargs)
         self.eps = eps
+        self.keep_standardized = True  # off under FSDP, where a whole kernel per layer would undo the sharding
+        self._standardized: tuple[tuple, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = standardize_weight(self.weight, self.eps)
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def standardized_weight(self) -> torch.Tensor:
+        """The standardized kernel: the kept one when it is still the current weight's."""
+        if not self._may_keep():
+            return standardize_weight(self.weight, self.eps)
+        weight = self.weight
+        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, self.eps)
+        kept = self._standardized
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        # A plain tensor (not an inference-mode one), so that it may also meet inputs that need a
+        # gradient; computed in the weight's dtype whatever autocast says (layer_norm runs in fp32
+        # under autocast anyway, so this is what the per-forward path computes).
+        with torch.inference_mode(False), torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+            standardized = standardize_weight(weight, self.eps)
+        self._standardized = (key, standardized)
+        return standardized
+
+    def _may_keep(self) -> bool:
+        if self.training or not self.keep_standardized:
+            return False
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return False  # the gradient must flow through the standardization
+        # Tracing (torch.compile, torch.export, ONNX, TorchScript) records the computation itself;
+        # compilers with frozen weights fold it into a constant on their own.
+        return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting())
+
+    def forget_standardized(self) -> None:
+        """Drop the kept standardized kernel (after editing the weight through `.data`)."""
+        self._standardized = None
+
+    def train(self, mode: bool = True):
+        self._standardized = None
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self._standardized = None  # moved or cast: the kept kernel belongs to the old tensor
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._standardized = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+
+def keep_standardized_kernels(model: nn.Module, keep: bool) -> None:
+    """Turn keeping standardized kernels between forward passes on or off in every StdConv2d."""
+    for module in model.modules():
+        if isinstance(module, StdConv2d):
+            module.keep_standardized = keep
+            module.forget_standardized()
+
+
+def fold_standardization(model: nn.Module) -> nn.Module:
+    """Replace (in place) every StdConv2d by a plain Conv2d holding its standardized kernel.
+
+    For models that only run forward: the kernels are standardized once, the originals freed,
+    and exporters (ONNX, torch.compile) see ordinary convolutions with constant weights."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, StdConv2d):
+                plain = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
+                                  padding=child.padding, dilation=child.dilation, groups=child.groups,
+                                  bias=child.bias is not None, device="meta")
+                with torch.no_grad():
+                    plain.weight = nn.Parameter(standardize_weight(child.weight, child.eps), requires_grad=False)
+                    if child.bias is not None:
+                        plain.bias = nn.Parameter(child.bias.detach().clone(), requires_grad=False)
+                setattr(module, child_name, plain)
+    return model
 
 
 class _Layers:

@@ -37,7 +37,8 @@ RETRY_AFTER = {"Retry-After": "1"}
 
 def build_predictor(options: ServeOptions) -> Predictor:
     """The model the server answers with: the same forward path as `bigtransfer predict` / `embed`."""
-    return load_predictor(options.model, device=options.device, resolution=options.resolution, need_head=False)
+    return load_predictor(options.model, device=options.device, resolution=options.resolution, need_head=False,
+                          backend=options.backend, precision=options.precision)
 
 
 class ServingState:

@@ -77,8 +77,8 @@ def url_of(sock: socket.socket) -> str:
 def announce_ready(state: ServingState) -> None:
     p = state.predictor
     head = f"{len(p.class_names)} classes" if p.class_names is not None else "no head (embed only)"
-    print(f"bigtransfer serve: ready: {p.name} ({head}, {p.resolution} px, {p.device}, fingerprint "
-          f"{p.fingerprint or 'none'}); warmed up in {state.warmup_s:.2f} s", flush=True)
+    print(f"bigtransfer serve: ready: {p.name} ({head}, {p.resolution} px, {p.device}, {p.describe()}, "
+          f"fingerprint {p.fingerprint or 'none'}); warmed up in {state.warmup_s:.2f} s", flush=True)
 
 
 @contextlib.contextmanager

@@ -81,6 +81,10 @@ def wrap_for_training(model: torch.nn.Module, ctx: DistContext, fsdp: bool) -> t
 
         if not ctx.distributed:
             raise BigTransferError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N")
+        from ..models.resnetv2 import keep_standardized_kernels
+
+        # A kept standardized kernel is a whole (unsharded) copy per layer: not under FSDP.
+        keep_standardized_kernels(model, False)
         for stage in model.stages:
             for unit in stage:
                 fully_shard(unit)
