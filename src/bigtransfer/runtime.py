@@ -293,6 +293,9 @@ def cached_onnx(model: ResNetV2, weights: Path, resolution: int) -> Path:
 
     key = f"{weights_digest(weights)[:32]}-{resolution}px-g{GRAPH_VERSION}"
     final = cache_dir() / "onnx" / key / "model.onnx"
+    for folder in (final.parent.parent.parent, final.parent.parent, final.parent):
+        if folder.is_symlink():
+            raise BigTransferError(f"{folder}: is a symbolic link; the ONNX cache is only written into real folders")
     if not final.is_file():
         write_onnx(model, resolution, final)
     return final
