@@ -207,8 +207,8 @@ def save(image: Image.Image, path: Path) -> None:
 # --------------------------------------------------------------------------- models
 def build_models(work: Path, progress: bool) -> dict[str, Path]:
     """The pre-trained model and one class-trained model per data set (built once, then reused)."""
-    from bigtransfer.finetune import FinetuneOptions, run_finetune
-    from bigtransfer.pretrain import PretrainOptions, run_pretrain
+    from bigtransfer.recipes.finetune import FinetuneOptions, run_finetune
+    from bigtransfer.recipes.pretrain import PretrainOptions, run_pretrain
 
     models = {"pre-trained": work / "models" / "pretrained"}
     if not (models["pre-trained"] / "final.safetensors").is_file():

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from bigtransfer import machine
-from bigtransfer.train.side_by_side import usable_cores
+from bigtransfer.demo.side_by_side import usable_cores
 
 
 def run_demo(out: Path, jobs: int) -> dict:

@@ -23,10 +23,10 @@ import statistics
 import time
 from pathlib import Path
 
-from bigtransfer.demo import DemoConfig
-from bigtransfer.distill import DistillOptions, run_distill
-from bigtransfer.finetune import FinetuneOptions, run_finetune
-from bigtransfer.pretrain import PretrainOptions, run_pretrain
+from bigtransfer.demo.story import DemoConfig
+from bigtransfer.recipes.distill import DistillOptions, run_distill
+from bigtransfer.recipes.finetune import FinetuneOptions, run_finetune
+from bigtransfer.recipes.pretrain import PretrainOptions, run_pretrain
 
 HERE = Path(__file__).resolve().parent
 DEMO = DemoConfig()

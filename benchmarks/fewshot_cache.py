@@ -25,7 +25,7 @@ from PIL import Image
 
 from bigtransfer.data.sources import load_source
 from bigtransfer.evaluate.fewshot_sweep import SweepOptions, parse_shots, run_sweep
-from bigtransfer.finetune import FinetuneOptions
+from bigtransfer.recipes.finetune import FinetuneOptions
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -49,7 +49,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from bigtransfer import create_model, machine, runtime
+from bigtransfer import create_model, machine
+from bigtransfer.inference import backends
 from bigtransfer.models.resnetv2 import keep_standardized_kernels
 
 RESULTS = HERE / "results"
@@ -99,7 +100,7 @@ def build_variants(size: int, batch: int, work: Path, explore: bool) -> tuple[di
     """{name: callable running one batch}, {name: why it was skipped}."""
     import timm
 
-    from bigtransfer.quantize import quantize_int8
+    from bigtransfer.sharing.quantize import quantize_int8
     from bigtransfer.train.loop import native_bf16
 
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -109,15 +110,15 @@ def build_variants(size: int, batch: int, work: Path, explore: bool) -> tuple[di
     plain = ours()
     keep_standardized_kernels(plain, False)
     variants["ours-plain"] = torch_runner(plain, x)
-    fast = runtime.prepare_torch(ours(), "fp32")
-    forward = runtime.TorchForward(fast, torch.device("cpu"), "fp32")
+    fast = backends.prepare_torch(ours(), "fp32")
+    forward = backends.TorchForward(fast, torch.device("cpu"), "fp32")
     variants["ours-torch"] = lambda: forward(x, "logits")
     onnx_path = work / f"r50x1-{size}.onnx"
     if not onnx_path.exists():
-        runtime.write_onnx(ours(), size, onnx_path)
+        backends.write_onnx(ours(), size, onnx_path)
     variants["ours-onnxruntime"] = ort_runner(onnx_path, x)
     if native_bf16(torch.device("cpu")):
-        bf16 = runtime.TorchForward(runtime.prepare_torch(ours(), "bf16"), torch.device("cpu"), "bf16")
+        bf16 = backends.TorchForward(backends.prepare_torch(ours(), "bf16"), torch.device("cpu"), "bf16")
         variants["ours-bf16"] = lambda: bf16(x, "logits")
     else:
         flags = ", ".join(machine.cpu()["flags"] or []) or "unknown"
@@ -151,7 +152,7 @@ def _inductor_runner(x):
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True  # parameters become constants: folding and weight pre-packing at compile
-    model = runtime.prepare_torch(ours(), "fp32").to(memory_format=torch.channels_last)
+    model = backends.prepare_torch(ours(), "fp32").to(memory_format=torch.channels_last)
     compiled = torch.compile(model)
     xc = x.contiguous(memory_format=torch.channels_last)
     start = time.perf_counter()
@@ -204,7 +205,7 @@ def summarize(seconds: dict) -> dict:
 
 def accuracy(run: Path, work: Path) -> dict:
     """Top-1 of RUN's fp32 and int8 ONNX on its own test split, through `bigtransfer export`."""
-    from bigtransfer.export import export
+    from bigtransfer.sharing.export import export
 
     config = json.loads((run / "config.json").read_text())
     report = export(str(run), work / "accuracy-int8.onnx", "onnx", quantize="int8", calibration=config["data"],

@@ -6,8 +6,8 @@ import pytest
 
 from bigtransfer import BigTransferError
 from bigtransfer.evaluate.ablation import AblationOptions, run_ablation
-from bigtransfer.evaluate.report import rebuild
 from bigtransfer.models import checkpoint
+from bigtransfer.report.protocols import rebuild
 
 
 def tiny(out, **kw):

@@ -56,14 +56,13 @@ def many_images(tmp_path_factory):
 ])
 def test_argument_mistakes_are_found_before_the_data_is_scanned(mistake, message, many_images, tmp_path,
                                                                 capsys, monkeypatch):
-    import bigtransfer.finetune  # noqa: F401  (imported first: imported under the patch, it would keep `scanned`)
     from bigtransfer.data import sources
 
     def scanned(*args, **kwargs):
         raise AssertionError("the data was scanned before the arguments were checked")
 
     monkeypatch.setattr(sources, "load_source", scanned)
-    monkeypatch.setattr("bigtransfer.finetune.load_source", scanned)
+    monkeypatch.setattr("bigtransfer.recipes.finetune.load_source", scanned)
     args = {"--model": TINY, "--out": str(tmp_path / "run")}
     for flag, value in zip(mistake[::2], mistake[1::2]):
         args[flag] = value

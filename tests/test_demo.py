@@ -16,7 +16,7 @@ import torch
 from bigtransfer import machine
 from bigtransfer.cli import main
 from bigtransfer.data.dataset import TransformedImages
-from bigtransfer.demo import FULL, DemoConfig, draw_margins, run_demo, table
+from bigtransfer.demo.story import FULL, DemoConfig, draw_margins, run_demo, table
 
 # Small enough to run in seconds: it tests the machinery, not the headline.
 TINY = DemoConfig(upstream_data="glyphs:classes=6,per_class=8,test_per_class=2,size=24", upstream_resolution=24,
@@ -30,7 +30,7 @@ def one_line_error(err: str) -> bool:
 
 
 def test_demo_takes_precision_and_device_like_the_training_verbs(tmp_path, monkeypatch):
-    import bigtransfer.demo
+    import bigtransfer.demo.story
 
     seen = []
     monkeypatch.setattr(bigtransfer.demo, "run_demo", lambda out, config, **kwargs: seen.append(config))
@@ -79,10 +79,10 @@ def test_ridge_probe_is_fitted_on_the_images_each_fine_tuning_run_trained_on(tmp
     probe fitted here on the frozen features of exactly the images `finetune` drew for that seed
     (its own prepare_data) scores what the summary says."""
     from bigtransfer.data.transforms import eval_transform
-    from bigtransfer.evaluate.fewshot_probe import _normalise, ridge_classifier
-    from bigtransfer.finetune import FinetuneOptions, prepare_data
     from bigtransfer.models import create_model
     from bigtransfer.models.factory import model_source
+    from bigtransfer.recipes.finetune import FinetuneOptions, prepare_data
+    from bigtransfer.train.fewshot_probe import _normalise, ridge_classifier
     from bigtransfer.train.linear_probe import extract_features
 
     out = tmp_path / "demo"
@@ -191,7 +191,7 @@ def test_cpu_description_reads_the_model_name_and_kernel_flags(tmp_path, monkeyp
 
 
 def test_table_counts_the_draws_where_transfer_is_ahead():
-    from bigtransfer.demo import DemoResult, table
+    from bigtransfer.demo.story import DemoResult, table
 
     config = replace(TINY, shots=(1,), seeds=(0, 1, 2))
     runs = [{"arm": arm, "examples_per_class": 1, "seed": seed, "top1": top1}

@@ -17,8 +17,9 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from bigtransfer import create_model, distill, save_checkpoint
+from bigtransfer import create_model, save_checkpoint
 from bigtransfer.cli import main
+from bigtransfer.recipes import distill
 from bigtransfer.train.logbook import read_metrics
 
 TINY = "R[1,1,1,1]x0.5"

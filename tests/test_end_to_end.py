@@ -129,7 +129,7 @@ def test_using_a_run_that_has_no_final_model_is_a_clear_error(tmp_path, capsys):
 def test_onnx_root_padding_survives_onnxruntime_optimizations(tmp_path):
     """onnxruntime fuses a zero Pad into MaxPool (which pads with -inf); our export must not let it."""
     from bigtransfer import create_model
-    from bigtransfer.export import onnx_safe_copy
+    from bigtransfer.sharing.export import onnx_safe_copy
 
     torch.manual_seed(0)
     model = create_model(TINY, num_classes=3, zero_head=False).eval()

@@ -72,7 +72,7 @@ def test_int8_export_losing_more_than_max_drop_is_refused_and_writes_nothing(tra
                                                                             monkeypatch):
     """The colours are too easy to lose top-1 on, so the measurement reports a 5-point loss here:
     quantization runs for real; the refusal must carry the figure and leave nothing behind."""
-    import bigtransfer.quantize
+    import bigtransfer.sharing.quantize
 
     data, run = trained
     measured = iter([0.90, 0.85])  # fp32, then int8

@@ -2,7 +2,8 @@
 
 import pytest
 
-from bigtransfer import BigTransferError, hyperrule
+from bigtransfer import BigTransferError
+from bigtransfer.recipes import hyperrule
 from bigtransfer.train.schedule import LRSchedule
 
 

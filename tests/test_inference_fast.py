@@ -12,10 +12,10 @@ import pytest
 import torch
 from library_models import relative_difference, released_params
 
-from bigtransfer import runtime
 from bigtransfer.cli import main
 from bigtransfer.errors import BigTransferError
-from bigtransfer.inference import load_predictor
+from bigtransfer.inference import backends
+from bigtransfer.inference.predictor import load_predictor
 from bigtransfer.models import create_model, resnetv2, save_checkpoint
 from bigtransfer.models.resnetv2 import StdConv2d, fold_standardization, keep_standardized_kernels
 
@@ -242,7 +242,7 @@ def test_the_onnxruntime_backend_agrees_with_torch_and_is_exported_once_per_weig
     assert relative_difference(predictor.features(x), features) < 1e-4
     files = list((tmp_path / "cache" / "onnx").rglob("*"))
     onnx_file = next(f for f in files if f.name == "model.onnx")
-    assert runtime.weights_digest(path)[:32] in onnx_file.parent.name and "32px" in onnx_file.parent.name
+    assert backends.weights_digest(path)[:32] in onnx_file.parent.name and "32px" in onnx_file.parent.name
     assert not [f for f in files if ".tmp" in f.name]  # built aside, moved into place
     stamp = onnx_file.stat().st_mtime_ns
     again = load_predictor(path, device="cpu", backend="onnxruntime")
@@ -269,15 +269,15 @@ def test_bf16_runs_and_matches_torchs_own_bf16_autocast(saved):
 def test_auto_keeps_light_models_on_torch_and_sends_heavy_fp32_cpu_work_where_it_measured_fastest(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr("bigtransfer.train.loop.native_bf16", lambda device: False)
-    light = runtime.choose("auto", "auto", cpu, 1.6e7)
+    light = backends.choose("auto", "auto", cpu, 1.6e7)
     assert (light.backend, light.precision) == ("torch", "fp32") and "light model" in light.reason
-    monkeypatch.setattr(runtime, "isa_class", lambda: "avx2")
-    heavy = runtime.choose("auto", "auto", cpu, 8e9)
-    assert heavy.backend == runtime.MEASURED_FP32["avx2"][0] and "avx2" in heavy.reason
+    monkeypatch.setattr(backends, "isa_class", lambda: "avx2")
+    heavy = backends.choose("auto", "auto", cpu, 8e9)
+    assert heavy.backend == backends.MEASURED_FP32["avx2"][0] and "avx2" in heavy.reason
     monkeypatch.setattr("bigtransfer.train.loop.native_bf16", lambda device: True)
-    native = runtime.choose("auto", "auto", cpu, 8e9)
+    native = backends.choose("auto", "auto", cpu, 8e9)
     assert (native.backend, native.precision) == ("torch", "bf16") and "natively" in native.reason
-    assert runtime.choose("auto", "auto", torch.device("cuda"), 8e9).backend == "torch"
+    assert backends.choose("auto", "auto", torch.device("cuda"), 8e9).backend == "torch"
 
 
 @pytest.mark.parametrize(("backend", "precision", "device", "message"), [
@@ -288,7 +288,7 @@ def test_auto_keeps_light_models_on_torch_and_sends_heavy_fp32_cpu_work_where_it
 ])
 def test_impossible_backend_choices_are_clear_errors(backend, precision, device, message):
     with pytest.raises(BigTransferError, match=message):
-        runtime.choose(backend, precision, torch.device(device), 8e9)
+        backends.choose(backend, precision, torch.device(device), 8e9)
 
 
 def test_the_cli_says_which_backend_runs_and_why(saved, tmp_path, capsys):
@@ -318,8 +318,8 @@ def test_the_onnx_cache_is_not_written_through_a_symbolic_link(saved, tmp_path):
 
 def test_auto_falls_back_to_torch_and_says_why_when_onnx_cannot_be_used(saved, tmp_path, monkeypatch):
     path, model = saved
-    monkeypatch.setattr(runtime, "ONNX_MIN_FLOPS", 0)  # as if the model were heavy
-    monkeypatch.setattr(runtime, "isa_class", lambda: "avx2")
+    monkeypatch.setattr(backends, "ONNX_MIN_FLOPS", 0)  # as if the model were heavy
+    monkeypatch.setattr(backends, "isa_class", lambda: "avx2")
     monkeypatch.setattr("bigtransfer.train.loop.native_bf16", lambda device: False)
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "onnx").symlink_to(tmp_path)
@@ -346,10 +346,10 @@ def test_onnx_agrees_with_the_exact_result_on_every_released_architecture(arch, 
         exact_features = model.forward_features(x.double())
         exact_logits = model.forward_head(exact_features)
         model.float()
-    runtime.write_onnx(model, 32, tmp_path / "model.onnx")  # folds `model` in place
+    backends.write_onnx(model, 32, tmp_path / "model.onnx")  # folds `model` in place
     del model
     gc.collect()
-    forward = runtime.OnnxForward(tmp_path / "model.onnx", 32, keep_session=False)
+    forward = backends.OnnxForward(tmp_path / "model.onnx", 32, keep_session=False)
     logits, features = forward(x, "logits"), forward(x, "features")
     assert relative_difference(logits.double(), exact_logits) < 1e-4
     assert relative_difference(features.double(), exact_features) < 1e-4

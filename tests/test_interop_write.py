@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 
 from bigtransfer import create_model, save_checkpoint
 from bigtransfer.cli import main
-from bigtransfer.export import export
 from bigtransfer.models.checkpoint import read_metadata
+from bigtransfer.sharing.export import export
 
 timm = pytest.importorskip("timm", reason="timm is not installed (pip install 'bigtransfer[interop]')")
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")

@@ -189,7 +189,7 @@ def test_reports_written(models, data, tmp_path):
     html = (out / "report.html").read_text()
     assert 'src="data:image/png;base64,' in html and "37.5%" in html
     (out / "report.html").unlink()
-    from bigtransfer.evaluate.report import rebuild
+    from bigtransfer.report.protocols import rebuild
 
     assert rebuild(out).read_text() == html
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bigtransfer.inference import load_predictor
+from bigtransfer.inference.predictor import load_predictor
 from bigtransfer.models import create_model, save_checkpoint
 
 TINY = "R[1,1,1,1]x0.5"

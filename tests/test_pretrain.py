@@ -18,9 +18,9 @@ from image_data import write_colour_folder
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from bigtransfer import upstream
 from bigtransfer.cli import main
-from bigtransfer.pretrain import PretrainOptions, build_upstream_model
+from bigtransfer.recipes import upstream
+from bigtransfer.recipes.pretrain import PretrainOptions, build_upstream_model
 from bigtransfer.train.logbook import read_metrics
 
 TINY = "R[1,1,1,1]x0.5"
@@ -165,7 +165,7 @@ def test_pretrain_reads_shards(tmp_path):
 
 
 def test_demo_machinery_on_a_tiny_budget(tmp_path):
-    from bigtransfer.demo import FULL, DemoConfig, run_demo
+    from bigtransfer.demo.story import FULL, DemoConfig, run_demo
 
     config = DemoConfig(upstream_data="glyphs:classes=6,per_class=8,test_per_class=2,size=24",
                         upstream_resolution=24, pretrain_epochs=1, pretrain_batch=16, shots=(1, FULL), seeds=(0, 1),

@@ -9,10 +9,11 @@ from bit_files import UNITS, authors_arrays
 from image_data import write_colour_folder
 from library_models import images, key_complaints, load_messages, relative_difference
 
-from bigtransfer import create_model, hyperrule
+from bigtransfer import create_model
 from bigtransfer.cli import main
 from bigtransfer.models import zoo
 from bigtransfer.models.checkpoint import read_metadata
+from bigtransfer.recipes import hyperrule
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 timm = pytest.importorskip("timm", reason="timm is not installed")
@@ -134,8 +135,8 @@ def test_unfinished_runs_and_foreign_folders_are_refused(run, tmp_path, capsys):
 
 
 def test_card_for_an_architecture_timm_does_not_register(run):
-    from bigtransfer.modelcard import CardFacts, render
     from bigtransfer.models.resnetv2 import parse_arch
+    from bigtransfer.sharing.modelcard import CardFacts, render
 
     config = json.loads((run / "config.json").read_text())
     summary = json.loads((run / "summary.json").read_text())

@@ -108,7 +108,7 @@ def test_demo_restart_refuses_a_folder_that_is_not_a_demo(tmp_path, capsys, monk
 
 
 def test_restart_removes_only_what_the_demo_wrote(tmp_path):
-    from bigtransfer.demo import DemoConfig, run_demo
+    from bigtransfer.demo.story import DemoConfig, run_demo
 
     config = DemoConfig(upstream_data="glyphs:classes=4,per_class=8,test_per_class=2,size=16",
                         upstream_resolution=16, pretrain_epochs=1, pretrain_batch=16, shots=(1,), seeds=(0,),
@@ -290,7 +290,7 @@ FINETUNE_ARGS = {"data": "digits", "model": TINY, "batch": 8, "resolution": (20,
 def test_a_failed_checkpoint_write_leaves_the_previous_one_resumable(tmp_path, monkeypatch):
     from safetensors import safe_open
 
-    from bigtransfer.finetune import FinetuneOptions, run_finetune
+    from bigtransfer.recipes.finetune import FinetuneOptions, run_finetune
     from bigtransfer.train import checkpointing
 
     reference = tmp_path / "reference"

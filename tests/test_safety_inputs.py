@@ -282,7 +282,7 @@ def test_search_refuses_a_storage_that_is_not_a_study_before_touching_it(case, t
 
 def test_search_accepts_a_new_file_an_empty_one_and_a_study_database(tmp_path):
     optuna = pytest.importorskip("optuna")
-    from bigtransfer.search import check_storage
+    from bigtransfer.evaluate.search import check_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 

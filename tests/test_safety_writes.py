@@ -138,10 +138,11 @@ def test_onnx_weights_beyond_one_protobuf_go_to_a_data_file_written_whole(good, 
     """Models over 1.8 GB keep their weights in OUT.data (ONNX external data); tried here on the
     tiny model with the threshold lowered, and the exported file run by onnxruntime against PyTorch."""
     onnxruntime = pytest.importorskip("onnxruntime")
-    from bigtransfer import export, runtime
-    from bigtransfer.inference import load_model
+    from bigtransfer.inference import backends
+    from bigtransfer.inference.predictor import load_model
+    from bigtransfer.sharing import export
 
-    monkeypatch.setattr(runtime, "MAX_PROTOBUF_BYTES", 0)
+    monkeypatch.setattr(backends, "MAX_PROTOBUF_BYTES", 0)
     out = tmp_path / "big.onnx"
     report = export.export(str(good.model), out)
     assert report["max_abs_diff_vs_pytorch"] < 1e-4

@@ -16,14 +16,14 @@ optuna = pytest.importorskip("optuna")
 
 from bigtransfer import BigTransferError
 from bigtransfer.cli import main
-from bigtransfer.evaluate.report import rebuild
-from bigtransfer.search import (
+from bigtransfer.evaluate.search import (
     SearchOptions,
     SearchSpace,
     finetune_overrides,
     open_study,
     run_search,
 )
+from bigtransfer.report.protocols import rebuild
 
 TINY = "R[1,1,1,1]x0.5"
 SMALL_SPACE = SearchSpace(steps=(3, 6), resolution=(16, 24))
@@ -63,7 +63,7 @@ def test_bad_spaces_are_refused(kwargs, flag):
 
 
 def options(out, **kw):
-    from bigtransfer.finetune import FinetuneOptions
+    from bigtransfer.recipes.finetune import FinetuneOptions
 
     ft = FinetuneOptions(data="digits", model=TINY, batch=16, steps=4, resolution=(20, 16), flip=False, workers=0,
                          precision="fp32", progress=False, checkpoint_every=kw.pop("checkpoint_every", 0))

@@ -26,7 +26,8 @@ from serve_server import CLASSES, png_bytes, running_server, save_tiny_model
 
 from bigtransfer.cli import main
 from bigtransfer.errors import BigTransferError
-from bigtransfer.inference import Predictor, embed, predict
+from bigtransfer.inference.images import embed, predict
+from bigtransfer.inference.predictor import Predictor
 from bigtransfer.serving.app import build_predictor
 from bigtransfer.serving.options import ServeOptions, read_api_key
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bigtransfer.demo import side_by_side
 from bigtransfer.errors import BigTransferError
-from bigtransfer.train import side_by_side
 
 
 def where_and_how() -> tuple[int, int]:

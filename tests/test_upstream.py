@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from bigtransfer import BigTransferError, upstream
-from bigtransfer.evaluate.metrics import MultiLabelMeter
+from bigtransfer import BigTransferError
+from bigtransfer.metrics import MultiLabelMeter
+from bigtransfer.recipes import upstream
 from bigtransfer.train.losses import sigmoid_cross_entropy
 
 ILSVRC = 1_281_167

@@ -19,7 +19,7 @@ from bigtransfer.evaluate.vtab import (
     run_vtab,
     vtab_1k_split,
 )
-from bigtransfer.finetune import FinetuneOptions
+from bigtransfer.recipes.finetune import FinetuneOptions
 
 TINY = "R[1,1,1,1]x0.5"
 

@@ -30,9 +30,9 @@ from demo_oneshot import validation_splits
 from bigtransfer.data.dataset import TransformedImages
 from bigtransfer.data.fewshot import sample_per_class
 from bigtransfer.data.transforms import eval_transform
-from bigtransfer.evaluate.fewshot_probe import _normalise, ridge_classifier
 from bigtransfer.models import create_model
 from bigtransfer.models.factory import model_source
+from bigtransfer.train.fewshot_probe import _normalise, ridge_classifier
 from bigtransfer.train.linear_probe import extract_features
 
 

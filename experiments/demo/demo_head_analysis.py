@@ -32,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo_oneshot import DEMO_RULE, validation_splits
 
-from bigtransfer import hyperrule
 from bigtransfer.data.dataset import TransformedImages
 from bigtransfer.data.fewshot import sample_per_class
 from bigtransfer.data.transforms import eval_transform, train_transform
-from bigtransfer.evaluate.fewshot_probe import _normalise, ridge_classifier
 from bigtransfer.models import create_model
 from bigtransfer.models.factory import model_source
+from bigtransfer.recipes import hyperrule
+from bigtransfer.train.fewshot_probe import _normalise, ridge_classifier
 from bigtransfer.train.linear_probe import extract_features
 
 VIEWS = 8  # augmented crops per pool image

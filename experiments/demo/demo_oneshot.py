@@ -34,10 +34,10 @@ from bigtransfer.data.fewshot import sample_per_class
 from bigtransfer.data.imageset import Splits
 from bigtransfer.data.sources import load_source, stratified_split
 from bigtransfer.data.transforms import eval_transform
-from bigtransfer.evaluate.fewshot_probe import _normalise, ridge_classifier
-from bigtransfer.finetune import FinetuneOptions, run_finetune
 from bigtransfer.models import create_model
 from bigtransfer.models.factory import model_source
+from bigtransfer.recipes.finetune import FinetuneOptions, run_finetune
+from bigtransfer.train.fewshot_probe import _normalise, ridge_classifier
 from bigtransfer.train.linear_probe import extract_features
 from bigtransfer.train.logbook import read_metrics
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from bigtransfer.demo import DemoConfig, pretrain_upstream
+from bigtransfer.demo.story import DemoConfig, pretrain_upstream
 
 
 def configured(overrides: list[str], where: str = "demo_upstream") -> DemoConfig:

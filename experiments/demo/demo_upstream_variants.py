@@ -35,8 +35,8 @@ from demo_oneshot import validation_splits
 from demo_upstream import configured
 
 from bigtransfer import machine
-from bigtransfer.demo import DemoConfig, pretrain_upstream
-from bigtransfer.train import side_by_side
+from bigtransfer.demo import side_by_side
+from bigtransfer.demo.story import DemoConfig, pretrain_upstream
 
 
 def parse_variant(text: str) -> tuple[str, DemoConfig]:

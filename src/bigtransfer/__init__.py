@@ -6,8 +6,7 @@ The heavy submodules (torch) load on first use, so `bigtransfer --help` starts i
 from importlib import import_module
 
 from .errors import BigTransferError
-
-__version__ = "0.1.0"
+from .version import __version__
 
 _LAZY = {
     "create_model": "bigtransfer.models",
@@ -15,10 +14,16 @@ _LAZY = {
     "save_checkpoint": "bigtransfer.models",
     "read_metadata": "bigtransfer.models",
 }
-__all__ = ["BigTransferError", "ResNetV2", "__version__", "create_model", "read_metadata", "save_checkpoint"]
+_LAZY_MODULES = {
+    "hyperrule": "bigtransfer.recipes.hyperrule",  # `from bigtransfer import hyperrule`: the rule as data
+}
+__all__ = ["BigTransferError", "ResNetV2", "__version__", "create_model", "hyperrule", "read_metadata",
+           "save_checkpoint"]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
+    if name in _LAZY_MODULES:
+        return import_module(_LAZY_MODULES[name])
     raise AttributeError(f"module 'bigtransfer' has no attribute {name!r}")

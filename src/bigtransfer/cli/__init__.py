@@ -82,7 +82,7 @@ def _check_paths_apart(args: argparse.Namespace) -> None:
     """A verb's outputs may not overlap its inputs (see bigtransfer.overlap); checked before it runs."""
     if args.verb not in PATH_ROLES:
         return
-    from ..overlap import Named, check_apart, existing_paths
+    from .overlap import Named, check_apart, existing_paths
 
     writes, scanned, read = PATH_ROLES[args.verb]
     outputs = []

@@ -235,7 +235,7 @@ def add_runtime_args(p) -> None:
 
 def finetune_options(args, **extra):
     """FinetuneOptions from the data and HyperRule groups (and whatever else the verb adds)."""
-    from ..finetune import FinetuneOptions
+    from ..recipes.finetune import FinetuneOptions
 
     return FinetuneOptions(
         data=args.data, model=args.model, weights=args.weights, val_fraction=args.val_fraction,

@@ -51,7 +51,7 @@ def _add_vtab_import(sub) -> None:
 
 def _run_vtab_import(args) -> int:
     from ..data.hf_import import import_hf_dataset
-    from ..evaluate.vtab_tasks import GROUP_OF
+    from ..data.vtab_tasks import GROUP_OF
 
     if args.task not in GROUP_OF:
         raise BigTransferError(f"--task: unknown VTAB task {args.task!r}")

@@ -41,7 +41,7 @@ def _add_fewshot(sub) -> None:
 
 def _run_fewshot(args) -> int:
     from ..evaluate.fewshot_sweep import SweepOptions, parse_shots, run_sweep
-    from ..evaluate.report import fewshot_table
+    from ..report.protocols import fewshot_table
 
     opts = SweepOptions(finetune=protocol_finetune_options(args), out=args.out, shots=parse_shots(args.shots),
                         repeats=args.repeats, linear_probe=not args.no_linear_probe, cache=not args.no_cache,
@@ -56,7 +56,7 @@ def _run_fewshot(args) -> int:
 
 
 def _add_vtab(sub) -> None:
-    from ..evaluate.vtab_tasks import TASKS
+    from ..data.vtab_tasks import TASKS
 
     p = verb(sub, "vtab", "VTAB-1k: fine-tune on 1000 images of each of the 19 tasks with BiT-HyperRule; score table.",
               "  bigtransfer vtab --model BiT-M-R50x1 --root ~/data/vtab --out runs/vtab\n"
@@ -77,8 +77,8 @@ def _add_vtab(sub) -> None:
 
 
 def _run_vtab(args) -> int:
+    from ..data.vtab_tasks import TASKS
     from ..evaluate.vtab import VtabOptions, run_vtab
-    from ..evaluate.vtab_tasks import TASKS
 
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else TASKS
     if args.runs < 1:
@@ -179,7 +179,7 @@ def _add_ablation(sub) -> None:
 def _run_ablation(args) -> int:
     from ..evaluate.ablation import AblationOptions, run_ablation
     from ..evaluate.fewshot_sweep import parse_shots
-    from ..evaluate.report import norm_grid
+    from ..report.protocols import norm_grid
 
     scale = {"upstream_resolution": args.upstream_resolution, "upstream_batch": args.upstream_batch,
              "upstream_epochs": args.upstream_epochs, "upstream_base_lr": args.upstream_lr,
@@ -248,7 +248,7 @@ def _add_search(sub) -> None:
 
 
 def _run_search(args) -> int:
-    from ..search import SearchOptions, SearchSpace, run_search
+    from ..evaluate.search import SearchOptions, SearchSpace, run_search
 
     if args.trials < 1:
         raise BigTransferError(f"--trials must be at least 1, got {args.trials}")
@@ -287,7 +287,7 @@ def _add_report(sub) -> None:
 
 
 def _run_report(args) -> int:
-    from ..evaluate.report import rebuild
+    from ..report.protocols import rebuild
 
     for out in args.dirs:
         print(f"{out}: {rebuild(out)}")

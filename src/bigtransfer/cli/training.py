@@ -33,10 +33,10 @@ def _add_plan(sub) -> None:
 
 
 def _run_plan(args) -> int:
-    from .. import hyperrule
-    from ..finetune import check_options, make_plan, prepare_data
     from ..models.factory import model_source, resolve_arch_name
     from ..models.resnetv2 import ModelConfig, parse_arch
+    from ..recipes import hyperrule
+    from ..recipes.finetune import check_options, make_plan, prepare_data
     from ..train import memory
 
     opts = finetune_options(args, progress=not args.json)
@@ -94,7 +94,7 @@ def _add_finetune(sub) -> None:
 
 
 def _run_finetune(args) -> int:
-    from ..finetune import run_finetune
+    from ..recipes.finetune import run_finetune
 
     opts = finetune_options(args, out=args.out, freeze_until=args.freeze_until, linear_probe=args.linear_probe,
                             **execution_options(args, auto_split=True))
@@ -156,8 +156,8 @@ def _add_pretrain(sub) -> None:
 
 
 def _run_pretrain(args) -> int:
-    from ..pretrain import PretrainOptions, plan_only, run_pretrain
-    from ..upstream import describe
+    from ..recipes.pretrain import PretrainOptions, plan_only, run_pretrain
+    from ..recipes.upstream import describe
 
     try:
         shots = tuple(int(k) for k in args.probe_shots.split(","))
@@ -208,7 +208,7 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from ..demo import DemoConfig, run_demo
+    from ..demo.story import DemoConfig, run_demo
 
     if args.seeds is not None and args.seeds < 1:
         raise BigTransferError(f"--seeds must be at least 1, got {args.seeds}")
@@ -267,7 +267,7 @@ def _add_distill(sub) -> None:
 
 
 def _run_distill(args) -> int:
-    from ..distill import DistillOptions, run_distill
+    from ..recipes.distill import DistillOptions, run_distill
 
     opts = DistillOptions(
         data=args.data, teacher=args.teacher, student=args.student, out=args.out, unlabelled=args.unlabelled,

@@ -31,7 +31,7 @@ def _add_evaluate(sub) -> None:
 
 
 def _run_evaluate(args) -> int:
-    from ..inference import evaluate
+    from ..inference.evaluation import evaluate
 
     result = evaluate(args.model, args.data, split=args.split, val_fraction=args.val_fraction, out=args.out,
                       batch=args.batch, workers=args.workers, device=args.device, resolution=args.resolution,
@@ -59,7 +59,7 @@ def _add_predict(sub) -> None:
 
 def _loaded(args, need_head: bool = True):
     """The model to run, and one line on stderr saying how it runs (and why)."""
-    from ..inference import load_predictor
+    from ..inference.predictor import load_predictor
 
     predictor = load_predictor(args.model, device=args.device, resolution=args.resolution, need_head=need_head,
                                backend=args.backend, precision=args.precision)
@@ -69,7 +69,7 @@ def _loaded(args, need_head: bool = True):
 
 
 def _run_predict(args) -> int:
-    from ..inference import predict
+    from ..inference.images import predict
 
     results, unreadable = predict(args.model, args.images, top_k=args.top_k, batch=args.batch,
                                   workers=args.workers, progress=not (args.quiet or args.json),
@@ -99,7 +99,7 @@ def _add_embed(sub) -> None:
 
 
 def _run_embed(args) -> int:
-    from ..inference import embed
+    from ..inference.images import embed
     from ..rundir import check_new_file
 
     for target in (args.out.with_suffix(".npy"), args.out.with_suffix(".csv")):
@@ -157,7 +157,7 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> int:
-    from ..export import export
+    from ..sharing.export import export
 
     extra = {key: value for key, value in (("calibration_images", args.calibration_images),
                                            ("max_drop", args.max_drop), ("max_batch", args.max_batch))
@@ -203,7 +203,7 @@ def _add_push(sub) -> None:
 
 
 def _run_push(args) -> int:
-    from ..push import push
+    from ..sharing.push import push
 
     result = push(args.run_dir, args.repo, to_folder=args.to_folder, dry_run=args.dry_run, private=args.private,
                   message=args.message, overwrite=args.overwrite, check=not args.no_check)

@@ -443,3 +443,21 @@ def digits() -> Splits:
     images = ImageSet([str(d) for d in range(10)], bunch.target, pixels=pixels, origin="digits")
     train_idx, test_idx = stratified_split(images.labels, DIGITS_TEST_FRACTION, seed=0)
     return Splits(images.subset(train_idx), images.subset(test_idx))
+
+
+def collect_images(inputs: list[str]) -> list[Path]:
+    """Image files named directly or found (recursively) in the named folders, in a stable order."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise BigTransferError(f"{item}: no such image file or folder")
+    if not files:
+        raise BigTransferError(f"no image files found in {', '.join(inputs)}")
+    return files
+
+

@@ -272,7 +272,7 @@ def run_dedup(opts: DedupOptions) -> dict:
 
 
 def _run(opts: DedupOptions, out: Path) -> dict:
-    from ..inference import resolve_device
+    from ..inference.predictor import resolve_device
 
     clock, seconds = time.perf_counter(), {}
 

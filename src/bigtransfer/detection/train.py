@@ -23,7 +23,7 @@ from .. import rundir
 from ..atomic import write_json, write_safetensors, write_text
 from ..data.sampler import ChunkSampler, StepBatches
 from ..errors import BigTransferError
-from ..inference import resolve_device
+from ..inference.predictor import resolve_device
 from ..safe_text import load_json
 from ..train.checkpointing import (
     fingerprint_of,

@@ -15,15 +15,14 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from ..demo import DemoConfig
 from ..errors import BigTransferError
-from ..finetune import FinetuneOptions
-from ..pretrain import PretrainOptions, run_pretrain
+from ..recipes.demo_scale import DEMO_SCALE as _DEMO
+from ..recipes.finetune import FinetuneOptions
+from ..recipes.pretrain import PretrainOptions, run_pretrain
+from ..report.protocols import claim_out, transfer_dir
 from .fewshot_sweep import SweepOptions, run_sweep
-from .report import claim_out, transfer_dir
 
 NORMS = ("bn", "bn_ws", "gn", "gn_ws")
-_DEMO = DemoConfig()
 
 
 @dataclass
@@ -84,7 +83,7 @@ def protocol_settings(opts: AblationOptions) -> dict:
 
 def run_ablation(opts: AblationOptions) -> dict:
     """Pre-train once per normalisation, transfer each, and write the two tables; resumable."""
-    from .report import collect_ablation, write_ablation_report
+    from ..report.protocols import collect_ablation, write_ablation_report
 
     unknown = [n for n in opts.norms if n not in NORMS]
     if unknown:

@@ -32,9 +32,9 @@ from ..data.fewshot import sample_per_class
 from ..data.sources import Splits, load_source
 from ..data.transforms import eval_transform
 from ..errors import BigTransferError
-from ..finetune import FinetuneOptions, check_options, make_plan, prepare_data, run_finetune
+from ..recipes.finetune import FinetuneOptions, check_options, make_plan, prepare_data, run_finetune
+from ..report.protocols import claim_out, collect_fewshot, write_fewshot_report
 from ..rundir import RunInUse
-from .report import claim_out, collect_fewshot, write_fewshot_report
 
 FULL = "full"  # a "shot count" meaning the whole training split
 DEFAULT_SHOTS = (1, 5, 10, 25, 100)
@@ -171,7 +171,7 @@ def run_sweep(opts: SweepOptions) -> dict:
 
 def _linear_probe_baseline(opts: SweepOptions, splits: Splits, all_jobs: list[Job]) -> None:
     """Logistic regression on frozen pre-logits for every (K, seed) draw; features computed once."""
-    from ..inference import resolve_device
+    from ..inference.predictor import resolve_device
     from ..models.factory import create_model, model_source
     from ..train.linear_probe import extract_features, fit_logistic_regression
 

@@ -277,7 +277,7 @@ def evaluate_objectnet(model_spec: str | Path, data: str, mapping: str | Path, *
 
 def _evaluate_objectnet(model_spec, data, mapping, *, boxes, restrict, skip_unmapped, resize, crop, batch, workers,
                         device, out, progress) -> dict:
-    from ..inference import load_predictor
+    from ..inference.predictor import load_predictor
 
     if resize < 1:
         raise BigTransferError(f"--resize must be at least 1, got {resize}")
@@ -351,7 +351,7 @@ def write_objectnet(out: Path, result: dict) -> None:
     """`objectnet.json` (everything), `per_class_accuracy.csv` (class, top1, top5, images) and
     `report.html` in `out` (with `protocol.json`, so `bigtransfer report OUT` can rebuild the page)."""
     from ..atomic import write_csv, write_json
-    from .report import write_objectnet_report
+    from ..report.protocols import write_objectnet_report
 
     write_json(out / "protocol.json", {"protocol": "objectnet", **result["settings"]})
     write_json(out / "objectnet.json", result)

@@ -23,11 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.sources import Splits, load_source
-from ..errors import BigTransferError
-from ..finetune import FinetuneOptions, check_options, run_finetune
-from ..rundir import RunInUse
-from ..safe_text import quoted
-from .vtab_tasks import (
+from ..data.vtab_tasks import (
     GROUP_OF,
     GROUPS,
     NO_CROP,
@@ -38,6 +34,10 @@ from .vtab_tasks import (
     aggregate,
     augmentation,
 )
+from ..errors import BigTransferError
+from ..recipes.finetune import FinetuneOptions, check_options, run_finetune
+from ..rundir import RunInUse
+from ..safe_text import quoted
 
 __all__ = ["GROUPS", "GROUP_OF", "NO_CROP", "NO_FLIP", "TASKS", "aggregate", "augmentation", "run_vtab",
            "vtab_1k_split"]
@@ -156,8 +156,8 @@ def run_vtab(opts: VtabOptions) -> dict:
     from tqdm.auto import tqdm
 
     from ..data.cache import decoded_splits
-    from ..finetune import make_plan
-    from .report import claim_out, collect_vtab, write_vtab_report
+    from ..recipes.finetune import make_plan
+    from ..report.protocols import claim_out, collect_vtab, write_vtab_report
 
     index, count = opts.shard
     if not 0 <= index < count:

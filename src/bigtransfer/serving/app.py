@@ -24,7 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..inference import Predictor, load_predictor
+from ..inference.predictor import Predictor, load_predictor
 from .batcher import Batcher
 from .metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
 from .options import ServeOptions, read_api_key
@@ -205,7 +205,7 @@ def create_app(options: ServeOptions, *, load: Callable[[ServeOptions], Predicto
                on_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
     """The server's ASGI app; the model loads and warms up in the background once the app starts
     (`on_ready` then, or `on_failure` with the error)."""
-    from .. import __version__
+    from ..version import __version__
 
     metrics = Metrics()
     state = ServingState(options, metrics, load)

@@ -26,7 +26,7 @@ from ..atomic import remove_file
 from ..data.mixup import mix, mixup_ratio
 from ..data.sampler import ChunkSampler, StepBatches
 from ..errors import BigTransferError
-from ..evaluate.metrics import ClassificationMeter, MultiLabelMeter
+from ..metrics import ClassificationMeter, MultiLabelMeter
 from .checkpointing import (
     FinalWeights,
     finished_weights,

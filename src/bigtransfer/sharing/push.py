@@ -14,12 +14,13 @@ import re
 import tempfile
 from pathlib import Path
 
-from . import library_export, modelcard, rundir
-from .atomic import write_json, write_text
-from .errors import BigTransferError
-from .models import hub
-from .models.foreign_config import timm_config, timm_model_name
-from .safe_text import load_json
+from .. import rundir
+from ..atomic import write_json, write_text
+from ..errors import BigTransferError
+from ..models import hub
+from ..models.foreign_config import timm_config, timm_model_name
+from ..safe_text import load_json
+from . import library_export, modelcard
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 TIMM_FOLDER = "timm"

@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BigTransferError
-from .safe_text import path_text
+from ..errors import BigTransferError
+from ..safe_text import path_text
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from .errors import BigTransferError
-from .train.schedule import LRSchedule
+from ..errors import BigTransferError
+from ..train.schedule import LRSchedule
 
 RECIPES = {  # name -> (epochs, decay epochs)
     "bit-s": (90, (30, 60, 80)),

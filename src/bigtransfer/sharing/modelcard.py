@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from . import __version__, hyperrule
-from .models import zoo
-from .models.hub import hub_copy
-from .models.resnetv2 import FOREIGN_WS_EPS, ArchSpec, parameter_count
-from .safe_text import markdown_code, markdown_fence, markdown_text
+from ..models import zoo
+from ..models.hub import hub_copy
+from ..models.resnetv2 import FOREIGN_WS_EPS, ArchSpec, parameter_count
+from ..recipes import hyperrule
+from ..safe_text import markdown_code, markdown_fence, markdown_text
+from ..version import __version__
 
 MAX_LISTED_CLASSES = 100
 

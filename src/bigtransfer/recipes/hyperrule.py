@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .errors import BigTransferError
-from .train.schedule import LRSchedule
+from ..errors import BigTransferError
+from ..train.schedule import LRSchedule
 
 BASE_LR = 0.003
 BATCH = 512

@@ -240,7 +240,7 @@ def write_fewshot_report(out: Path, results: dict) -> Path:
 @tolerant
 def collect_vtab(out: Path) -> dict:
     """Every finished VTAB-1k run; per task the mean test top-1 over runs, per group, overall."""
-    from .vtab_tasks import GROUP_OF, aggregate
+    from ..data.vtab_tasks import GROUP_OF, aggregate
 
     out = Path(out)
     protocol = read_protocol(out)
@@ -287,7 +287,7 @@ def vtab_figure(results: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .vtab_tasks import GROUP_OF, GROUPS
+    from ..data.vtab_tasks import GROUP_OF, GROUPS
 
     colours = {"natural": "tab:green", "specialized": "tab:purple", "structured": "tab:orange"}
     scores = results["test"]["tasks"]
@@ -311,7 +311,7 @@ def vtab_figure(results: dict):
 
 @tolerant
 def write_vtab_report(out: Path, results: dict) -> Path:
-    from .vtab_tasks import GROUP_OF
+    from ..data.vtab_tasks import GROUP_OF
 
     out = Path(out)
     write_json(out / "results.json", results)

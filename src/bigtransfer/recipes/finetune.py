@@ -12,28 +12,24 @@ from pathlib import Path
 
 import torch
 
-from . import hyperrule, rundir
-from .atomic import remove_file, write_json
-from .data.dataset import TransformedImages
-from .data.fewshot import sample_per_class
-from .data.sources import Splits, load_source, report_skipped
-from .data.transforms import eval_transform, train_transform
-from .errors import BigTransferError
-from .models import create_model, save_checkpoint
-from .models.factory import model_source, resolve_arch_name
-from .models.resnetv2 import parse_arch
-from .train.checkpointing import (
-    FinalWeights,
-    check_resumable,
-    fingerprint_of,
-    finished_summary,
-)
-from .train.distributed import DistContext
-from .train.execution import ExecutionOptions
-from .train.linear_probe import extract_features, fit_logistic_regression
-from .train.logbook import Logbook
-from .train.loop import LoopConfig, evaluate_model, resolve_precision, train
-from .train.memory import auto_batch_split, forward_flops_per_image
+from .. import rundir
+from ..atomic import remove_file, write_json
+from ..data.dataset import TransformedImages
+from ..data.fewshot import sample_per_class
+from ..data.sources import Splits, load_source, report_skipped
+from ..data.transforms import eval_transform, train_transform
+from ..errors import BigTransferError
+from ..models import create_model, save_checkpoint
+from ..models.factory import model_source, resolve_arch_name
+from ..models.resnetv2 import parse_arch
+from ..train.checkpointing import FinalWeights, check_resumable, fingerprint_of, finished_summary
+from ..train.distributed import DistContext
+from ..train.execution import ExecutionOptions
+from ..train.linear_probe import extract_features, fit_logistic_regression
+from ..train.logbook import Logbook
+from ..train.loop import LoopConfig, evaluate_model, resolve_precision, train
+from ..train.memory import auto_batch_split, forward_flops_per_image
+from . import hyperrule
 
 FREEZE_POINTS = ("root", "stage1", "stage2", "stage3", "stage4")
 
@@ -92,7 +88,7 @@ def make_plan(opts: FinetuneOptions, splits: Splits) -> hyperrule.Plan:
 
 def _check_kept_head(model, name: str, weights: str | None, classes: int) -> None:
     """--keep-head needs a weights file whose head has the data's class count."""
-    from .models import checkpoint, zoo
+    from ..models import checkpoint, zoo
 
     entry = zoo.lookup(name)
     source = weights or (zoo.require_cached(entry) if entry else None)
@@ -118,7 +114,7 @@ def check_options(opts: FinetuneOptions, check_out: bool = True, need_weights: b
     """Every check that needs no data, run first: a mistyped flag costs a second, not a data scan.
     (`check_out=False` for a protocol's template options, whose jobs each check their own folder;
     `need_weights=False` for a plan, which is arithmetic on the data and runs before a download.)"""
-    from .models import checkpoint, zoo
+    from ..models import checkpoint, zoo
 
     def at_least(flag: str, value, low, inclusive: bool = True) -> None:
         if value is not None and (value < low if inclusive else value <= low):

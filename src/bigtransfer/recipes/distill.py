@@ -30,26 +30,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import rundir
-from .atomic import remove_file, write_json, write_npy
-from .data.dataset import TransformedImages
-from .data.imageset import ImageSet, Splits
-from .data.sources import IMAGE_EXTENSIONS, load_source, report_skipped
-from .data.transforms import eval_transform, upstream_transform
-from .errors import BigTransferError
-from .models import checkpoint, create_model, save_checkpoint
-from .models.factory import model_source, resolve_arch_name, resolve_weights
-from .train.checkpointing import (
-    FinalWeights,
-    check_resumable,
-    fingerprint_of,
-    finished_summary,
-)
-from .train.distributed import DistContext
-from .train.execution import ExecutionOptions
-from .train.loop import LoopConfig, evaluate_model, resolve_precision, train
-from .train.memory import forward_flops_per_image
-from .train.schedule import CosineSchedule
+from .. import rundir
+from ..atomic import remove_file, write_json, write_npy
+from ..data.dataset import TransformedImages
+from ..data.imageset import ImageSet, Splits
+from ..data.sources import IMAGE_EXTENSIONS, load_source, report_skipped
+from ..data.transforms import eval_transform, upstream_transform
+from ..errors import BigTransferError
+from ..models import checkpoint, create_model, save_checkpoint
+from ..models.factory import model_source, resolve_arch_name, resolve_weights
+from ..train.checkpointing import FinalWeights, check_resumable, fingerprint_of, finished_summary
+from ..train.distributed import DistContext
+from ..train.execution import ExecutionOptions
+from ..train.loop import LoopConfig, evaluate_model, resolve_precision, train
+from ..train.memory import forward_flops_per_image
+from ..train.schedule import CosineSchedule
 
 # The authors' values (big_vision configs/proj/distill): bit_i1k.py and bigsweep_flowers_pet.py.
 BATCH = 512
@@ -202,7 +197,7 @@ def distill_data(opts: DistillOptions, teacher_classes: list[str]) -> tuple[Spli
     """The images to distill on (and, when labelled, a test split scored in the teacher's classes)."""
     path = Path(opts.data).expanduser()
     if opts.unlabelled or _unlabelled_folder(path):
-        from .inference import collect_images
+        from ..data.sources import collect_images
 
         files = [str(p) for p in collect_images([opts.data])]
         images = ImageSet(teacher_classes, np.zeros(len(files), dtype=np.int64), paths=files, origin=opts.data)
@@ -329,7 +324,7 @@ def _distill(opts: DistillOptions, ctx: DistContext) -> dict:
         write_json(out / "protocol.json", {"protocol": "distill", "teacher": str(teacher_path),
                                                   "student": opts.student, "data": opts.data,
                                                   "compare": opts.compare})
-        from .evaluate.report import collect_distill, write_distill_report
+        from ..report.protocols import collect_distill, write_distill_report
 
         write_distill_report(out, collect_distill(out))
     ctx.barrier()
@@ -342,7 +337,7 @@ def _student(opts: DistillOptions, num_classes: int):
     torch.manual_seed(opts.seed)
     name, weights = model_source(opts.student, None)
     if weights is None and not Path(opts.student).exists():
-        from .models import zoo
+        from ..models import zoo
 
         entry = zoo.lookup(name)
         weights = str(zoo.require_cached(entry)) if entry else None
@@ -361,7 +356,7 @@ def _student(opts: DistillOptions, num_classes: int):
 def _teacher_on(teacher, ctx: DistContext, bf16: bool, fsdp: bool):
     """targets(images): the teacher's logits for the batch the student is about to see."""
     if fsdp:
-        from .train.distributed import wrap_for_training
+        from ..train.distributed import wrap_for_training
 
         teacher = wrap_for_training(teacher, ctx, fsdp=True)
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if bf16 else None

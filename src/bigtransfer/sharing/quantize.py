@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.images import IMAGE_ERRORS, load_rgb
-from .data.imageset import ImageSet
-from .data.sources import load_source
-from .data.transforms import eval_transform
-from .errors import BigTransferError
-from .safe_text import markdown_code, markdown_text
+from ..data.images import IMAGE_ERRORS, load_rgb
+from ..data.imageset import ImageSet
+from ..data.sources import load_source
+from ..data.transforms import eval_transform
+from ..errors import BigTransferError
+from ..safe_text import markdown_code, markdown_text
 
 DEFAULT_MAX_DROP = 1.0  # top-1 points
 DEFAULT_CALIBRATION_IMAGES = 256
@@ -65,7 +65,7 @@ def calibration_images(spec: str, limit: int) -> tuple[list[Callable[[], object]
     """Up to `limit` images, evenly spread over what `spec` names: image files or folders (searched
     recursively), or any data source `--data` accepts (its training split). Returns loaders and a
     description."""
-    from .inference import collect_images
+    from ..data.sources import collect_images
 
     path = Path(spec).expanduser()
     if path.is_dir() or path.is_file() and path.suffix.lower() != ".csv":
@@ -102,7 +102,7 @@ def _decoded_batches(loaders: list[Callable[[], object]], resolution: int, batch
 def held_out_images(weights: Path, data: str | None, class_names: list[str]) -> tuple[ImageSet, str]:
     """The labelled images top-1 is measured on: `data`'s test split, or the run's own test split
     (from the run directory's config.json), labels re-indexed into the model's class order."""
-    from .inference import _align_labels
+    from ..inference.evaluation import _align_labels
 
     if data is None:
         config_path = weights.parent / "config.json"
@@ -159,7 +159,7 @@ def top1_of(model: Path, images: ImageSet, resolution: int, *, progress: bool = 
     """Top-1 of an ONNX model (first output: logits) over labelled images; unreadable ones count as misses."""
     from tqdm.auto import tqdm
 
-    from .runtime import new_session
+    from ..inference.backends import new_session
 
     session = new_session(model)
     transform = eval_transform(resolution)

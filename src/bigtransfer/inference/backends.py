@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import machine
-from .atomic import write_atomically, write_bytes
-from .errors import BigTransferError
-from .models.resnetv2 import ResNetV2, fold_standardization
+from .. import machine
+from ..atomic import write_atomically, write_bytes
+from ..errors import BigTransferError
+from ..models.resnetv2 import ResNetV2, fold_standardization
 
 BACKENDS = ("auto", "torch", "onnxruntime")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -83,7 +83,7 @@ def onnx_available() -> str | None:
 
 def choose(backend: str, precision: str, device: torch.device, flops_per_image: float) -> Choice:
     """Resolve `auto` in `backend` / `precision` for this device and model; refuse what cannot run."""
-    from .train.loop import resolve_precision
+    from ..train.loop import resolve_precision
 
     if backend not in BACKENDS:
         raise BigTransferError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -273,7 +273,7 @@ def _quiet_exporter():
 
 def weights_digest(path: Path) -> str:
     """SHA-256 of a weights file, or of a checkpoint folder's files (names and contents)."""
-    from .models.zoo import sha256_of
+    from ..models.zoo import sha256_of
 
     path = Path(path)
     if path.is_file():
@@ -289,7 +289,7 @@ def cached_onnx(model: ResNetV2, weights: Path, resolution: int) -> Path:
 
     Written whole (weights, if apart, before the model that names them): a reader sees the whole
     model or none, and two processes exporting at once both end with the same file."""
-    from .models.zoo import cache_dir
+    from ..models.zoo import cache_dir
 
     key = f"{weights_digest(weights)[:32]}-{resolution}px-g{GRAPH_VERSION}"
     final = cache_dir() / "onnx" / key / "model.onnx"

@@ -5,7 +5,7 @@ deprecates TorchScript); and, through `library_export`, a timm state dict or a t
 Exported models take images already pre-processed as in training: RGB, resized to the model's
 resolution, scaled to [-1, 1], NCHW float32; the batch dimension is dynamic. The class names
 and resolution travel beside the model in `<out>.json` (and, for ONNX, in its metadata_props).
-The ONNX graph holds plain convolutions: the standardized kernels are folded in (runtime.py).
+The ONNX graph holds plain convolutions: the standardized kernels are folded in (backends.py).
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import rundir, runtime, triton
-from .atomic import write_bytes, write_json, write_text
-from .errors import BigTransferError
-from .inference import LoadedModel, load_model
+from .. import rundir
+from ..atomic import write_bytes, write_json, write_text
+from ..errors import BigTransferError
+from ..inference import backends
+from ..inference.backends import ConcatZeroPad, onnx_safe_copy  # noqa: F401  (where they were first defined)
+from ..inference.predictor import LoadedModel, load_model
+from ..safe_text import markdown_code, markdown_text
+from . import triton
 from .quantize import DEFAULT_CALIBRATION_IMAGES, DEFAULT_MAX_DROP, QuantizationReport
-from .runtime import ConcatZeroPad, onnx_safe_copy  # noqa: F401  (where they were first defined)
-from .safe_text import markdown_code, markdown_text
 
 FORMATS = ("onnx", "torchscript", "pt2", "timm", "transformers", "triton")
 QUANTIZATIONS = ("int8",)
@@ -97,7 +99,7 @@ def _check_options(fmt, quantize, calibration, data, max_drop, calibration_image
 def _export_onnx_file(loaded: LoadedModel, out: Path, **options) -> dict:
     proto, report, quantization = _build_onnx(loaded, **options)
     report["path"] = str(out)
-    runtime.save_onnx(proto, out)
+    backends.save_onnx(proto, out)
     write_text(Path(f"{out}.md"), _card(loaded, report, quantization, markdown_code(out.name)), what="model card")
     write_json(Path(f"{out}.json"), report, what="export report")
     return report
@@ -118,16 +120,16 @@ def _build_onnx(loaded: LoadedModel, *, check: bool, atol: float, quantize: str 
         loaders, calibration_name = calibration_loaders(calibration, calibration_images)
         if not loaders:
             raise BigTransferError(f"--calibration {calibration}: no images")
-    proto = runtime.onnx_model(loaded.model, loaded.resolution)
+    proto = backends.onnx_model(loaded.model, loaded.resolution)
     report = {"format": "onnx", "input": ["batch", 3, loaded.resolution, loaded.resolution],
-              "value_range": [-1.0, 1.0], "outputs": list(runtime.OUTPUTS), "class_names": loaded.class_names,
+              "value_range": [-1.0, 1.0], "outputs": list(backends.OUTPUTS), "class_names": loaded.class_names,
               "source": str(loaded.source), "precision": quantize or "fp32"}
     quantization = None
     if check or quantize:
         with tempfile.TemporaryDirectory(prefix="bigtransfer-export-") as folder:
             work = Path(folder)
             fp32 = work / "fp32.onnx"
-            runtime.save_onnx(proto, fp32)
+            backends.save_onnx(proto, fp32)
             if check:
                 report["max_abs_diff_vs_pytorch"] = _check_onnx(loaded, fp32, atol)
             if quantize:
@@ -150,7 +152,7 @@ def _check_onnx(loaded: LoadedModel, path: Path, atol: float) -> float:
     probe = torch.rand(3, 3, loaded.resolution, loaded.resolution, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
         expected = loaded.model.eval()(probe).numpy()
-    got = runtime.OnnxForward(path, loaded.resolution, keep_session=False)(probe, "logits").numpy()
+    got = backends.OnnxForward(path, loaded.resolution, keep_session=False)(probe, "logits").numpy()
     diff = float(np.abs(got - expected).max())
     if diff > atol * max(1.0, float(np.abs(expected).max())):
         raise BigTransferError(f"{path.name}: exported model disagrees with PyTorch (max abs diff {diff:.3g})")
@@ -228,7 +230,7 @@ def _export_triton(spec: str, out: Path, *, resolution, check, atol, overwrite, 
         config = triton.config_pbtxt(name, resolution=loaded.resolution, num_classes=len(loaded.class_names),
                                      num_features=loaded.model.num_features, max_batch=max_batch)
         report.update({"format": "triton", "path": str(folder), "model_name": name, "max_batch": max_batch})
-        runtime.save_onnx(proto, folder / "1" / "model.onnx")
+        backends.save_onnx(proto, folder / "1" / "model.onnx")
         write_text(folder / "config.pbtxt", config, what="Triton config")
         write_text(folder / "labels.txt", "\n".join(loaded.class_names) + "\n", what="labels")
         write_text(folder / "README.md", _card(loaded, report, quantization, f"Triton model {markdown_code(name)}"),

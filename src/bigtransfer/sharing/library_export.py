@@ -33,13 +33,13 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, rundir
-from .atomic import write_json, write_safetensors
-from .errors import BigTransferError
-from .inference import DEFAULT_RESOLUTION
-from .models import checkpoint, create_model, interop
-from .models.factory import resolve_weights
-from .models.foreign_config import (
+from .. import rundir
+from ..atomic import write_json, write_safetensors
+from ..errors import BigTransferError
+from ..inference.predictor import DEFAULT_RESOLUTION
+from ..models import checkpoint, create_model, interop
+from ..models.factory import resolve_weights
+from ..models.foreign_config import (
     CONFIG_NAME,
     PREPROCESSOR_NAME,
     WEIGHTS_NAME,
@@ -47,7 +47,8 @@ from .models.foreign_config import (
     transformers_config,
     transformers_preprocessor,
 )
-from .models.resnetv2 import FOREIGN_WS_EPS, ModelConfig, ResNetV2, StdConv2d
+from ..models.resnetv2 import FOREIGN_WS_EPS, ModelConfig, ResNetV2, StdConv2d
+from ..version import __version__
 
 TIMM_LAYOUT = interop.Layout(interop.TIMM)
 TRANSFORMERS_LAYOUT = interop.Layout(interop.TRANSFORMERS, "bit.")

@@ -30,15 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import rundir
-from .atomic import write_json
-from .data.cache import decoded_splits
-from .data.sources import Splits, load_source, stratified_split
-from .errors import BigTransferError
-from .evaluate.report import claim_out
-from .finetune import FinetuneOptions, check_options, make_plan, run_finetune
-from .rundir import RunInUse
-from .safe_text import path_text, quoted
+from .. import rundir
+from ..atomic import write_json
+from ..data.cache import decoded_splits
+from ..data.sources import Splits, load_source, stratified_split
+from ..errors import BigTransferError
+from ..recipes.finetune import FinetuneOptions, check_options, make_plan, run_finetune
+from ..report.protocols import claim_out
+from ..rundir import RunInUse
+from ..safe_text import path_text, quoted
 
 RESIZE_RATIO = 160 / 128  # the HyperRule's resize/crop ratio
 
@@ -106,7 +106,7 @@ def search_splits(opts: SearchOptions, splits: Splits) -> dict[str, Splits]:
     """'search': train -> val (what trials see); 'final': train+val -> test."""
     labels = splits.train.labels
     if opts.train_size is not None or opts.val_size is not None:
-        from .evaluate.vtab import vtab_1k_split
+        from .vtab import vtab_1k_split
 
         if opts.train_size is None or opts.val_size is None:
             raise BigTransferError("--train-size and --val-size go together")
@@ -265,7 +265,7 @@ def run_search(opts: SearchOptions) -> dict:
                        callbacks=[optuna.study.MaxTrialsCallback(opts.trials)])
     if opts.final:
         _final_comparison(opts, study, parts)
-    from .evaluate.report import collect_search, write_search_report
+    from ..report.protocols import collect_search, write_search_report
 
     results = collect_search(out, study)
     write_search_report(out, results)

@@ -14,33 +14,24 @@ from pathlib import Path
 
 import torch
 
-from . import rundir, upstream
-from .atomic import remove_file, write_json
-from .data.dataset import TransformedImages
-from .data.shards import ShardSet, ShardStream, is_shard_dir
-from .data.sources import Splits, load_source, report_skipped
-from .data.transforms import eval_transform, upstream_transform
-from .errors import BigTransferError
-from .evaluate.fewshot_probe import (
-    DEFAULT_SEEDS,
-    DEFAULT_SHOTS,
-    fewshot_accuracies,
-    mean_over_draws,
-)
-from .models import create_model, save_checkpoint
-from .train.checkpointing import (
-    FinalWeights,
-    check_resumable,
-    fingerprint_of,
-    finished_summary,
-)
-from .train.distributed import DistContext
-from .train.execution import ExecutionOptions
-from .train.linear_probe import extract_features
-from .train.logbook import Logbook
-from .train.loop import LoopConfig, resolve_precision, train
-from .train.losses import sigmoid_cross_entropy, softmax_cross_entropy
-from .train.memory import forward_flops_per_image
+from .. import rundir
+from ..atomic import remove_file, write_json
+from ..data.dataset import TransformedImages
+from ..data.shards import ShardSet, ShardStream, is_shard_dir
+from ..data.sources import Splits, load_source, report_skipped
+from ..data.transforms import eval_transform, upstream_transform
+from ..errors import BigTransferError
+from ..models import create_model, save_checkpoint
+from ..train.checkpointing import FinalWeights, check_resumable, fingerprint_of, finished_summary
+from ..train.distributed import DistContext
+from ..train.execution import ExecutionOptions
+from ..train.fewshot_probe import DEFAULT_SEEDS, DEFAULT_SHOTS, fewshot_accuracies, mean_over_draws
+from ..train.linear_probe import extract_features
+from ..train.logbook import Logbook
+from ..train.loop import LoopConfig, resolve_precision, train
+from ..train.losses import sigmoid_cross_entropy, softmax_cross_entropy
+from ..train.memory import forward_flops_per_image
+from . import upstream
 
 
 @dataclass
@@ -145,8 +136,8 @@ def build_upstream_model(opts: PretrainOptions, plan: upstream.UpstreamPlan):
 
 def check_options(opts: PretrainOptions, check_out: bool = True) -> None:
     """Every check that needs no data, run first (a mistyped flag costs a second, not a data scan)."""
-    from .models.factory import resolve_arch_name
-    from .models.resnetv2 import NORMS, parse_arch
+    from ..models.factory import resolve_arch_name
+    from ..models.resnetv2 import NORMS, parse_arch
 
     width = parse_arch(resolve_arch_name(opts.model)).width
     if opts.norm not in NORMS:

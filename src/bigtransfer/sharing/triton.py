@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import BigTransferError
+from ..errors import BigTransferError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 DEFAULT_MAX_BATCH = 32
