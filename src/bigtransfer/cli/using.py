@@ -58,22 +58,26 @@ def _add_predict(sub) -> None:
 
 
 def _loaded(args, need_head: bool = True):
-    """The model to run, and one line on stderr saying how it runs (and why)."""
+    """The model to run, as --backend, --precision and --device say."""
     from ..inference.predictor import load_predictor
 
-    predictor = load_predictor(args.model, device=args.device, resolution=args.resolution, need_head=need_head,
-                               backend=args.backend, precision=args.precision)
+    return load_predictor(args.model, device=args.device, resolution=args.resolution, need_head=need_head,
+                          backend=args.backend, precision=args.precision)
+
+
+def _say_how(args, predictor) -> None:
+    """One line on stderr saying how the model ran (and why), once the work is done: a failure's
+    message stays the only line."""
     if not args.quiet:
         print(f"bigtransfer: {predictor.describe()}", file=sys.stderr)
-    return predictor
 
 
 def _run_predict(args) -> int:
     from ..inference.images import predict
 
+    predictor = _loaded(args)
     results, unreadable = predict(args.model, args.images, top_k=args.top_k, batch=args.batch,
-                                  workers=args.workers, progress=not (args.quiet or args.json),
-                                  predictor=_loaded(args))
+                                  workers=args.workers, progress=not (args.quiet or args.json), predictor=predictor)
     if args.json:
         print(json.dumps({"predictions": results, "unreadable": [str(p) for p in unreadable]}, indent=2))
     else:
@@ -84,6 +88,7 @@ def _run_predict(args) -> int:
     if unreadable:
         print(f"bigtransfer: warning: {len(unreadable)} unreadable image(s): "
               f"{', '.join(map(path_text, unreadable[:5]))}", file=sys.stderr)
+    _say_how(args, predictor)
     return 0
 
 
@@ -104,12 +109,14 @@ def _run_embed(args) -> int:
 
     for target in (args.out.with_suffix(".npy"), args.out.with_suffix(".csv")):
         check_new_file(target, overwrite=args.overwrite)  # before the model loads (and maybe exports)
+    predictor = _loaded(args, need_head=False)
     result = embed(args.model, args.images, args.out, batch=args.batch, workers=args.workers,
-                   progress=not args.quiet, overwrite=args.overwrite, predictor=_loaded(args, need_head=False))
+                   progress=not args.quiet, overwrite=args.overwrite, predictor=predictor)
     print(f"wrote {path_text(result['features'])} {tuple(result['shape'])} and {path_text(result['index'])}")
     if result["unreadable"]:
         print(f"bigtransfer: warning: skipped {len(result['unreadable'])} unreadable image(s): "
               f"{', '.join(map(path_text, result['unreadable'][:5]))}", file=sys.stderr)
+    _say_how(args, predictor)
     return 0
 
 

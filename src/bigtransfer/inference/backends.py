@@ -218,21 +218,21 @@ def onnx_model(model: ResNetV2, resolution: int):
         folded.root.pad = pad
 
 
-def save_onnx(proto, out: Path, inline_limit: int | None = None) -> None:
+def save_onnx(proto, out: Path, inline_limit: int | None = None, what: str = "ONNX export") -> None:
     """An ONNX model into `out`, atomically. Weights beyond `inline_limit` (MAX_PROTOBUF_BYTES) bytes
     go to `out`.data, written (atomically) before the model that names it: one protobuf holds 2 GiB.
     `proto` is left as it was (it may be saved again elsewhere)."""
     out = Path(out)
     weights = [t for t in proto.graph.initializer if t.HasField("raw_data")]
     if sum(len(t.raw_data) for t in weights) <= (MAX_PROTOBUF_BYTES if inline_limit is None else inline_limit):
-        write_bytes(out, proto.SerializeToString(), what="ONNX model")
+        write_bytes(out, proto.SerializeToString(), what=what)
         return
     # small tensors (shapes, scalars) stay inline, as ONNX's own saver keeps them: graph checks read them
     moved = [t for t in weights if len(t.raw_data) >= 1024]
     data = out.with_name(out.name + ".data")
     write_atomically(data, lambda fh: [fh.write(t.raw_data) for t in moved], what="ONNX weights")
     with _stored_in(moved, data.name):
-        write_bytes(out, proto.SerializeToString(), what="ONNX model")
+        write_bytes(out, proto.SerializeToString(), what=what)
 
 
 @contextlib.contextmanager
