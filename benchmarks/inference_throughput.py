@@ -6,7 +6,7 @@ machine drift and other people's jobs hit all of them alike; each figure is the 
 rounds, and each speed-up the median of the per-round ratios, with its min-max spread.
 
     timm            timm's eager model, NCHW fp32 (the baseline)
-    ours-plain      ours standardizing every kernel on every forward pass (before issue 36)
+    ours-plain      ours standardizing every kernel on every forward pass (as before the fast path)
     ours-torch      the Predictor's torch backend: kernels folded once, channels_last
     ours-onnxruntime the Predictor's onnxruntime backend: the folded graph in ONNX Runtime
     ours-bf16       the torch backend in bf16 autocast (only where the CPU computes bf16 natively)

@@ -86,7 +86,7 @@ def combined(image: Image.Image, rng: np.random.Generator) -> bytes:
     return jpeg(edited, rng)
 
 
-# The edits of issue 15's web copies, then two more a web copy often has.
+# The edits a web copy of an image typically has (rescaled, shifted, re-encoded...), then two more.
 EDITS: dict[str, Callable[[Image.Image, np.random.Generator], bytes]] = {
     "copy": copy, "rescale": rescale, "shift": shift, "brightness": brightness, "jpeg": jpeg,
     "grey_rgb": grey_rgb, "crop": crop, "combined": combined,

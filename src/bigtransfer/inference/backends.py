@@ -47,8 +47,8 @@ MAX_PROTOBUF_BYTES = 1_800_000_000  # ONNX files hold at most 2 GiB inline; larg
 MEASURED_FP32 = {
     "avx2": ("onnxruntime", ("measured on a 2-core AMD EPYC (AVX2), 1 thread: ONNX Runtime 1.25-3.04x timm, torch "
                              "1.17-1.59x; benchmarks/results/inference_cpu.md")),
-    "avx512": ("onnxruntime", ("measured on a 2-core AMD EPYC (AVX512-BF16), issue 36: ONNX Runtime 1.52-2.32x "
-                               "timm at batch 1 and at 128 px, torch 1.29x at 224 px batch 16")),
+    "avx512": ("onnxruntime", ("reported for a 2-core AMD EPYC with AVX512-BF16 (not re-measured here): ONNX Runtime "
+                               "1.52-2.32x timm at batch 1 and at 128 px, torch 1.29x at 224 px batch 16")),
 }
 
 
