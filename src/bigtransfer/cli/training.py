@@ -208,7 +208,7 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from ..demo.story import DemoConfig, run_demo
+    from ..demo import DemoConfig, run_demo
 
     if args.seeds is not None and args.seeds < 1:
         raise BigTransferError(f"--seeds must be at least 1, got {args.seeds}")
