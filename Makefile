@@ -17,9 +17,11 @@ $(TESTS): $(BASE)
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(TESTS)
 
+# One pytest worker per core (pytest-xdist); WORKERS=0 runs everything in one process.
+WORKERS ?= auto
 # pytest exits 5 when it collects nothing: that is a broken suite, not a pass.
 test: $(TESTS)
-	@$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest tests -n $(WORKERS) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; failing"; exit 1; fi; \
 	exit $$rc
 

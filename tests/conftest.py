@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from loopback_bucket import bucket  # noqa: F401  (shared fixture)
 from loopback_hub import hub  # noqa: F401  (shared fixture)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: each worker computes on one thread (and so do the
+    # processes it starts), so two workers do not fight over two cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
