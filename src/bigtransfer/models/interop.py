@@ -1,7 +1,7 @@
 """Tensor names of BiT in timm and Hugging Face transformers, and how they map onto ours.
 
 Pure functions on names, shapes and tensors: reading files, and deciding what a file may be
-trusted with, is `checkpoint.py`'s job.
+trusted with, is `checkpoint/`'s job.
 
 All three hold the same parameters in the same PyTorch layouts:
 
