@@ -18,7 +18,8 @@ from bigtransfer.data.transforms import eval_transform, train_transform
 from bigtransfer.evaluate import fewshot_sweep
 from bigtransfer.evaluate.fewshot_sweep import FULL, Job, SweepOptions, parse_shots, run_sweep
 from bigtransfer.recipes.finetune import FinetuneOptions
-from bigtransfer.report.protocols import collect_fewshot, rebuild
+from bigtransfer.report.protocols import rebuild
+from bigtransfer.report.protocols.fewshot import collect_fewshot
 
 TINY = "R[1,1,1,1]x0.5"
 

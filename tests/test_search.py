@@ -112,9 +112,9 @@ WORKER = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     from test_search import options
-    from bigtransfer.search import run_search
+    from bigtransfer.evaluate.search import run_search
     out, trials, seed, heartbeat, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-    from bigtransfer.search import SearchSpace
+    from bigtransfer.evaluate.search import SearchSpace
     space = SearchSpace(steps=tuple(int(s) for s in steps.split(",")), resolution=(16,))
     run_search(options(Path(out), trials=trials, seed=seed, heartbeat=heartbeat, final=False, space=space,
                        checkpoint_every=1))

@@ -41,7 +41,7 @@ def _add_fewshot(sub) -> None:
 
 def _run_fewshot(args) -> int:
     from ..evaluate.fewshot_sweep import SweepOptions, parse_shots, run_sweep
-    from ..report.protocols import fewshot_table
+    from ..report.protocols.fewshot import fewshot_table
 
     opts = SweepOptions(finetune=protocol_finetune_options(args), out=args.out, shots=parse_shots(args.shots),
                         repeats=args.repeats, linear_probe=not args.no_linear_probe, cache=not args.no_cache,
@@ -179,7 +179,7 @@ def _add_ablation(sub) -> None:
 def _run_ablation(args) -> int:
     from ..evaluate.ablation import AblationOptions, run_ablation
     from ..evaluate.fewshot_sweep import parse_shots
-    from ..report.protocols import norm_grid
+    from ..report.protocols.ablation import norm_grid
 
     scale = {"upstream_resolution": args.upstream_resolution, "upstream_batch": args.upstream_batch,
              "upstream_epochs": args.upstream_epochs, "upstream_base_lr": args.upstream_lr,

@@ -19,7 +19,8 @@ from ..errors import BigTransferError
 from ..recipes.demo_scale import DEMO_SCALE as _DEMO
 from ..recipes.finetune import FinetuneOptions
 from ..recipes.pretrain import PretrainOptions, run_pretrain
-from ..report.protocols import claim_out, transfer_dir
+from ..report.folder import claim_out
+from ..report.protocols.ablation import transfer_dir
 from .fewshot_sweep import SweepOptions, run_sweep
 
 NORMS = ("bn", "bn_ws", "gn", "gn_ws")
@@ -83,7 +84,7 @@ def protocol_settings(opts: AblationOptions) -> dict:
 
 def run_ablation(opts: AblationOptions) -> dict:
     """Pre-train once per normalisation, transfer each, and write the two tables; resumable."""
-    from ..report.protocols import collect_ablation, write_ablation_report
+    from ..report.protocols.ablation import collect_ablation, write_ablation_report
 
     unknown = [n for n in opts.norms if n not in NORMS]
     if unknown:

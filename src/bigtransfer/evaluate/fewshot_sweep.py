@@ -33,7 +33,8 @@ from ..data.sources import Splits, load_source
 from ..data.transforms import eval_transform
 from ..errors import BigTransferError
 from ..recipes.finetune import FinetuneOptions, check_options, make_plan, prepare_data, run_finetune
-from ..report.protocols import claim_out, collect_fewshot, write_fewshot_report
+from ..report.folder import claim_out
+from ..report.protocols.fewshot import collect_fewshot, write_fewshot_report
 from ..rundir import RunInUse
 
 FULL = "full"  # a "shot count" meaning the whole training split

@@ -351,7 +351,7 @@ def write_objectnet(out: Path, result: dict) -> None:
     """`objectnet.json` (everything), `per_class_accuracy.csv` (class, top1, top5, images) and
     `report.html` in `out` (with `protocol.json`, so `bigtransfer report OUT` can rebuild the page)."""
     from ..atomic import write_csv, write_json
-    from ..report.protocols import write_objectnet_report
+    from ..report.protocols.objectnet import write_objectnet_report
 
     write_json(out / "protocol.json", {"protocol": "objectnet", **result["settings"]})
     write_json(out / "objectnet.json", result)

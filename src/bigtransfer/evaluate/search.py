@@ -36,7 +36,7 @@ from ..data.cache import decoded_splits
 from ..data.sources import Splits, load_source, stratified_split
 from ..errors import BigTransferError
 from ..recipes.finetune import FinetuneOptions, check_options, make_plan, run_finetune
-from ..report.protocols import claim_out
+from ..report.folder import claim_out
 from ..rundir import RunInUse
 from ..safe_text import path_text, quoted
 
@@ -265,7 +265,7 @@ def run_search(opts: SearchOptions) -> dict:
                        callbacks=[optuna.study.MaxTrialsCallback(opts.trials)])
     if opts.final:
         _final_comparison(opts, study, parts)
-    from ..report.protocols import collect_search, write_search_report
+    from ..report.protocols.search import collect_search, write_search_report
 
     results = collect_search(out, study)
     write_search_report(out, results)

@@ -157,7 +157,8 @@ def run_vtab(opts: VtabOptions) -> dict:
 
     from ..data.cache import decoded_splits
     from ..recipes.finetune import make_plan
-    from ..report.protocols import claim_out, collect_vtab, write_vtab_report
+    from ..report.folder import claim_out
+    from ..report.protocols.vtab import collect_vtab, write_vtab_report
 
     index, count = opts.shard
     if not 0 <= index < count:

@@ -324,7 +324,7 @@ def _distill(opts: DistillOptions, ctx: DistContext) -> dict:
         write_json(out / "protocol.json", {"protocol": "distill", "teacher": str(teacher_path),
                                                   "student": opts.student, "data": opts.data,
                                                   "compare": opts.compare})
-        from ..report.protocols import collect_distill, write_distill_report
+        from ..report.protocols.distill import collect_distill, write_distill_report
 
         write_distill_report(out, collect_distill(out))
     ctx.barrier()
