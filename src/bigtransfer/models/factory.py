@@ -80,6 +80,11 @@ def create_model(
         model = ResNetV2(summary.model_config(classes), zero_head=zero_head)
     keep_head = summary.num_classes == classes
     state = checkpoint.load_state_dict(Path(weights), model, load_head=keep_head)
+    for key, tensor in state.items():
+        # Into torch's own (64-byte aligned) memory, one tensor at a time: a file's tensors sit
+        # wherever its header ends, and CPU reductions (weight standardization) round differently
+        # at different alignments, so a reloaded model would differ from the saved one in the last bit.
+        state[key] = tensor.clone(memory_format=torch.contiguous_format)
     model.load_state_dict(state, strict=keep_head, assign=True)
     if not keep_head:
         model.reset_head(classes, zero_init=zero_head)
