@@ -1,13 +1,11 @@
 """Runs that several recipe tests read, built once per test session (once per xdist worker).
 
-A test that only reads a run takes it as it is; a test that continues or changes it works on its
-own copy (`copy_run`): copying a few megabytes is far cheaper than training again.
+Each is read only: a test that continued or changed a shared run would change what the others see.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -44,9 +42,3 @@ def tiny_demo_fixture(tmp_path_factory) -> TinyDemo:
         first_summary = json.loads((out / "summary.json").read_text())
         continued = run_demo(out, replace(TINY, precision="bf16"), progress=False)
     return TinyDemo(out, result, first_summary, continued)
-
-
-def copy_run(run: Path, to: Path) -> Path:
-    """A copy of a shared run for one test to continue or change; returns the copy's folder."""
-    shutil.copytree(run, to, symlinks=True)
-    return to
