@@ -1,4 +1,4 @@
-"""Rough edges a new user meets (issue 14): pipes, argument mistakes found before any data is read,
+"""Rough edges a new user meets: pipes, argument mistakes found before any data is read,
 warnings that read as warnings, and the small confusions of search and detect-eval."""
 
 from __future__ import annotations

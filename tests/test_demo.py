@@ -1,4 +1,4 @@
-"""The offline demo (issue 18): its execution options, what its summary records, and its headline."""
+"""The offline demo: its execution options, what its summary records, and its headline."""
 
 from __future__ import annotations
 
@@ -12,16 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures_runs import TINY, TINY_FP32, tiny_demo_fixture  # noqa: F401  (shared fixture)
 
 from bigtransfer import machine
 from bigtransfer.cli import main
 from bigtransfer.data.dataset import TransformedImages
-from bigtransfer.demo.story import FULL, DemoConfig, draw_margins, run_demo, table
-
-# Small enough to run in seconds: it tests the machinery, not the headline.
-TINY = DemoConfig(upstream_data="glyphs:classes=6,per_class=8,test_per_class=2,size=24", upstream_resolution=24,
-                  pretrain_epochs=1, pretrain_batch=16, shots=(1, FULL), seeds=(0, 1), finetune_batch=16,
-                  finetune_steps=2, finetune_resolution=(28, 24), jobs=1)
+from bigtransfer.demo.story import DemoConfig, draw_margins, run_demo, table
 
 
 def one_line_error(err: str) -> bool:
@@ -57,10 +53,8 @@ def test_demo_option_mistakes_are_one_line_errors_before_anything_is_written(arg
     assert not out.exists()
 
 
-def test_summary_records_the_precision_and_the_machine(tmp_path):
-    out = tmp_path / "demo"
-    result = run_demo(out, replace(TINY, precision="fp32"), progress=False)
-    summary = json.loads((out / "summary.json").read_text())
+def test_summary_records_the_precision_and_the_machine(tiny_demo):
+    result, summary = tiny_demo.result, tiny_demo.first_summary
     assert summary["precision"] == result.precision == "fp32"
     assert {r["precision"] for r in summary["runs"]} == {"fp32"}
     assert summary["machine"]["cpu"]["model"] == machine.cpu()["model"] and summary["machine"]["device"] == "cpu"
@@ -69,12 +63,14 @@ def test_summary_records_the_precision_and_the_machine(tmp_path):
     assert summary["machine"]["runs_at_once"] == summary["jobs"] == TINY.jobs
     # the keys other code and the README read are still there
     assert {"transfer_accuracy", "scratch_accuracy", "runs", "pretrain", "seconds", "config"} <= set(summary)
-    # Continuing in another precision keeps the finished runs, and the summary says what they used.
-    again = run_demo(out, replace(TINY, precision="bf16"), progress=False)
+    # Continuing in another precision (the fixture's second call, precision bf16) keeps the
+    # finished runs, and the summary says what they used.
+    again = tiny_demo.continued
     assert again.precision == "fp32" and again.runs == result.runs
+    assert json.loads((tiny_demo.out / "summary.json").read_text())["precision"] == "fp32"
 
 
-def test_ridge_probe_is_fitted_on_the_images_each_fine_tuning_run_trained_on(tmp_path):
+def test_ridge_probe_is_fitted_on_the_images_each_fine_tuning_run_trained_on(tiny_demo, tmp_path):
     """The table's probe line compares with the fine-tuned runs draw by draw: for every seed, a ridge
     probe fitted here on the frozen features of exactly the images `finetune` drew for that seed
     (its own prepare_data) scores what the summary says."""
@@ -85,8 +81,7 @@ def test_ridge_probe_is_fitted_on_the_images_each_fine_tuning_run_trained_on(tmp
     from bigtransfer.train.fewshot_probe import _normalise, ridge_classifier
     from bigtransfer.train.linear_probe import extract_features
 
-    out = tmp_path / "demo"
-    result = run_demo(out, TINY, progress=False)
+    out, result = tiny_demo.out, tiny_demo.result
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ridge_probe"] == result.ridge_probe and set(result.ridge_probe) == {"1"}
     name, weights = model_source(str(out / "pretrain"), None)
@@ -105,11 +100,12 @@ def test_ridge_probe_is_fitted_on_the_images_each_fine_tuning_run_trained_on(tmp
     assert f"1 shot {statistics.median(accs):.1%} ({min(accs):.1%}-{max(accs):.1%})" in line
 
 
-def test_runs_side_by_side_give_the_figures_of_runs_one_at_a_time(tmp_path):
+def test_runs_side_by_side_give_the_figures_of_runs_one_at_a_time(tiny_demo, tmp_path):
     """Two worker processes, the pre-training beside the scratch runs, and every run in one thread:
-    the same numbers as the same runs one after the other here."""
-    alone = run_demo(tmp_path / "alone", replace(TINY, jobs=1), progress=False)
-    paired = run_demo(tmp_path / "paired", replace(TINY, jobs=2), progress=False)
+    the same numbers as the same runs one after the other here (the shared tiny demo, jobs=1)."""
+    alone = tiny_demo.result
+    assert alone.jobs == 1
+    paired = run_demo(tmp_path / "paired", replace(TINY_FP32, jobs=2), progress=False)
     assert paired.jobs == 2 and paired.machine["runs_at_once"] == 2 and paired.machine["threads"] == 1
     assert [r["top1"] for r in paired.runs] == [r["top1"] for r in alone.runs]
     assert (paired.transfer_accuracy, paired.scratch_accuracy) == (alone.transfer_accuracy, alone.scratch_accuracy)
@@ -121,10 +117,9 @@ KILLED_DEMO = """
 import sys
 from dataclasses import replace
 from pathlib import Path
-from pathlib import Path
 
 sys.path.insert(0, sys.argv[2])
-from test_demo import TINY
+from fixtures_runs import TINY
 from bigtransfer.demo import run_demo
 
 if __name__ == "__main__":
@@ -220,7 +215,7 @@ def test_transfer_beats_scratch_at_every_shot_count(precision, tmp_path):
     """The demo's claim on a smaller budget, in fp32 and, where the CPU computes bf16 natively, bf16:
     transfer's median ahead of scratch's at every shot count, and so is the median of the margins
     on the same draws. (Before runs were pinned to one thread, 1 shot flipped on an AMD EPYC with
-    two threads: 49.7% vs 50.1%; issue 18.)"""
+    two threads: 49.7% vs 50.1%.)"""
     from bigtransfer.train.loop import native_bf16
 
     if precision == "bf16" and not native_bf16(torch.device("cpu")):

@@ -2,11 +2,13 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +29,26 @@ DIGITS_RUN = ["--data", "digits", "-k", "10", "--model", TINY, "--batch", "20", 
 
 def finetune(*args) -> int:
     return main(["finetune", *args])
+
+
+@pytest.fixture(scope="module")
+def four_step_run(tmp_path_factory):
+    """A finished 4-step digits run; tests that run on in it take a copy (`copied`)."""
+    out = tmp_path_factory.mktemp("four_steps") / "run"
+    assert finetune(*DIGITS_RUN, "--steps", "4", "--out", str(out)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def six_step_run(tmp_path_factory):
+    """A finished 6-step digits run, every step logged and a checkpoint every 2 steps. Read only."""
+    out = tmp_path_factory.mktemp("six_steps") / "run"
+    assert finetune(*DIGITS_RUN, "--steps", "6", "--log-every", "1", "--checkpoint-every", "2", "--out", str(out)) == 0
+    return out
+
+
+def copied(run, tmp_path):
+    return Path(shutil.copytree(run, tmp_path / run.name))
 
 
 def tensors(path):
@@ -83,7 +105,7 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path):
     cmd = [sys.executable, "-m", "bigtransfer", "finetune", *args, "--out", str(killed)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoint = killed / "checkpoints" / "latest.safetensors"
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # generous: the loop ends as soon as the checkpoint is there
     while time.time() < deadline and proc.poll() is None and (_step_of(checkpoint) or 0) < 6:
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -98,10 +120,9 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path):
     assert logged == sorted(set(logged)) and logged[-1] == 30  # steps logged after the checkpoint were dropped
 
 
-def test_rerunning_a_finished_run_does_not_train_again(tmp_path):
-    out = tmp_path / "run"
+def test_rerunning_a_finished_run_does_not_train_again(four_step_run, tmp_path):
+    out = copied(four_step_run, tmp_path)
     args = [*DIGITS_RUN, "--steps", "4", "--out", str(out)]
-    assert finetune(*args) == 0
     weights, records = tensors(out / "final.safetensors"), read_metrics(out)
     assert finetune(*args) == 0
     again = tensors(out / "final.safetensors")
@@ -110,10 +131,8 @@ def test_rerunning_a_finished_run_does_not_train_again(tmp_path):
     assert [r["kind"] for r in new] == [], "a finished run must not log new training steps"
 
 
-def test_changed_settings_refuse_to_resume(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert finetune(*DIGITS_RUN, "--steps", "4", "--out", str(out)) == 0
-    capsys.readouterr()
+def test_changed_settings_refuse_to_resume(four_step_run, tmp_path, capsys):
+    out = copied(four_step_run, tmp_path)
     assert finetune(*DIGITS_RUN, "--steps", "6", "--out", str(out)) == 2
     assert "different settings" in capsys.readouterr().err
     assert finetune(*DIGITS_RUN, "--steps", "6", "--out", str(out), "--restart") == 0
@@ -307,23 +326,22 @@ def test_finetuning_starts_from_a_zero_head_even_when_the_class_count_matches(tm
     assert code == 2 and "--keep-head" in capsys.readouterr().err
 
 
-def test_a_finished_run_writes_its_model_once_and_no_training_checkpoint(tmp_path):
+def test_a_finished_run_writes_its_model_once_and_no_training_checkpoint(six_step_run):
     """The last step is saved once, as the model the run delivers (weights only): no training
     checkpoint with momentum (twice its size) is written beside it."""
-    out = tmp_path / "run"
-    assert finetune(*DIGITS_RUN, "--steps", "6", "--checkpoint-every", "2", "--out", str(out)) == 0
+    out = six_step_run
     assert (out / "final.safetensors").is_file() and (out / "summary.json").is_file()
     assert not (out / "checkpoints" / "latest.safetensors").exists()
 
 
-def test_a_run_killed_during_its_last_evaluation_resumes_from_its_model(tmp_path, monkeypatch):
+def test_a_run_killed_during_its_last_evaluation_resumes_from_its_model(six_step_run, tmp_path, monkeypatch):
     """Killed after the last step but before the evaluation ended: the model on disk is the
-    finished one, so the same command evaluates it without training again."""
+    finished one, so the same command evaluates it without training again. The reference is the
+    same training uninterrupted (checkpoints do not change what it computes)."""
     from bigtransfer.train import loop
 
     args = [*DIGITS_RUN, "--steps", "6", "--log-every", "1"]
-    reference = tmp_path / "reference"
-    assert finetune(*args, "--out", str(reference)) == 0
+    reference = six_step_run
 
     def killed_while_evaluating(*a, **k):
         raise KeyboardInterrupt

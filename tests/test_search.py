@@ -111,21 +111,27 @@ WORKER = textwrap.dedent("""
     import sys
     from pathlib import Path
     sys.path.insert(0, {tests!r})
-    from test_search import options
+    from test_search import worker_options
     from bigtransfer.evaluate.search import run_search
-    out, trials, seed, heartbeat, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-    from bigtransfer.evaluate.search import SearchSpace
-    space = SearchSpace(steps=tuple(int(s) for s in steps.split(",")), resolution=(16,))
-    run_search(options(Path(out), trials=trials, seed=seed, heartbeat=heartbeat, final=False, space=space,
-                       checkpoint_every=1))
+    out, trials, seed, heartbeat, steps, checkpoint_every = sys.argv[1:]
+    run_search(worker_options(Path(out), int(trials), int(seed), int(heartbeat), int(steps), int(checkpoint_every)))
 """)
 
 
-def worker(tmp_path, out, trials, seed, heartbeat=60, steps="4"):
+def worker_options(out, trials, seed, heartbeat, steps, checkpoint_every):
+    """A search worker's options: no final comparison, one step count and resolution."""
+    space = SearchSpace(steps=(steps,), resolution=(16,))
+    return options(out, trials=trials, seed=seed, heartbeat=heartbeat, final=False, space=space,
+                   checkpoint_every=checkpoint_every)
+
+
+def worker(tmp_path, out, trials, seed, heartbeat=60, steps=4, checkpoint_every=0):
+    """A search worker in its own process."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.Popen([sys.executable, str(script), str(out), str(trials), str(seed), str(heartbeat), steps],
+    argv = [str(out), str(trials), str(seed), str(heartbeat), str(steps), str(checkpoint_every)]
+    return subprocess.Popen([sys.executable, str(script), *argv],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -135,19 +141,21 @@ def study_of(out):
 
 
 def test_a_killed_worker_s_trial_is_retried_in_its_own_directory(tmp_path):
+    """A worker killed mid-trial (its process, SIGKILL); a later worker (here, in this process)
+    fails the stale trial and retries it in the same directory, from its checkpoint. 40 steps with
+    a checkpoint every 5: the kill lands right after the first one, 35 steps before the trial ends."""
     out = tmp_path / "s"
-    first = worker(tmp_path, out, 2, 0, heartbeat=1, steps="150")
+    first = worker(tmp_path, out, 2, 0, heartbeat=1, steps=40, checkpoint_every=5)
     checkpoint = out / "trials" / "0000" / "checkpoints" / "latest.safetensors"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # generous: a loaded machine can take minutes to start a worker
     while not checkpoint.is_file() and time.monotonic() < deadline and first.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.01)
     assert checkpoint.is_file(), first.communicate()[0] if first.poll() is not None else "no checkpoint in time"
     first.send_signal(signal.SIGKILL)
     first.wait()
+    first.stdout.close()
     time.sleep(3)  # past the grace period (2 heartbeats): the trial is stale now
-    second = worker(tmp_path, out, 2, 0, heartbeat=1, steps="150")
-    output = second.communicate(timeout=600)[0]
-    assert second.returncode == 0, output
+    run_search(worker_options(out, 2, 0, heartbeat=1, steps=40, checkpoint_every=5))
     trials = study_of(out).trials
     states = [t.state.name for t in trials]
     assert states.count("COMPLETE") == 2 and states[0] == "FAIL", states
