@@ -1,4 +1,4 @@
-"""Hostile and careless input (issue 11): run folders that only touch what they own, one writer
+"""Hostile and careless input: run folders that only touch what they own, one writer
 per folder, faults while saving, and small crafted files that must not cost gigabytes.
 
 The crafted files are built small here; the memory a command needs to refuse them is measured
@@ -35,7 +35,7 @@ from bigtransfer.errors import BigTransferError
 
 TINY = "R[1,1,1,1]x0.5"
 GIB = 1 << 30
-MEMORY_BOUND = 1.5 * GIB  # the issue's bound for refusing a crafted file
+MEMORY_BOUND = 1.5 * GIB  # what refusing a crafted file may cost at most
 
 
 # Runs the CLI and records its own peak RSS (VmHWM) at exit. The rusage of a child is no use: a

@@ -1,4 +1,4 @@
-"""Crafted files (issue 34, family 6): the last tracebacks and slow paths.
+"""Crafted files that once gave tracebacks or took slow paths.
 
 JSON nested 100,000 levels deep, tensors of the wrong type or of another architecture than the
 metadata says, a 25 MB value quoted in an error, a zip directory of a million members, icons that
