@@ -415,44 +415,23 @@ def npz_bomb(tmp_path_factory) -> Path:
     return zip64_of_zeros(path, "weights.npy", _npy_header((3 * GIB // 4,)), 3 * GIB)
 
 
-@pytest.mark.slow
-def test_an_npz_bomb_is_refused_from_its_names_and_shapes(npz_bomb, tmp_path):
-    assert npz_bomb.stat().st_size < 30 << 20
-    with zipfile.ZipFile(npz_bomb) as archive:  # what the zip says it holds: 3 GiB
-        assert archive.getinfo("weights.npy").file_size > 3 * GIB
-
-    # the right names, but a kernel declaring a 4 TB shape (nothing behind it)
+def _huge_shape_npz(path: Path) -> Path:
+    """The right names, but a kernel declaring a 4 TB shape (nothing behind it)."""
     arrays = authors_arrays((1, 1, 1, 1), 0.5, num_classes=3)
-    huge = tmp_path / "huge_shape.npz"
-    with zipfile.ZipFile(huge, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for name, array in arrays.items():
             shape = (1 << 20, 1 << 20) if name == "resnet/head/conv2d/kernel" else array.shape
             body = b"" if name == "resnet/head/conv2d/kernel" else array.tobytes()
             archive.writestr(name + ".npy", _npy_header(shape) + body)
-    # one child runs the three commands: its peak bounds each one's
-    bomb, *shaped = run_cli_many(["info", npz_bomb], ["info", huge], ["predict", "--model", huge, tmp_path])
-    code, _, err, seconds, _ = bomb
-    assert code == 2 and one_line_error(err) and "not a BiT checkpoint" in err, err
-    assert seconds < 60
-    for code, _, err, _, _ in shaped:
-        assert code == 2 and one_line_error(err) and "resnet/head/conv2d/kernel" in err, err
-    assert shaped[-1][-1] < MEMORY_BOUND  # the peak of all three
+    return path
 
 
-@pytest.mark.slow
-def test_a_cifar_archive_whose_member_inflates_to_gigabytes_is_refused(tmp_path):
-    bomb = tar_gz_of_zeros(tmp_path / "cifar-10-python.tar.gz", ("cifar-10-batches-py/batches.meta", 100),
+def _cifar_bomb(path: Path) -> Path:
+    """A CIFAR archive whose data batch inflates to 2 GiB (9 MB on disk)."""
+    return tar_gz_of_zeros(path, ("cifar-10-batches-py/batches.meta", 100),
                            ("cifar-10-batches-py/data_batch_1", 2 * GIB))
-    assert bomb.stat().st_size < 30 << 20
-    with tarfile.open(bomb) as tar:  # what the archive says it holds: a 2 GiB batch
-        assert tar.next().size == 100 and tar.next().size == 2 * GIB
-    started = time.perf_counter()
-    code, _, err, peak = run_cli("pack", "--data", bomb, "--out", tmp_path / "shards", "--quiet")
-    assert code == 2 and one_line_error(err) and "more than a CIFAR batch can be" in err, err
-    assert peak < MEMORY_BOUND and time.perf_counter() - started < 120
 
 
-# --------------------------------------------------------------------------- 7. image bombs
 @pytest.fixture(scope="module")
 def png_bomb(tmp_path_factory) -> Path:
     """A 13000 x 13000 PNG of one colour: about 0.5 MB on disk, 507 MB as RGB pixels."""
@@ -462,22 +441,74 @@ def png_bomb(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.slow
-def test_a_png_bomb_is_an_unreadable_image_everywhere(png_bomb, tmp_path, tiny_model, capsys, monkeypatch):
-    assert png_bomb.stat().st_size < 1 << 20
-    data = write_colour_folder(tmp_path / "colours", per_class_train=3, per_class_val=1)
+def _colours_with_a_bomb(folder: Path, png_bomb: Path) -> Path:
+    data = write_colour_folder(folder, per_class_train=3, per_class_val=1)
     (data / "train" / "red" / "bomb.png").write_bytes(png_bomb.read_bytes())
-    args = ["finetune", "--data", data, "--model", TINY, "--batch", "4", "--steps", "1", "--resolution", "20/16",
+    return data
+
+
+def _finetune_args(data: Path) -> list:
+    return ["finetune", "--data", data, "--model", TINY, "--batch", "4", "--steps", "1", "--resolution", "20/16",
             "--workers", "0", "--quiet"]
-    # one child runs the three commands: its peak bounds each one's
-    predicted, trained, strict = run_cli_many(["predict", "--model", tiny_model, png_bomb, "--quiet"],
-                                              [*args, "--out", tmp_path / "run"],
-                                              [*args, "--strict", "--out", tmp_path / "strict"])
-    code, _, err, _, peak = predicted
+
+
+@pytest.fixture(scope="module")
+def bombs_refused(tmp_path_factory, npz_bomb, png_bomb, tiny_model) -> dict[str, tuple]:
+    """Every command the bomb tests below run under the memory bound, in one child (one import of
+    torch): {case: (exit code, stdout, stderr, seconds, peak RSS so far)}. A command's reading is the
+    peak of everything up to it, so each `peak < MEMORY_BOUND` holds for that command on its own."""
+    folder = tmp_path_factory.mktemp("bombs_refused")
+    huge = _huge_shape_npz(folder / "huge_shape.npz")
+    args = _finetune_args(_colours_with_a_bomb(folder / "colours", png_bomb))
+    commands = {
+        "npz bomb info": ["info", npz_bomb],
+        "huge shape info": ["info", huge],
+        "huge shape predict": ["predict", "--model", huge, folder],
+        "cifar bomb pack": ["pack", "--data", _cifar_bomb(folder / "cifar-10-python.tar.gz"), "--out",
+                            folder / "shards", "--quiet"],
+        "png bomb predict": ["predict", "--model", tiny_model, png_bomb, "--quiet"],
+        "png bomb finetune": [*args, "--out", folder / "run"],
+        "png bomb finetune --strict": [*args, "--strict", "--out", folder / "strict"],
+    }
+    return dict(zip(commands, run_cli_many(*commands.values())))
+
+
+@pytest.mark.slow
+def test_an_npz_bomb_is_refused_from_its_names_and_shapes(npz_bomb, bombs_refused):
+    assert npz_bomb.stat().st_size < 30 << 20
+    with zipfile.ZipFile(npz_bomb) as archive:  # what the zip says it holds: 3 GiB
+        assert archive.getinfo("weights.npy").file_size > 3 * GIB
+    code, _, err, seconds, peak = bombs_refused["npz bomb info"]
+    assert code == 2 and one_line_error(err) and "not a BiT checkpoint" in err, err
+    assert peak < MEMORY_BOUND and seconds < 60
+
+    # the right names, but a kernel declaring a 4 TB shape (nothing behind it): `info` and `predict`
+    for case in ("huge shape info", "huge shape predict"):
+        code, _, err, _, peak = bombs_refused[case]
+        assert code == 2 and one_line_error(err) and "resnet/head/conv2d/kernel" in err, err
+        assert peak < MEMORY_BOUND
+
+
+@pytest.mark.slow
+def test_a_cifar_archive_whose_member_inflates_to_gigabytes_is_refused(bombs_refused, tmp_path):
+    bomb = _cifar_bomb(tmp_path / "cifar-10-python.tar.gz")  # built alike for the child
+    assert bomb.stat().st_size < 30 << 20
+    with tarfile.open(bomb) as tar:  # what the archive says it holds: a 2 GiB batch
+        assert tar.next().size == 100 and tar.next().size == 2 * GIB
+    code, _, err, seconds, peak = bombs_refused["cifar bomb pack"]
+    assert code == 2 and one_line_error(err) and "more than a CIFAR batch can be" in err, err
+    assert peak < MEMORY_BOUND and seconds < 120
+
+
+# --------------------------------------------------------------------------- 7. image bombs
+@pytest.mark.slow
+def test_a_png_bomb_is_an_unreadable_image_everywhere(png_bomb, bombs_refused, tmp_path, capsys, monkeypatch):
+    assert png_bomb.stat().st_size < 1 << 20
+    code, _, err, _, peak = bombs_refused["png bomb predict"]
     assert code == 0 and "1 unreadable image" in err and peak < MEMORY_BOUND, err
-    code, _, err, _, peak = trained
+    code, _, err, _, peak = bombs_refused["png bomb finetune"]  # the bomb among the training images
     assert code == 0 and "skipped 1 unreadable image" in err and "bomb.png" in err and peak < MEMORY_BOUND, err
-    code, _, err, _, _ = strict
+    code, _, err, _, _ = bombs_refused["png bomb finetune --strict"]
     assert code == 2 and one_line_error(err) and "bomb.png" in err, err
     # the limit is a flag: raised, the same file is decoded (here, in this process: no bound to measure;
     # Pillow's limit and the variable for loader processes, both set by the flag, are put back afterwards)
@@ -485,6 +516,7 @@ def test_a_png_bomb_is_an_unreadable_image_everywhere(png_bomb, tmp_path, tiny_m
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
     monkeypatch.setenv(MAX_PIXELS_ENV, "200000000")
+    args = _finetune_args(_colours_with_a_bomb(tmp_path / "colours", png_bomb))
     capsys.readouterr()
     assert main([str(a) for a in [*args, "--max-pixels", "200000000", "--out", tmp_path / "raised"]]) == 0
     err = capsys.readouterr().err
