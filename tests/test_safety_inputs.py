@@ -1,4 +1,4 @@
-"""Inputs that reach other tools and readers (issue 34, family 5): class names and paths in the CSV
+"""Inputs that reach other tools and readers: class names and paths in the CSV
 files we write (spreadsheets), in the model card (Markdown), as folder names (vtab-import), a
 database handed to `search --storage`, and outputs that overlap what a command reads.
 

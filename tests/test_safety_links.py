@@ -1,4 +1,4 @@
-"""Links planted where bigtransfer writes (issue 34, family 1), tried as a hostile user would.
+"""Links planted where bigtransfer writes, tried as a hostile user would.
 
 Every verb that writes a folder is run once; then, in a copy of what it wrote, each entry it
 recorded (files and folders, nested runs included) is replaced by a link to a file outside,

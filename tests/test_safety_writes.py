@@ -1,4 +1,4 @@
-"""Every output written whole (issue 34, families 2 and 3): a full disk in every format leaves
+"""Every output written whole: a full disk in every format leaves
 the previous file intact and is one line; a writer killed mid-write leaves temporaries that the
 next run removes; --restart deletes only what was recorded; no code writes around atomic.py.
 
