@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from bit_files import UNITS, authors_arrays, to_big_vision
+from bit_files import UNITS, authors_arrays, pooled_authors_arrays, to_big_vision
 
 from bigtransfer import BigTransferError, create_model, read_metadata, save_checkpoint
 from bigtransfer.models.checkpoint import load_state_dict, summarize
@@ -42,7 +42,9 @@ def logits(model, seed=0, size=48):
 
 @pytest.mark.parametrize("name, units, width", ARCHS)
 def test_random_authors_npz_loads_into_every_architecture(tmp_path, name, units, width):
-    arrays = authors_arrays(units, width, num_classes=1000, seed=7)
+    # Views into one pool of random values: a released-size file without drawing 936M values or
+    # holding a second copy of them beside the loaded model.
+    arrays = pooled_authors_arrays(units, width, num_classes=1000, seed=7)
     path = write_npz(tmp_path / f"{name}.npz", arrays)
     model = create_model(name, weights=path)
     params = dict(model.named_parameters())
@@ -129,7 +131,7 @@ def test_npz_to_safetensors_keeps_logits(tmp_path, tiny_npz):
 
 # --------------------------------------------------------------------------- clear errors
 def test_wrong_architecture_names_both(tmp_path):
-    path = write_npz(tmp_path / "r101.npz", authors_arrays(UNITS[101], 1, num_classes=1000))
+    path = write_npz(tmp_path / "r101.npz", pooled_authors_arrays(UNITS[101], 1, num_classes=1000))
     with pytest.raises(BigTransferError, match=r"this file is R101x1 \(1000 classes\), you asked for R50x1"):
         create_model("R50x1", weights=path)
 

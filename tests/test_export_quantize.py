@@ -76,7 +76,7 @@ def test_int8_export_losing_more_than_max_drop_is_refused_and_writes_nothing(tra
 
     data, run = trained
     measured = iter([0.90, 0.85])  # fp32, then int8
-    monkeypatch.setattr(bigtransfer.quantize, "top1_of", lambda *args, **kwargs: next(measured))
+    monkeypatch.setattr(bigtransfer.sharing.quantize, "top1_of", lambda *args, **kwargs: next(measured))
     out = tmp_path / "out" / "model.onnx"
     code = main(["export", "--model", str(run), "--out", str(out), "--quantize", "int8", "--calibration",
                  str(data / "train"), "--max-drop", "1", "--quiet"])

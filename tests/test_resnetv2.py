@@ -55,10 +55,17 @@ def test_output_shapes(arch, size):
     assert body.shape[-1] == -(-size // 32)
 
 
+@functools.cache
+def real_r50x1():
+    """One randomly initialised R50x1 for every size below: they only run it forward."""
+    torch.manual_seed(0)
+    return create_model("R50x1", num_classes=7, zero_head=False).eval()
+
+
 @pytest.mark.parametrize("size", [128, 224, 384, 480])
 def test_real_forward_shapes_r50x1(size):
     """The meta-device shapes above are what real computation produces."""
-    model = create_model("R50x1", num_classes=7, zero_head=False).eval()
+    model = real_r50x1()
     with torch.inference_mode():
         x = torch.randn(1, 3, size, size)
         logits, features = model(x), model.forward_features(x)
