@@ -8,19 +8,20 @@ import numpy as np
 import pytest
 import torch
 from bit_files import UNITS, authors_arrays, pooled_authors_arrays, to_big_vision
+from library_models import size_marks
 
 from bigtransfer import BigTransferError, create_model, read_metadata, save_checkpoint
 from bigtransfer.models.checkpoint import load_state_dict, summarize
 
 TINY = "R[1,2,1,1]x0.5"
 TINY_UNITS = (1, 2, 1, 1)
-ARCHS = [  # (name, units, width); the big ones write multi-GB files, so they are marked slow
+ARCHS = [  # (name, units, width); the big ones write multi-GB files: slow, and one at a time
     ("R50x1", UNITS[50], 1),
     ("R101x1", UNITS[101], 1),
-    pytest.param("R50x3", UNITS[50], 3, marks=pytest.mark.slow),
-    pytest.param("R101x3", UNITS[101], 3, marks=pytest.mark.slow),
-    pytest.param("R152x2", UNITS[152], 2, marks=pytest.mark.slow),
-    pytest.param("R152x4", UNITS[152], 4, marks=pytest.mark.slow),
+    pytest.param("R50x3", UNITS[50], 3, marks=size_marks("R50x3")),
+    pytest.param("R101x3", UNITS[101], 3, marks=size_marks("R101x3")),
+    pytest.param("R152x2", UNITS[152], 2, marks=size_marks("R152x2")),
+    pytest.param("R152x4", UNITS[152], 4, marks=size_marks("R152x4")),
 ]
 
 
