@@ -7,7 +7,7 @@ minimal LitAPI that batches (max_batch_size=8, batch_timeout=0.3) and answers 40
 3. SIGTERM to the server's main process ends it (exit -15) while its HTTP and inference processes
    keep running and answering /health: orphans holding the port.
 Our server answers each request for itself, every bad body with a 4xx, and exits 0 on SIGTERM after
-the requests in flight (tests/test_serve.py). Working around all three in LitServe meant replacing
+the requests in flight (tests/serving/test_serve.py). Working around all three in LitServe meant replacing
 its request path (a custom LitSpec), its signal handling and its shutdown, so little was left of it.
 
     pip install litserve httpx && python benchmarks/serve_litserve_check.py

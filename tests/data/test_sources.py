@@ -1,13 +1,11 @@
-"""The data layer: image decoding, sources (folders, CSV, CIFAR, digits), few-shot subsets,
-the step sampler, the augmenting dataset and MixUp.
+"""Labelled image sources (data/sources.py): image folders, unreadable files, structural
+errors, CSV manifests, CIFAR archives and the built-in digits.
 
 Every image and archive here is generated inside the test (tmp_path); nothing is downloaded.
 """
 
 from __future__ import annotations
 
-import io
-import math
 import os
 import pickle
 import tarfile
@@ -16,191 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
+from image_files import _class_tree, _pixel, _skip_warnings, _tiny_png, _truncated_png
 
-from bigtransfer.data.dataset import TransformedImages
-from bigtransfer.data.fewshot import sample_per_class
-from bigtransfer.data.images import load_rgb, to_rgb
-from bigtransfer.data.mixup import mix, mixup_ratio
-from bigtransfer.data.sampler import ChunkSampler, StepBatches
-from bigtransfer.data.sources import ImageSet, load_source
-from bigtransfer.data.transforms import eval_transform, train_transform
+from bigtransfer.data.sources import load_source
 from bigtransfer.errors import BigTransferError
-from bigtransfer.train.losses import softmax_cross_entropy
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _pixel(image: Image.Image, x: int, y: int) -> tuple[int, ...]:
-    return tuple(int(v) for v in np.asarray(image)[y, x])
-
-
-def _close(got: tuple[int, ...], want: tuple[int, ...], tol: int = 1) -> bool:
-    return all(abs(g - w) <= tol for g, w in zip(got, want)) and len(got) == len(want)
-
-
-def _tiny_png(path: Path, shade: int = 0, size: tuple[int, int] = (6, 5)) -> Path:
-    """A small RGB PNG whose colour depends on `shade` (so files differ)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (shade % 256, (3 * shade) % 256, 90)).save(path)
-    return path
-
-
-def _class_tree(root: Path, counts: dict[str, int], start: int = 0) -> dict[str, list[Path]]:
-    """root/<class>/img_NN.png with counts[class] images each; returns the written paths."""
-    written: dict[str, list[Path]] = {}
-    shade = start
-    for name, count in counts.items():
-        written[name] = []
-        for i in range(count):
-            written[name].append(_tiny_png(root / name / f"img_{i:02d}.png", shade))
-            shade += 1
-    return written
-
-
-def _skip_warnings(records) -> list[str]:
-    return [str(w.message) for w in records if "unreadable image" in str(w.message)]
-
-
-def _truncated_png(path: Path) -> Path:
-    noise = np.random.default_rng(5).integers(0, 256, (24, 24, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(noise).save(buffer, format="PNG")
-    data = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data[: len(data) // 2])
-    return path
-
-
-def _truncated_jpeg(path: Path) -> Path:
-    """A JPEG whose header is intact (so it opens) but whose scan data is cut short."""
-    noise = np.random.default_rng(6).integers(0, 256, (48, 48, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(noise).save(buffer, format="JPEG", quality=90)
-    data = buffer.getvalue()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data[: len(data) // 2])
-    return path
-
-
-# --------------------------------------------------------------------------- 1. image modes
-
-
-def _mode_L(tmp_path):
-    image = Image.fromarray(np.array([[0, 77, 255]], dtype=np.uint8), mode="L")
-    return image, "png", {(0, 0): (0, 0, 0), (1, 0): (77, 77, 77), (2, 0): (255, 255, 255)}
-
-
-def _mode_RGBA(tmp_path):
-    image = Image.new("RGBA", (3, 1))
-    image.putpixel((0, 0), (255, 0, 0, 255))  # opaque red stays red
-    image.putpixel((1, 0), (0, 0, 255, 0))  # fully transparent blue -> the white background
-    image.putpixel((2, 0), (0, 0, 0, 128))  # half-transparent black over white -> mid grey
-    return image, "png", {(0, 0): (255, 0, 0), (1, 0): (255, 255, 255), (2, 0): (127, 127, 127)}
-
-
-def _palette(with_transparency: bool) -> Image.Image:
-    image = Image.new("P", (3, 1))
-    image.putpalette([200, 10, 20, 0, 0, 255, 30, 180, 60] + [0] * (768 - 9))
-    for x, index in enumerate((0, 1, 2)):
-        image.putpixel((x, 0), index)
-    if with_transparency:
-        image.info["transparency"] = 1
-    return image
-
-
-def _mode_P(tmp_path):
-    return _palette(False), "png", {(0, 0): (200, 10, 20), (1, 0): (0, 0, 255), (2, 0): (30, 180, 60)}
-
-
-def _mode_P_transparent(tmp_path):
-    return _palette(True), "png", {(0, 0): (200, 10, 20), (1, 0): (255, 255, 255), (2, 0): (30, 180, 60)}
-
-
-def _mode_CMYK(tmp_path):
-    image = Image.new("CMYK", (3, 1))
-    image.putpixel((0, 0), (0, 255, 255, 0))  # no cyan, full magenta+yellow -> red
-    image.putpixel((1, 0), (0, 0, 0, 255))  # full key -> black
-    image.putpixel((2, 0), (0, 0, 0, 0))  # no ink -> white
-    return image, "tif", {(0, 0): (255, 0, 0), (1, 0): (0, 0, 0), (2, 0): (255, 255, 255)}
-
-
-def _mode_I16(tmp_path):
-    image = Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.uint16))
-    return image, "png", {(0, 0): (0, 0, 0), (1, 0): (128, 128, 128), (2, 0): (255, 255, 255)}
-
-
-def _mode_LA(tmp_path):
-    image = Image.new("LA", (2, 1))
-    image.putpixel((0, 0), (10, 255))
-    image.putpixel((1, 0), (10, 0))
-    return image, "png", {(0, 0): (10, 10, 10), (1, 0): (255, 255, 255)}
-
-
-def _mode_1(tmp_path):
-    image = Image.new("1", (3, 1), 0)
-    image.putpixel((1, 0), 1)
-    return image, "png", {(0, 0): (0, 0, 0), (1, 0): (255, 255, 255), (2, 0): (0, 0, 0)}
-
-
-MODE_CASES = {
-    "L": _mode_L, "RGBA": _mode_RGBA, "P": _mode_P, "P+transparency": _mode_P_transparent,
-    "CMYK": _mode_CMYK, "I;16": _mode_I16, "LA": _mode_LA, "1": _mode_1,
-}
-
-
-@pytest.mark.parametrize("case", list(MODE_CASES))
-def test_load_rgb_converts_every_mode_to_8bit_rgb(tmp_path, case):
-    image, ext, expected = MODE_CASES[case](tmp_path)
-    path = tmp_path / f"image.{ext}"
-    image.save(path)
-    with Image.open(path) as reread:
-        assert reread.mode != "RGB"  # the file really is stored in a non-RGB mode
-    rgb = load_rgb(path)
-    assert rgb.mode == "RGB"
-    assert rgb.size == image.size
-    assert np.asarray(rgb).dtype == np.uint8
-    for (x, y), want in expected.items():
-        assert _close(_pixel(rgb, x, y), want), (case, (x, y), _pixel(rgb, x, y), want)
-
-
-@pytest.mark.parametrize("case", list(MODE_CASES))
-def test_to_rgb_in_memory_matches_expected_pixels(tmp_path, case):
-    image, _, expected = MODE_CASES[case](tmp_path)
-    rgb = to_rgb(image)
-    assert rgb.mode == "RGB" and rgb.size == image.size
-    for (x, y), want in expected.items():
-        assert _close(_pixel(rgb, x, y), want), (case, (x, y), _pixel(rgb, x, y), want)
-
-
-def test_sixteen_bit_png_is_read_back_as_16_bit_and_scaled(tmp_path):
-    values = np.array([[0, 257, 32768, 65535], [1000, 20000, 40000, 60000]], dtype=np.uint16)
-    path = tmp_path / "deep.png"
-    Image.fromarray(values).save(path)
-    with Image.open(path) as reread:
-        assert reread.mode in ("I;16", "I")
-    grey = np.asarray(load_rgb(path))[..., 0].astype(int)
-    assert grey[0, 0] == 0 and grey[0, 3] == 255
-    assert abs(grey[0, 2] - 128) <= 1
-    assert grey[0, 1] == 1  # 257 is 1/255 of the 16-bit range
-    np.testing.assert_allclose(grey, np.round(values / 65535 * 255), atol=1)
-
-
-def test_32_bit_integer_mode_with_16_bit_values_is_scaled_down():
-    image = Image.fromarray(np.array([[0, 32768, 65535]], dtype=np.int32))
-    assert image.mode == "I"
-    rgb = to_rgb(image)
-    assert rgb.mode == "RGB"
-    assert [_pixel(rgb, x, 0)[0] for x in range(3)] == [0, 128, 255]
-
-
-def test_rgb_image_is_returned_unchanged():
-    image = Image.new("RGB", (2, 2), (1, 2, 3))
-    assert to_rgb(image) is image
-
-
-# --------------------------------------------------------------------------- 2. image folders
+# --------------------------------------------------------------------------- image folders
 
 
 @pytest.mark.parametrize("held_out_name", ["val", "test"])
@@ -271,8 +90,7 @@ def test_val_fraction_out_of_range_is_rejected(tmp_path, fraction):
     with pytest.raises(BigTransferError, match="--val-fraction must be between 0 and 1"):
         load_source(str(tmp_path / "flat"), val_fraction=fraction)
 
-
-# --------------------------------------------------------------------------- 3. unreadable files
+# --------------------------------------------------------------------------- unreadable files
 
 
 def _folder_with_bad_files(root: Path) -> list[Path]:
@@ -337,8 +155,7 @@ def test_class_whose_every_image_is_unreadable_is_an_error(tmp_path):
           pytest.raises(BigTransferError, match="class 'broken' has no training images")):
         load_source(str(root))
 
-
-# --------------------------------------------------------------------------- 4. structural errors
+# --------------------------------------------------------------------------- structural errors
 
 
 def test_empty_class_folder_is_named(tmp_path):
@@ -407,8 +224,7 @@ def test_image_folder_with_a_meta_subfolder_is_not_cifar(tmp_path):
     assert splits.classes == ["a", "b"]
     assert len(splits.train) == 4 and len(splits.test) == 2
 
-
-# --------------------------------------------------------------------------- 5. CSV manifests
+# --------------------------------------------------------------------------- CSV manifests
 
 
 def _manifest_images(root: Path, count: int) -> list[str]:
@@ -535,8 +351,7 @@ def test_manifest_with_byte_order_mark(tmp_path):
     splits = load_source(str(csv_path))
     assert splits.classes == ["a", "b"]
 
-
-# --------------------------------------------------------------------------- 6. CIFAR archives
+# --------------------------------------------------------------------------- CIFAR archives
 
 
 def _dump_like_cifar(path: Path, obj) -> None:
@@ -677,8 +492,7 @@ def test_cifar_corrupt_member_is_a_user_error(tmp_path):
     with pytest.raises(BigTransferError, match="test_batch"):
         load_source(str(folder))
 
-
-# --------------------------------------------------------------------------- 7. digits
+# --------------------------------------------------------------------------- digits
 
 
 def test_builtin_digits(tmp_path, monkeypatch):
@@ -699,271 +513,3 @@ def test_builtin_digits(tmp_path, monkeypatch):
     assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
     assert pixels.max() > 200  # 0..16 grey levels are stretched to 0..255
     assert first.train.median_area() == 64.0
-
-
-# --------------------------------------------------------------------------- 8. few-shot
-
-
-FEW_LABELS = np.random.default_rng(0).permutation(np.repeat(np.arange(4), [5, 6, 7, 9]))
-FEW_CLASSES = ["cat", "dog", "emu", "fox"]
-
-
-def test_sample_per_class_exact_counts_and_sorted():
-    chosen = sample_per_class(FEW_LABELS, 3, seed=0, classes=FEW_CLASSES)
-    assert len(chosen) == 12
-    assert chosen.tolist() == sorted(set(chosen.tolist()))
-    assert np.bincount(FEW_LABELS[chosen], minlength=4).tolist() == [3, 3, 3, 3]
-    assert chosen.min() >= 0 and chosen.max() < len(FEW_LABELS)
-
-
-def test_sample_per_class_is_reproducible_per_seed():
-    a = sample_per_class(FEW_LABELS, 4, seed=11, classes=FEW_CLASSES)
-    b = sample_per_class(FEW_LABELS, 4, seed=11, classes=FEW_CLASSES)
-    c = sample_per_class(FEW_LABELS, 4, seed=12, classes=FEW_CLASSES)
-    np.testing.assert_array_equal(a, b)
-    assert a.tolist() != c.tolist()
-    # without class names the classes come from the labels
-    np.testing.assert_array_equal(sample_per_class(FEW_LABELS, 4, seed=11), a)
-
-
-def test_sample_per_class_too_few_names_the_class():
-    with pytest.raises(BigTransferError, match="class 'cat' has only 5"):
-        sample_per_class(FEW_LABELS, 6, seed=0, classes=FEW_CLASSES)
-    with pytest.raises(BigTransferError, match="class 'owl' has only 0"):
-        sample_per_class(FEW_LABELS, 1, seed=0, classes=FEW_CLASSES + ["owl"])
-
-
-@pytest.mark.parametrize("k", [0, -2])
-def test_sample_per_class_rejects_k_below_one(k):
-    with pytest.raises(BigTransferError, match="at least 1"):
-        sample_per_class(FEW_LABELS, k, seed=0, classes=FEW_CLASSES)
-
-
-# --------------------------------------------------------------------------- 9. sampler
-
-
-def test_step_indices_are_a_pure_function_of_seed_and_step():
-    forward = StepBatches(10, 4, seed=5)
-    backward = StepBatches(10, 4, seed=5)
-    steps = [0, 1, 2, 3, 7, 12]
-    got_forward = {s: forward.indices(s).tolist() for s in steps}
-    got_backward = {s: backward.indices(s).tolist() for s in reversed(steps)}
-    assert got_forward == got_backward
-    assert forward.indices(3).tolist() == got_forward[3]  # asking again changes nothing
-    assert StepBatches(10, 4, seed=6).indices(0).tolist() != got_forward[0]
-    np.testing.assert_array_equal(forward.sample_seeds(7), backward.sample_seeds(7))
-
-
-def test_one_epoch_without_replacement_covers_every_example_once():
-    batches = StepBatches(12, 4, seed=0)
-    assert not batches.replacement
-    epoch0 = np.concatenate([batches.indices(s) for s in range(3)])
-    epoch1 = np.concatenate([batches.indices(s) for s in range(3, 6)])
-    assert sorted(epoch0.tolist()) == list(range(12))
-    assert sorted(epoch1.tolist()) == list(range(12))
-    assert epoch0.tolist() != epoch1.tolist()  # a fresh permutation per epoch
-
-
-def test_epochs_that_straddle_a_batch_still_cover_each_example_once():
-    batches = StepBatches(10, 4, seed=3)
-    stream = np.concatenate([batches.indices(s) for s in range(5)])  # 20 positions = 2 epochs
-    assert sorted(stream[:10].tolist()) == list(range(10))
-    assert sorted(stream[10:].tolist()) == list(range(10))
-
-
-def test_small_dataset_samples_with_replacement():
-    batches = StepBatches(3, 8, seed=1)
-    assert batches.replacement
-    for step in range(5):
-        idx = batches.indices(step)
-        assert len(idx) == 8
-        assert idx.min() >= 0 and idx.max() < 3
-    np.testing.assert_array_equal(StepBatches(3, 8, seed=1).indices(4), batches.indices(4))
-
-
-def test_chunks_partition_the_global_batch():
-    whole = StepBatches(50, 12, seed=9)
-    sharded = StepBatches(50, 12, seed=9, chunks=4)
-    assert sharded.chunk_size == 3
-    for step in (0, 4, 9):
-        pieces = [sharded.chunk(step, c) for c in range(4)]
-        assert all(len(p) == 3 for p in pieces)
-        flat = [pair for piece in pieces for pair in piece]
-        assert [i for i, _ in flat] == sharded.indices(step).tolist()
-        assert [s for _, s in flat] == sharded.sample_seeds(step).tolist()
-        # the global batch does not depend on how it is cut
-        assert sharded.indices(step).tolist() == whole.indices(step).tolist()
-        assert all(isinstance(i, int) and isinstance(s, int) for i, s in flat)
-
-
-@pytest.mark.parametrize("batch, chunks", [(10, 4), (7, 2)])
-def test_batch_must_divide_into_chunks(batch, chunks):
-    with pytest.raises(BigTransferError, match=f"--batch {batch} must divide evenly into {chunks}"):
-        StepBatches(100, batch, seed=0, chunks=chunks)
-
-
-def test_empty_training_set_is_rejected():
-    with pytest.raises(BigTransferError, match="empty"):
-        StepBatches(0, 4, seed=0)
-
-
-def test_chunk_sampler_resumes_from_a_start_step():
-    batches = StepBatches(20, 8, seed=3, chunks=4)
-    sampler = ChunkSampler(batches, start_step=5, end_step=8, chunk_ids=[1, 3])
-    assert len(sampler) == 6
-    expected = [batches.chunk(step, c) for step in (5, 6, 7) for c in (1, 3)]
-    assert list(sampler) == expected
-    full = list(ChunkSampler(StepBatches(20, 8, seed=3, chunks=4), 0, 8, [1, 3]))
-    assert len(full) == 16
-    assert full[10:] == expected  # resuming at step 5 = skipping the first 5 steps
-    assert len(ChunkSampler(batches, 4, 4, [0])) == 0 and list(ChunkSampler(batches, 4, 4, [0])) == []
-
-
-# --------------------------------------------------------------------------- 10. dataset
-
-
-def _memory_images(count: int = 4, size: int = 48) -> ImageSet:
-    pixels = np.random.default_rng(21).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
-    return ImageSet(["p", "q"], [i % 2 for i in range(count)], pixels=pixels, origin="memory")
-
-
-def test_seeded_items_are_reproducible_and_leave_global_rng_alone():
-    data = TransformedImages(_memory_images(), train_transform(40, 32))
-    first, label = data[(1, 1234)]
-    assert label == 1
-    assert first.shape == (3, 32, 32) and first.dtype == torch.float32
-    assert first.min() >= -1.0 and first.max() <= 1.0
-
-    torch.manual_seed(0)
-    data[(2, 77)]
-    data[3]  # unseeded call uses (and moves) the global RNG
-    torch.rand(5)
-    again, _ = data[(1, 1234)]
-    assert torch.equal(first, again)
-
-    state = torch.get_rng_state()
-    data[(0, 42)]
-    assert torch.equal(torch.get_rng_state(), state)
-
-    variants = {data[(1, seed)][0].numpy().tobytes() for seed in range(12)}
-    assert len(variants) > 1  # different seeds give different crops / flips
-
-
-def test_eval_transform_is_deterministic_and_maps_to_model_range():
-    pixels = np.zeros((2, 20, 30, 3), dtype=np.uint8)
-    pixels[..., 0] = 255
-    pixels[..., 2] = 51
-    images = ImageSet(["a", "b"], [0, 1], pixels=pixels)
-    data = TransformedImages(images, eval_transform(32))
-    x, label = data[1]
-    assert label == 1
-    assert x.shape == (3, 32, 32)
-    assert torch.allclose(x[0], torch.ones(32, 32))
-    assert torch.allclose(x[1], -torch.ones(32, 32))
-    assert torch.allclose(x[2], torch.full((32, 32), 51 / 255 * 2 - 1), atol=1e-6)
-    assert torch.equal(data[0][0], data[0][0])
-    assert torch.equal(data[(0, 1)][0], data[(0, 999)][0])
-
-
-def test_dataloader_with_chunk_sampler_gives_the_chosen_items():
-    images = _memory_images(count=6, size=40)
-    data = TransformedImages(images, train_transform(36, 32))
-    batches = StepBatches(6, 4, seed=0, chunks=2)
-    sampler = ChunkSampler(batches, 2, 4, [0, 1])
-    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=0)
-    got = list(loader)
-    assert len(got) == 4
-    for (x, y), pairs in zip(got, sampler):
-        assert x.shape == (2, 3, 32, 32)
-        assert y.tolist() == [int(images.labels[i]) for i, _ in pairs]
-        assert torch.equal(x[0], data[pairs[0]][0])
-
-
-def test_undecodable_file_is_replaced_with_a_warning_or_raises_when_strict(tmp_path):
-    bad = _truncated_jpeg(tmp_path / "a" / "cut.jpg")
-    good = _tiny_png(tmp_path / "a" / "fine.png", 10)
-    images = ImageSet(["a", "b"], [0, 0], paths=[str(bad), str(good)], origin=str(tmp_path))
-    data = TransformedImages(images, eval_transform(8))
-    with pytest.warns(UserWarning, match="cannot decode image"):
-        x, _ = data[0]
-    assert torch.equal(x, data[1][0])
-    with pytest.raises(BigTransferError, match="cut.jpg"):
-        TransformedImages(images, eval_transform(8), strict=True)[0]
-
-
-def test_replacement_image_keeps_its_own_label(tmp_path):
-    bad = _truncated_jpeg(tmp_path / "cut.jpg")
-    good = _tiny_png(tmp_path / "fine.png", 10)
-    images = ImageSet(["a", "b"], [0, 1], paths=[str(bad), str(good)])
-    data = TransformedImages(images, eval_transform(8))
-    with pytest.warns(UserWarning, match="cannot decode image"):
-        _, label = data[0]
-    assert label == 1
-
-
-def test_sixteen_consecutive_failures_give_up(tmp_path):
-    paths = []
-    for i in range(3):
-        path = tmp_path / f"junk{i}.png"
-        path.write_bytes(b"")
-        paths.append(str(path))
-    images = ImageSet(["a", "b"], [0, 1, 0], paths=paths, origin="junkyard")
-    with (pytest.warns(UserWarning, match="cannot decode image"),
-          pytest.raises(BigTransferError, match="junkyard: 3 images in a row failed")):
-        TransformedImages(images, eval_transform(8))[0]
-
-
-# --------------------------------------------------------------------------- 11. MixUp
-
-
-def test_mixup_ratio_without_mixing_is_one():
-    assert mixup_ratio(0.0, seed=0, step=0) == 1.0
-    assert mixup_ratio(0.0, seed=3, step=1234) == 1.0
-
-
-def test_mixup_ratio_with_alpha_is_a_fraction_fixed_by_seed_and_step():
-    values = [mixup_ratio(0.1, seed=0, step=s) for s in (0, 1, 2)]
-    assert all(0.0 < v < 1.0 for v in values)
-    assert values == [mixup_ratio(0.1, seed=0, step=s) for s in (0, 1, 2)]
-    assert len(set(values)) == 3
-    assert mixup_ratio(0.1, seed=1, step=0) != values[0]
-    many = [mixup_ratio(0.1, seed=4, step=s) for s in range(200)]
-    assert all(0.0 <= v <= 1.0 for v in many)
-    # Beta(0.1, 0.1) piles up near 0 and 1
-    assert sum(v < 0.1 or v > 0.9 for v in many) > 100
-
-
-def test_mix_blends_each_item_with_a_permuted_partner():
-    x = torch.arange(6 * 2 * 2, dtype=torch.float32).reshape(6, 1, 2, 2)
-    mixed, perm = mix(x, 0.3, torch.Generator().manual_seed(0))
-    assert sorted(perm.tolist()) == list(range(6))
-    assert torch.allclose(mixed, 0.3 * x + 0.7 * x[perm])
-    again, perm_again = mix(x, 0.3, torch.Generator().manual_seed(0))
-    assert torch.equal(perm, perm_again) and torch.equal(mixed, again)
-    same, _ = mix(x, 1.0, torch.Generator().manual_seed(1))
-    assert torch.equal(same, x)
-
-
-def _hand_cross_entropy(rows: list[list[float]], targets: list[int]) -> float:
-    total = 0.0
-    for row, target in zip(rows, targets):
-        log_norm = math.log(sum(math.exp(v) for v in row))
-        total += log_norm - row[target]
-    return total / len(rows)
-
-
-def test_softmax_cross_entropy_matches_hand_computation():
-    rows = [[2.0, 0.5, -1.0], [0.0, 1.0, 3.0], [-0.5, 0.25, 0.0]]
-    targets = [0, 2, 1]
-    perm = [2, 0, 1]
-    lam = 0.7
-    logits = torch.tensor(rows, dtype=torch.float64)
-    labels = torch.tensor(targets)
-    got = softmax_cross_entropy(logits, labels, torch.tensor(perm), lam)
-    permuted = [targets[p] for p in perm]
-    want = lam * _hand_cross_entropy(rows, targets) + (1 - lam) * _hand_cross_entropy(rows, permuted)
-    assert got.item() == pytest.approx(want, rel=1e-12)
-    plain = _hand_cross_entropy(rows, targets)
-    assert softmax_cross_entropy(logits, labels, None, lam).item() == pytest.approx(plain, rel=1e-12)
-    assert softmax_cross_entropy(logits, labels, torch.tensor(perm), 1.0).item() == pytest.approx(
-        plain, rel=1e-12)

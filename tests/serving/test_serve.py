@@ -32,7 +32,7 @@ from bigtransfer.serving.app import build_predictor
 from bigtransfer.serving.options import ServeOptions, read_api_key
 
 MAX_UPLOAD_MB = 0.05  # 52 KB: the tests' images are a few KB, the refused bodies a few dozen
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 @pytest.fixture(scope="module")
@@ -485,7 +485,7 @@ def test_json_numbers_in_the_answer_are_plain_json(server):
 
 @pytest.mark.slow
 def test_the_replicas_example_balances_two_servers_and_survives_losing_one(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_replicas.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_replicas.py"
     done = subprocess.run([sys.executable, str(script), "--requests", "6"], check=False, capture_output=True,
                           text=True, timeout=600, cwd=tmp_path, env={**os.environ, "PYTHONPATH": SRC})
     assert done.returncode == 0, done.stderr[-3000:]

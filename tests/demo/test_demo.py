@@ -133,7 +133,7 @@ def test_a_demo_killed_outright_leaves_no_workers_and_continues_to_the_same_figu
     config = replace(TINY, jobs=2, finetune_steps=steps)
     script, out = tmp_path / "demo.py", tmp_path / "demo"
     script.write_text(KILLED_DEMO)
-    demo = subprocess.Popen([sys.executable, str(script), str(out), str(Path(__file__).parent), str(steps)])
+    demo = subprocess.Popen([sys.executable, str(script), str(out), str(Path(__file__).parents[1]), str(steps)])
     try:
         deadline = time.monotonic() + 300
         while len(list(out.glob("*/*shot/seed*/summary.json"))) < 2:
