@@ -29,9 +29,11 @@ from bigtransfer.data.dataset import TransformedImages
 from bigtransfer.data.sources import ImageSet
 from bigtransfer.data.transforms import upstream_transform
 from bigtransfer.train.distributed import DistContext
+from bigtransfer.train.execution import ExecutionOptions
 from bigtransfer.train.logbook import read_metrics
-from bigtransfer.train.loop import LoopConfig, resolve_precision, train
+from bigtransfer.train.loop import resolve_precision, train
 from bigtransfer.train.memory import forward_flops_per_image
+from bigtransfer.train.recipe import TrainingRecipe
 from bigtransfer.train.schedule import LRSchedule
 
 RESULTS = Path(__file__).parent / "results"
@@ -48,10 +50,11 @@ def loop_rate(arch: str, resolution: int, batch: int, steps: int, data, device, 
               classes: int) -> float:
     torch.manual_seed(0)
     model = create_model(arch, num_classes=classes, zero_head=False)
-    cfg = LoopConfig(schedule=LRSchedule(0.1, 0, (), steps), batch=batch, weight_decay=1e-4, workers=workers,
-                     log_every=1, checkpoint_every=10**9, progress=False, precision=precision)
+    cfg = TrainingRecipe(schedule=LRSchedule(0.1, 0, (), steps), batch=batch, weight_decay=1e-4)
+    execution = ExecutionOptions(workers=workers, log_every=1, checkpoint_every=10**9, progress=False,
+                                 precision=precision)
     with tempfile.TemporaryDirectory() as run_dir:
-        train(model, data, None, cfg, Path(run_dir), DistContext(0, 1, 0, device), fingerprint="bench")
+        train(model, data, None, cfg, execution, Path(run_dir), DistContext(0, 1, 0, device), fingerprint="bench")
         rates = [r["images_per_s"] for r in read_metrics(Path(run_dir)) if r["kind"] == "train"][1:-1]
     return statistics.median(rates)
 

@@ -34,9 +34,11 @@ from bigtransfer.data.dataset import TransformedImages
 from bigtransfer.data.sources import image_folder
 from bigtransfer.data.transforms import train_transform
 from bigtransfer.train.distributed import DistContext
+from bigtransfer.train.execution import ExecutionOptions
 from bigtransfer.train.logbook import read_metrics
-from bigtransfer.train.loop import LoopConfig, resolve_precision, train
+from bigtransfer.train.loop import resolve_precision, train
 from bigtransfer.train.memory import forward_flops_per_image
+from bigtransfer.train.recipe import TrainingRecipe
 from bigtransfer.train.schedule import LRSchedule
 
 RESULTS = Path(__file__).parent / "results"
@@ -61,9 +63,10 @@ def run_ours(data, args, ctx, steps: int, work: Path) -> list[float]:
     run_dir = Path(tempfile.mkdtemp(dir=work))
     model = fresh_model(args.classes)
     precision = resolve_precision("auto", ctx.device, forward_flops_per_image(model.config, args.crop))
-    cfg = LoopConfig(schedule=LRSchedule(0.003, 0, (), steps), batch=args.batch, workers=args.workers,
-                     log_every=1, checkpoint_every=10**9, progress=False, precision=precision)
-    train(model, data, None, cfg, run_dir, ctx, fingerprint="bench")
+    cfg = TrainingRecipe(schedule=LRSchedule(0.003, 0, (), steps), batch=args.batch)
+    execution = ExecutionOptions(workers=args.workers, log_every=1, checkpoint_every=10**9, progress=False,
+                                 precision=precision)
+    train(model, data, None, cfg, execution, run_dir, ctx, fingerprint="bench")
     return [r["images_per_s"] for r in read_metrics(run_dir) if r["kind"] == "train"][1:-1]
 
 

@@ -8,8 +8,10 @@ from bigtransfer.data.dataset import TransformedImages
 from bigtransfer.data.sources import load_source
 from bigtransfer.data.transforms import train_transform
 from bigtransfer.train.distributed import DistContext
+from bigtransfer.train.execution import ExecutionOptions
 from bigtransfer.train.layout import training_layout
-from bigtransfer.train.loop import LoopConfig, train
+from bigtransfer.train.loop import train
+from bigtransfer.train.recipe import TrainingRecipe
 from bigtransfer.train.schedule import LRSchedule
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -36,8 +38,9 @@ def _conv_layout_after_training(tmp_path, image_side: int) -> torch.memory_forma
                                train_transform(20, 16, flip=False))
     torch.manual_seed(0)
     model = create_model("R[1,1,1,1]x0.5", num_classes=10)
-    cfg = LoopConfig(schedule=LRSchedule(0.1, 0, (), 2), batch=20, progress=False, image_side=image_side)
-    train(model, images, None, cfg, tmp_path, DistContext(0, 1, 0, CPU), fingerprint="t")
+    cfg = TrainingRecipe(schedule=LRSchedule(0.1, 0, (), 2), batch=20, image_side=image_side)
+    execution = ExecutionOptions(precision="fp32", progress=False)
+    train(model, images, None, cfg, execution, tmp_path, DistContext(0, 1, 0, CPU), fingerprint="t")
     weight = model.root.conv.weight
     assert weight.grad is None or weight.grad.shape == weight.shape
     return torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) \

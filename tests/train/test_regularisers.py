@@ -10,7 +10,9 @@ from bigtransfer.data.dataset import TransformedImages
 from bigtransfer.data.sources import load_source
 from bigtransfer.data.transforms import train_transform
 from bigtransfer.train.distributed import DistContext
-from bigtransfer.train.loop import LoopConfig, train
+from bigtransfer.train.execution import ExecutionOptions
+from bigtransfer.train.loop import train
+from bigtransfer.train.recipe import TrainingRecipe
 from bigtransfer.train.schedule import LRSchedule
 
 TINY = "R[1,1,1,1]x0.5"
@@ -26,9 +28,10 @@ def run(digits, out: Path, steps=6, on_eval=None, **regularisers):
     torch.manual_seed(0)
     model = create_model(TINY, num_classes=10, zero_head=False)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = LoopConfig(schedule=LRSchedule(0.2, 0, (), steps), batch=20, log_every=1, checkpoint_every=1,
-                     progress=False, eval_every=1 if on_eval else 0, **regularisers)
-    train(model, digits, digits if on_eval else None, cfg, out, DistContext(0, 1, 0, torch.device("cpu")),
+    cfg = TrainingRecipe(schedule=LRSchedule(0.2, 0, (), steps), batch=20, **regularisers)
+    execution = ExecutionOptions(log_every=1, checkpoint_every=1, progress=False, eval_every=1 if on_eval else 0,
+                                 precision="fp32")
+    train(model, digits, digits if on_eval else None, cfg, execution, out, DistContext(0, 1, 0, torch.device("cpu")),
           fingerprint="t", on_eval=on_eval)
     return model, initial
 

@@ -26,13 +26,14 @@ from ..errors import BigTransferError
 from ..inference.predictor import resolve_device
 from ..safe_text import load_json
 from ..train.checkpointing import (
-    fingerprint_of,
     gather_train_state,
     read_train_state,
     restore_train_state,
     save_train_state,
 )
+from ..train.distributed import DistContext
 from ..train.logbook import Logbook
+from ..train.run import TrainingRun
 from ..train.schedule import LRSchedule
 from .coco import CocoSet, CocoTraining, collate, read_coco
 from .model import build_retinanet
@@ -82,11 +83,13 @@ def plan(opts: DetectOptions, train_images: int) -> dict:
 
 def run_detect_train(opts: DetectOptions) -> dict:
     """Train (or resume) a BiT RetinaNet; returns the summary with the validation COCO metrics."""
-    with rundir.owned(Path(opts.out), "detect-train"):
-        return _detect_train(opts)
+    ctx = DistContext(0, 1, 0, resolve_device(opts.device))  # one process
+    # The finished model carries no fingerprint: the training checkpoint stays beside it.
+    with TrainingRun.claim(Path(opts.out), "detect-train", ctx, final_stands_in=False) as run:
+        return _detect_train(opts, run)
 
 
-def _detect_train(opts: DetectOptions) -> dict:
+def _detect_train(opts: DetectOptions, run: TrainingRun) -> dict:
     from tqdm.auto import tqdm
 
     train_set = read_coco(opts.data, opts.images)
@@ -94,23 +97,22 @@ def _detect_train(opts: DetectOptions) -> dict:
     if val_set is not None and val_set.category_ids != train_set.category_ids:
         raise BigTransferError(f"--val-data {opts.val_data}: its categories differ from --data's")
     p = plan(opts, len(train_set.images))
-    out = Path(opts.out)
+    out, device = run.dir, run.ctx.device
     settings = {"plan": p, "model": opts.model, "data": str(opts.data), "num_classes": train_set.num_classes,
                 "categories": dict(zip(train_set.category_ids, train_set.category_names)), "seed": opts.seed,
                 "jitter": list(opts.jitter), "momentum": opts.momentum, "weight_decay": opts.weight_decay,
                 "fpn_channels": opts.fpn_channels, "grad_clip": opts.grad_clip}
-    fingerprint = fingerprint_of(settings)
-    device = resolve_device(opts.device)
+    # No reuse of a finished run: --val-data is not in the fingerprint, and a re-run re-evaluates.
+    run.identify(settings)
+    fingerprint = run.fingerprint
     torch.manual_seed(opts.seed)  # the new heads' initialisation is part of the run
     model = build_retinanet(opts.model, train_set.num_classes, min_size=opts.resolution, max_size=opts.resolution,
                             fpn_channels=opts.fpn_channels).to(device)
-    write_json(out / "config.json", {**settings, "fingerprint": fingerprint, "body": model.backbone.body_config,
-                                            "options": {k: str(v) for k, v in asdict(opts).items()}})
+    run.write_config(body=model.backbone.body_config, options={k: str(v) for k, v in asdict(opts).items()})
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.0, momentum=opts.momentum, weight_decay=opts.weight_decay)
     schedule = LRSchedule(p["lr"], p["warmup_steps"], p["decay_steps"], p["steps"])
-    checkpoint = out / "checkpoints" / "latest.safetensors"
-    start = 0
+    checkpoint, start = run.checkpoint, 0
     if checkpoint.is_file():
         state, momentum, start, _ = read_train_state(checkpoint, fingerprint)
         restore_train_state(model, optimizer, state, momentum, False)
@@ -149,16 +151,14 @@ def _detect_train(opts: DetectOptions) -> dict:
             state, momentum = gather_train_state(model, optimizer, False)
             save_train_state(checkpoint, state, momentum, done, fingerprint)
     bar.close()
-    write_safetensors(out / "final.safetensors", model.state_dict(),
+    write_safetensors(run.final_path, model.state_dict(),
                       {"format": "bigtransfer-retinanet", "config": json.dumps(settings)}, what="detection model")
     metrics = evaluate_detector(model, val_set, device, batch=max(1, opts.batch), out=out,
                                 progress=opts.progress) if val_set else {}
     if metrics:
         logbook.log(p["steps"], "eval", **metrics)
     logbook.close()
-    summary = {"final": metrics, "steps": p["steps"], "model": str(out / "final.safetensors")}
-    write_json(out / "summary.json", summary)
-    return summary
+    return run.finish({"final": metrics, "steps": p["steps"], "model": str(run.final_path)})
 
 
 @torch.no_grad()

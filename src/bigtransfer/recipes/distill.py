@@ -23,7 +23,7 @@ names), so `evaluate`, `predict` and `export` take it as they take a fine-tuning
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,19 +31,20 @@ import torch
 import torch.nn.functional as F
 
 from .. import rundir
-from ..atomic import remove_file, write_json, write_npy
+from ..atomic import write_json, write_npy
 from ..data.dataset import TransformedImages
 from ..data.imageset import ImageSet, Splits
 from ..data.sources import IMAGE_EXTENSIONS, load_source, report_skipped
 from ..data.transforms import eval_transform, upstream_transform
 from ..errors import BigTransferError
-from ..models import checkpoint, create_model, save_checkpoint
+from ..models import checkpoint, create_model
 from ..models.factory import model_source, resolve_arch_name, resolve_weights
-from ..train.checkpointing import FinalWeights, check_resumable, fingerprint_of, finished_summary
 from ..train.distributed import DistContext
 from ..train.execution import ExecutionOptions
-from ..train.loop import LoopConfig, evaluate_model, resolve_precision, train
+from ..train.loop import evaluate_model, resolve_execution, train
 from ..train.memory import forward_flops_per_image
+from ..train.recipe import TrainingRecipe
+from ..train.run import TrainingRun
 from ..train.schedule import CosineSchedule
 
 # The authors' values (big_vision configs/proj/distill): bit_i1k.py and bigsweep_flowers_pet.py.
@@ -108,6 +109,14 @@ class DistillPlan:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "schedule": self.schedule.to_dict()}
+
+    def training(self, seed: int = 0) -> TrainingRecipe:
+        """What the loop needs of this plan, with the run's seed: the authors' optimiser (decoupled
+        weight decay on the kernels, clipping), MixUp on every batch."""
+        return TrainingRecipe(schedule=self.schedule, batch=self.batch, momentum=0.9, weight_decay=self.weight_decay,
+                              decayed="kernels", optimizer=self.optimizer, decoupled_decay=True,
+                              grad_clip=self.grad_clip, mixup_alpha=self.mixup, seed=seed,
+                              image_side=self.resolution)
 
 
 def make_plan(opts: DistillOptions, train_images: int, num_classes: int, teacher_resolution: int) -> DistillPlan:
@@ -248,15 +257,12 @@ def run_distill(opts: DistillOptions) -> dict:
     """Distill as `opts` says; returns the summary (also written to OUT/summary.json)."""
     check_options(opts)
     ctx = DistContext.from_env(opts.device)
-    with rundir.owned(Path(opts.out), "distill", main=ctx.is_main, agree=ctx.agree):
-        return _distill(opts, ctx)
+    with TrainingRun.claim(Path(opts.out), "distill", ctx, restart=opts.restart) as run:
+        return _distill(opts, run)
 
 
-def _distill(opts: DistillOptions, ctx: DistContext) -> dict:
-    out = Path(opts.out)
-    if opts.restart and ctx.is_main:
-        remove_file(out / "checkpoints" / "latest.safetensors")
-    ctx.barrier()
+def _distill(opts: DistillOptions, run: TrainingRun) -> dict:
+    ctx = run.ctx
     teacher_path = _teacher_file(opts.teacher)
     meta = checkpoint.read_metadata(teacher_path)
     classes = meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]
@@ -265,71 +271,53 @@ def _distill(opts: DistillOptions, ctx: DistContext) -> dict:
     settings = {"plan": plan.to_dict(), "teacher": str(teacher_path), "student": opts.student, "data": opts.data,
                 "labelled": labelled, "seed": opts.seed, "split_seed": opts.split_seed, "classes": classes,
                 "new_head": opts.new_head}
-    fingerprint = fingerprint_of(settings)
-    finished = None if opts.restart else finished_summary(out, fingerprint)
-    if finished is not None:
-        ctx.shutdown()
+    if (finished := run.finished(settings)) is not None:
         return finished
-    # before config.json is replaced; a finished run's model stands in for its checkpoint
-    check_resumable(out / "checkpoints" / "latest.safetensors", fingerprint,
-                    None if opts.restart else out / "final.safetensors")
 
     teacher = create_model(checkpoint.summarize(teacher_path).arch.name, weights=teacher_path).to(ctx.device).eval()
     teacher.requires_grad_(False)
     student = _student(opts, len(classes))
-    flops = forward_flops_per_image(student.config, plan.resolution) + forward_flops_per_image(
-        teacher.config, plan.resolution)
-    precision = resolve_precision(opts.precision, ctx.device, flops)
-    bf16 = precision == "bf16"
+    recipe = plan.training(opts.seed)
+    one_pass = replace(opts, batch_split=1) if opts.batch_split == "auto" else opts  # "auto" is not sized here
+    execution = resolve_execution(one_pass, student, recipe, ctx,
+                                  extra_flops=forward_flops_per_image(teacher.config, plan.resolution))
+    bf16 = execution.precision == "bf16"
+    run.write_config(**run.execution_facts(execution.precision, opts))
     if ctx.is_main:
-        write_json(out / "config.json", {
-            **settings, "fingerprint": fingerprint, "world_size": ctx.world_size, "device": str(ctx.device),
-            "precision": precision,
-            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}})
-        report_skipped(out, splits.skipped, opts.data)
+        report_skipped(run.dir, splits.skipped, opts.data)
         if opts.progress:
             print(describe(plan), flush=True)
 
     test = TransformedImages(splits.test, eval_transform(plan.resolution)) if splits.test is not None else None
     if plan.fixed_views:
         fixed = TransformedImages(splits.train, eval_transform(plan.resolution), strict=opts.strict)
-        logits = _teacher_logits(teacher, fixed, ctx.device, bf16, opts.workers, out / "cache" / "teacher_logits.npy")
+        logits = _teacher_logits(teacher, fixed, ctx.device, bf16, opts.workers, run.dir / "cache" / "teacher_logits.npy")
         train_data, targets = _CachedTeacher(fixed, logits), None
     else:
         # the Inception crop + flip of the upstream recipe, seen identically by teacher and student
         train_data = TransformedImages(splits.train, upstream_transform(plan.resolution, plan.min_crop_area),
                                        strict=opts.strict)
         targets = _teacher_on(teacher, ctx, bf16, opts.fsdp)
-    cfg = LoopConfig(
-        schedule=plan.schedule, batch=plan.batch, momentum=0.9, weight_decay=plan.weight_decay, decayed="kernels",
-        optimizer=plan.optimizer, decoupled_decay=True, grad_clip=plan.grad_clip, mixup_alpha=plan.mixup,
-        seed=opts.seed, batch_split=opts.batch_split if opts.batch_split != "auto" else 1,
-        eval_every=opts.eval_every, checkpoint_every=opts.checkpoint_every, log_every=opts.log_every,
-        workers=opts.workers, eval_batch=2 * (plan.batch // ctx.world_size), precision=precision,
-        compile=opts.compile, fsdp=opts.fsdp, progress=opts.progress and ctx.is_main, image_side=plan.resolution)
-    def write_final(state: dict) -> None:
-        save_checkpoint(student, out / "final.safetensors", class_names=classes, resolution=plan.resolution,
-                        provenance={"distilled_from": str(teacher_path), "student": opts.student, "data": opts.data,
-                                    "steps": plan.steps, "fingerprint": fingerprint}, state_dict=state)
-
-    metrics = train(student, train_data, test, cfg, out, ctx, fingerprint, loss_fn=kl_to_teacher(plan.temperature),
-                    targets=targets, final=FinalWeights(out / "final.safetensors", write_final, resume=not opts.restart))
-    teacher_metrics = (evaluate_model(teacher, test, ctx, batch=cfg.eval_batch, workers=opts.workers,
+    eval_batch = 2 * (plan.batch // ctx.world_size)
+    final = run.final_weights(student, class_names=classes, resolution=plan.resolution, provenance={
+        "distilled_from": str(teacher_path), "student": opts.student, "data": opts.data, "steps": plan.steps})
+    metrics = train(student, train_data, test, recipe, execution, run.dir, ctx, run.fingerprint,
+                    loss_fn=kl_to_teacher(plan.temperature), targets=targets, final=final, eval_batch=eval_batch)
+    teacher_metrics = (evaluate_model(teacher, test, ctx, batch=eval_batch, workers=opts.workers,
                                       bf16=bf16).result() if test is not None else {})
     summary = {"final": metrics, "teacher": teacher_metrics, "classes": classes, "train_images": len(splits.train),
                "test_images": len(splits.test) if splits.test is not None else 0, "steps": plan.steps,
-               "labelled": labelled, "model": str(out / "final.safetensors")}
-    if ctx.is_main:
-        write_json(out / "summary.json", summary)
-        write_json(out / "protocol.json", {"protocol": "distill", "teacher": str(teacher_path),
-                                                  "student": opts.student, "data": opts.data,
-                                                  "compare": opts.compare})
-        from ..report.protocols.distill import collect_distill, write_distill_report
+               "labelled": labelled, "model": str(run.final_path)}
+    return run.finish(summary, then=lambda: _write_report(run.dir, opts, teacher_path))
 
-        write_distill_report(out, collect_distill(out))
-    ctx.barrier()
-    ctx.shutdown()
-    return summary
+
+def _write_report(out: Path, opts: DistillOptions, teacher_path: Path) -> None:
+    """protocol.json and the report of the student beside its teacher (and a directly fine-tuned student)."""
+    from ..report.protocols.distill import collect_distill, write_distill_report
+
+    write_json(out / "protocol.json", {"protocol": "distill", "teacher": str(teacher_path), "student": opts.student,
+                                       "data": opts.data, "compare": opts.compare})
+    write_distill_report(out, collect_distill(out))
 
 
 def _student(opts: DistillOptions, num_classes: int):

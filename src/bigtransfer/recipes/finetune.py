@@ -7,28 +7,26 @@ summary.json. Re-running the same command on the same --out resumes from the las
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .. import rundir
-from ..atomic import remove_file, write_json
 from ..data.dataset import TransformedImages
 from ..data.fewshot import sample_per_class
 from ..data.sources import Splits, load_source, report_skipped
 from ..data.transforms import eval_transform, train_transform
 from ..errors import BigTransferError
-from ..models import create_model, save_checkpoint
+from ..models import create_model
 from ..models.factory import model_source, resolve_arch_name
 from ..models.resnetv2 import parse_arch
-from ..train.checkpointing import FinalWeights, check_resumable, fingerprint_of, finished_summary
 from ..train.distributed import DistContext
 from ..train.execution import ExecutionOptions
 from ..train.linear_probe import extract_features, fit_logistic_regression
 from ..train.logbook import Logbook
-from ..train.loop import LoopConfig, evaluate_model, resolve_precision, train
-from ..train.memory import auto_batch_split, forward_flops_per_image
+from ..train.loop import evaluate_model, resolve_execution, train
+from ..train.run import TrainingRun
 from . import hyperrule
 
 FREEZE_POINTS = ("root", "stage1", "stage2", "stage3", "stage4")
@@ -158,15 +156,12 @@ def run_finetune(opts: FinetuneOptions, splits: Splits | None = None) -> dict:
     another process writing it is an error (`rundir.RunInUse`)."""
     check_options(opts)
     ctx = DistContext.from_env(opts.device)
-    with rundir.owned(Path(opts.out), "finetune", main=ctx.is_main, agree=ctx.agree):
-        return _finetune(opts, splits, ctx)
+    with TrainingRun.claim(Path(opts.out), "finetune", ctx, restart=opts.restart) as run:
+        return _finetune(opts, splits, run)
 
 
-def _finetune(opts: FinetuneOptions, splits: Splits | None, ctx: DistContext) -> dict:
-    out = Path(opts.out)
-    if opts.restart and ctx.is_main:
-        remove_file(out / "checkpoints" / "latest.safetensors")
-    ctx.barrier()
+def _finetune(opts: FinetuneOptions, splits: Splits | None, run: TrainingRun) -> dict:
+    ctx = run.ctx
     loaded_here = splits is None  # data handed in was loaded (and its skipped images reported) by the caller
     splits = prepare_data(opts, splits, warn=False)
     if splits.test is None:
@@ -180,14 +175,8 @@ def _finetune(opts: FinetuneOptions, splits: Splits | None, ctx: DistContext) ->
     }
     if opts.dropout or opts.l2_to_init:  # only when used, so earlier runs keep their fingerprints
         settings["regularisers"] = {"dropout": opts.dropout, "l2_to_init": opts.l2_to_init}
-    fingerprint = fingerprint_of(settings)
-    finished = None if opts.restart else finished_summary(out, fingerprint)
-    if finished is not None:  # the same run, done: report it, change nothing
-        ctx.shutdown()
+    if (finished := run.finished(settings)) is not None:
         return finished
-    # before config.json is replaced; a finished run's model stands in for its checkpoint
-    check_resumable(out / "checkpoints" / "latest.safetensors", fingerprint,
-                    None if opts.restart else out / "final.safetensors")
     torch.manual_seed(opts.seed)  # a from-scratch model's init is part of the run's reproducible state
     name, weights = model_source(opts.model, opts.weights)
     model = create_model(name, num_classes=len(splits.classes), weights=weights)
@@ -195,54 +184,31 @@ def _finetune(opts: FinetuneOptions, splits: Splits | None, ctx: DistContext) ->
         _check_kept_head(model, name, weights, len(splits.classes))
     else:  # the release always starts from an all-zero head, even when the file's has the same classes
         model.reset_head(len(splits.classes), zero_init=True)
-    precision = resolve_precision(opts.precision, ctx.device, forward_flops_per_image(model.config, plan.crop))
-    bf16 = precision == "bf16"
+    recipe = plan.training(opts.seed, prelogit_dropout=opts.dropout, l2_to_init=opts.l2_to_init)
+    execution = resolve_execution(opts, model, recipe, ctx)
     frozen = _freeze(model, "stage4" if opts.linear_probe else opts.freeze_until)
-    split = opts.batch_split
-    if split == "auto":
-        split = auto_batch_split(model.config, plan.crop, plan.batch // ctx.world_size, ctx.device, bf16)
+    run.write_config(batch_split=execution.batch_split, **run.execution_facts(execution.precision, opts),
+                     skipped_images=splits.skipped)
     if ctx.is_main:
-        config = {**settings, "fingerprint": fingerprint, "batch_split": split, "world_size": ctx.world_size,
-                  "device": str(ctx.device), "precision": precision,
-                  "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()},
-                  "skipped_images": splits.skipped}
-        write_json(out / "config.json", config)
-        report_skipped(out, splits.skipped, opts.data, warn=loaded_here)
+        report_skipped(run.dir, splits.skipped, opts.data, warn=loaded_here)
         if opts.progress:  # quiet runs (--quiet, sweeps, the demo) keep the plan to config.json
             print(hyperrule.describe(plan), flush=True)
 
-    def write_final(state: dict | None = None) -> None:
-        save_checkpoint(model, out / "final.safetensors", class_names=splits.classes, resolution=plan.crop,
-                        provenance={"source_model": opts.model, "weights": str(opts.weights or ""),
-                                    "data": opts.data, "steps": plan.steps, "fingerprint": fingerprint},
-                        state_dict=state)
-
+    final = run.final_weights(model, class_names=splits.classes, resolution=plan.crop, provenance={
+        "source_model": opts.model, "weights": str(opts.weights or ""), "data": opts.data, "steps": plan.steps})
     test_data = TransformedImages(splits.test, eval_transform(plan.crop), strict=opts.strict)
     if opts.linear_probe:
-        metrics = _linear_probe(model, splits, plan, test_data, opts, ctx, bf16)
+        metrics = _linear_probe(model, splits, plan, test_data, opts, ctx, execution.precision == "bf16")
         if ctx.is_main:
-            write_final()
+            final.write()
     else:
         train_data = TransformedImages(
             splits.train, train_transform(plan.resize, plan.crop, random_crop=plan.random_crop, flip=plan.flip),
             strict=opts.strict)
-        cfg = LoopConfig(
-            schedule=plan.schedule, batch=plan.batch, momentum=plan.momentum, weight_decay=plan.weight_decay,
-            mixup_alpha=plan.mixup_alpha, seed=opts.seed, batch_split=split, eval_every=opts.eval_every,
-            checkpoint_every=opts.checkpoint_every, log_every=opts.log_every, workers=opts.workers,
-            eval_batch=2 * (plan.batch // (ctx.world_size * split)),  # no saved activations: 2x a training micro-batch fits
-            precision=precision, compile=opts.compile, fsdp=opts.fsdp, progress=opts.progress and ctx.is_main,
-            prelogit_dropout=opts.dropout, l2_to_init=opts.l2_to_init, image_side=plan.crop,
-        )
-        metrics = train(model, train_data, test_data, cfg, out, ctx, fingerprint, frozen_modules=frozen,
-                        final=FinalWeights(out / "final.safetensors", write_final, resume=not opts.restart))
-    summary = {"final": metrics, "classes": splits.classes, "train_examples": len(splits.train),
-               "test_examples": len(splits.test), "steps": plan.steps, "model": str(out / "final.safetensors")}
-    if ctx.is_main:
-        write_json(out / "summary.json", summary)
-    ctx.barrier()
-    ctx.shutdown()
-    return summary
+        metrics = train(model, train_data, test_data, recipe, execution, run.dir, ctx, run.fingerprint,
+                        frozen_modules=frozen, final=final)
+    return run.finish({"final": metrics, "classes": splits.classes, "train_examples": len(splits.train),
+                       "test_examples": len(splits.test), "steps": plan.steps, "model": str(run.final_path)})
 
 
 def _linear_probe(model, splits, plan, test_data, opts, ctx, bf16) -> dict:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from ..errors import BigTransferError
+from ..train.recipe import TrainingRecipe
 from ..train.schedule import LRSchedule
 
 BASE_LR = 0.003
@@ -111,6 +112,12 @@ class Plan:
 
     def lr(self, step: int) -> float:
         return self.schedule.at(step)
+
+    def training(self, seed: int = 0, *, prelogit_dropout: float = 0.0, l2_to_init: float = 0.0) -> TrainingRecipe:
+        """What the loop needs of this plan, with the run's seed and Supp. A's regularisers (the rule's are off)."""
+        return TrainingRecipe(schedule=self.schedule, batch=self.batch, momentum=self.momentum,
+                              weight_decay=self.weight_decay, mixup_alpha=self.mixup_alpha, seed=seed,
+                              prelogit_dropout=prelogit_dropout, l2_to_init=l2_to_init, image_side=self.crop)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -9,28 +9,26 @@ The final model (`OUT/final.safetensors`) loads directly in `bigtransfer finetun
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .. import rundir
-from ..atomic import remove_file, write_json
 from ..data.dataset import TransformedImages
 from ..data.shards import ShardSet, ShardStream, is_shard_dir
 from ..data.sources import Splits, load_source, report_skipped
 from ..data.transforms import eval_transform, upstream_transform
 from ..errors import BigTransferError
-from ..models import create_model, save_checkpoint
-from ..train.checkpointing import FinalWeights, check_resumable, fingerprint_of, finished_summary
+from ..models import create_model
 from ..train.distributed import DistContext
 from ..train.execution import ExecutionOptions
 from ..train.fewshot_probe import DEFAULT_SEEDS, DEFAULT_SHOTS, fewshot_accuracies, mean_over_draws
 from ..train.linear_probe import extract_features
 from ..train.logbook import Logbook
-from ..train.loop import LoopConfig, resolve_precision, train
+from ..train.loop import resolve_execution, train
 from ..train.losses import sigmoid_cross_entropy, softmax_cross_entropy
-from ..train.memory import forward_flops_per_image
+from ..train.run import TrainingRun
 from . import upstream
 
 
@@ -158,41 +156,29 @@ def run_pretrain(opts: PretrainOptions) -> dict:
     """Pre-train as `opts` says; returns the summary (also written to OUT/summary.json)."""
     check_options(opts)
     ctx = DistContext.from_env(opts.device)
-    with rundir.owned(Path(opts.out), "pretrain", main=ctx.is_main, agree=ctx.agree):
-        return _pretrain(opts, ctx)
+    with TrainingRun.claim(Path(opts.out), "pretrain", ctx, restart=opts.restart) as run:
+        return _pretrain(opts, run)
 
 
-def _pretrain(opts: PretrainOptions, ctx: DistContext) -> dict:
-    out = Path(opts.out)
-    if opts.restart and ctx.is_main:
-        remove_file(out / "checkpoints" / "latest.safetensors")
-    ctx.barrier()
+def _pretrain(opts: PretrainOptions, run: TrainingRun) -> dict:
+    ctx = run.ctx
     resolution = opts.resolution or upstream.RESOLUTION
     data = open_upstream_data(opts, resolution)
     plan = make_plan(opts, data)
     settings = {"plan": plan.to_dict(), "model": opts.model, "norm": opts.norm, "groups": opts.groups,
                 "data": opts.data, "seed": opts.seed, "min_crop_area": opts.min_crop_area, "classes": data.classes}
-    fingerprint = fingerprint_of(settings)
-    finished = None if opts.restart else finished_summary(out, fingerprint)
-    if finished is not None:  # the same run, done: report it, change nothing
-        ctx.shutdown()
+    if (finished := run.finished(settings)) is not None:
         return finished
-    # before config.json is replaced; a finished run's model stands in for its checkpoint
-    check_resumable(out / "checkpoints" / "latest.safetensors", fingerprint,
-                    None if opts.restart else out / "final.safetensors")
     model = build_upstream_model(opts, plan)
-    precision = resolve_precision(opts.precision, ctx.device, forward_flops_per_image(model.config, resolution))
-    bf16 = precision == "bf16"
+    recipe = plan.training(opts.seed)
+    execution = resolve_execution(opts, model, recipe, ctx)
     # Every process probes: under FSDP the forward passes are collective (under DDP the others
     # would only wait at the barrier); the main process logs.
-    probe = (TransferProbe(opts.probe_data, opts.probe_resolution or resolution, opts.probe_shots, ctx.device, bf16)
-             if opts.probe_data else None)
+    probe = (TransferProbe(opts.probe_data, opts.probe_resolution or resolution, opts.probe_shots, ctx.device,
+                           execution.precision == "bf16") if opts.probe_data else None)
+    run.write_config(**run.execution_facts(execution.precision, opts))
     if ctx.is_main:
-        write_json(out / "config.json", {
-            **settings, "fingerprint": fingerprint, "world_size": ctx.world_size, "device": str(ctx.device),
-            "precision": precision,
-            "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}})
-        report_skipped(out, data.skipped, opts.data, warn=True)
+        report_skipped(run.dir, data.skipped, opts.data, warn=True)
         if opts.progress:
             print(upstream.describe(plan), flush=True)
 
@@ -204,25 +190,10 @@ def _pretrain(opts: PretrainOptions, ctx: DistContext) -> dict:
             logbook.log(step, "fewshot", **probes[step])  # a no-op on all but the main process
             model.train()
 
-    cfg = LoopConfig(
-        schedule=plan.schedule, batch=plan.batch, momentum=plan.momentum, weight_decay=plan.weight_decay,
-        decayed=plan.decayed, seed=opts.seed, batch_split=opts.batch_split, eval_every=opts.eval_every,
-        checkpoint_every=opts.checkpoint_every, log_every=opts.log_every, workers=opts.workers,
-        eval_batch=2 * (plan.batch // (ctx.world_size * opts.batch_split)), precision=precision,
-        compile=opts.compile, fsdp=opts.fsdp, progress=opts.progress and ctx.is_main, multilabel=data.multilabel,
-        image_side=resolution)
+    final = run.final_weights(model, class_names=data.classes, resolution=resolution, provenance={
+        "pretrained_on": opts.data, "recipe": plan.recipe, "steps": plan.steps, "loss": plan.loss})
     loss_fn = sigmoid_cross_entropy if plan.loss == "sigmoid" else softmax_cross_entropy
-    def write_final(state: dict) -> None:
-        save_checkpoint(model, out / "final.safetensors", class_names=data.classes, resolution=resolution,
-                        provenance={"pretrained_on": opts.data, "recipe": plan.recipe, "steps": plan.steps,
-                                    "loss": plan.loss, "fingerprint": fingerprint}, state_dict=state)
-
-    metrics = train(model, data.train, data.test, cfg, out, ctx, fingerprint, loss_fn=loss_fn, on_eval=on_eval,
-                    final=FinalWeights(out / "final.safetensors", write_final, resume=not opts.restart))
-    summary = {"final": metrics, "fewshot": probes.get(plan.steps, {}), "classes": len(data.classes),
-               "train_images": data.size, "steps": plan.steps, "model": str(out / "final.safetensors")}
-    if ctx.is_main:
-        write_json(out / "summary.json", summary)
-    ctx.barrier()
-    ctx.shutdown()
-    return summary
+    metrics = train(model, data.train, data.test, recipe, execution, run.dir, ctx, run.fingerprint, loss_fn=loss_fn,
+                    on_eval=on_eval, final=final)
+    return run.finish({"final": metrics, "fewshot": probes.get(plan.steps, {}), "classes": len(data.classes),
+                       "train_images": data.size, "steps": plan.steps, "model": str(run.final_path)})

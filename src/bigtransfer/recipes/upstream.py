@@ -24,6 +24,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from ..errors import BigTransferError
+from ..train.recipe import TrainingRecipe
 from ..train.schedule import LRSchedule
 
 RECIPES = {  # name -> (epochs, decay epochs)
@@ -68,6 +69,12 @@ class UpstreamPlan:
     @property
     def steps(self) -> int:
         return self.schedule.total_steps
+
+    def training(self, seed: int = 0) -> TrainingRecipe:
+        """What the loop needs of this plan, with the run's seed."""
+        return TrainingRecipe(schedule=self.schedule, batch=self.batch, momentum=self.momentum,
+                              weight_decay=self.weight_decay, decayed=self.decayed, seed=seed,
+                              multilabel=self.multilabel, image_side=self.resolution)
 
     def to_dict(self) -> dict:
         d = asdict(self)
