@@ -21,7 +21,7 @@ $(TESTS): $(BASE)
 WORKERS ?= auto
 # pytest exits 5 when it collects nothing: that is a broken suite, not a pass.
 test: $(TESTS)
-	@$(PY) -m pytest tests -n $(WORKERS) --dist loadgroup $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest tests -n $(WORKERS) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; failing"; exit 1; fi; \
 	exit $$rc
 

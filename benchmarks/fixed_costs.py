@@ -91,7 +91,10 @@ def end_to_end(data: Path, trees: dict[str, Path], rounds: int) -> dict:
 # `bigtransfer finetune ...` with one addition: the moment the data scan ends, on stderr.
 SCAN_CLOCK = """
 import json, sys, time
-import bigtransfer.finetune as finetune
+try:
+    import bigtransfer.recipes.finetune as finetune
+except ImportError:  # --before: a tree from before the package was reorganised
+    import bigtransfer.finetune as finetune
 scan = finetune.prepare_data
 def timed(*args, **kwargs):
     splits = scan(*args, **kwargs)

@@ -21,17 +21,10 @@ RELEASED = {"R50x1": ((3, 4, 6, 3), 1), "R50x3": ((3, 4, 6, 3), 3), "R101x1": ((
 LARGE = ("R50x3", "R101x1", "R101x3", "R152x2", "R152x4")  # 44M to 936M parameters: marked slow
 
 
-# Tests of these hold several GB at once: `make test`'s workers take them one after another
-# (pytest-xdist's loadgroup), so two never add up past the machine's memory.
-ONE_AT_A_TIME = ("R101x3", "R152x4")
-
-
 def size_marks(arch: str) -> list:
-    """The marks a test of one released architecture carries: slow if large, and its memory group."""
-    marks = [pytest.mark.slow] if arch in LARGE else []
-    if arch in ONE_AT_A_TIME:
-        marks.append(pytest.mark.xdist_group("released_models_over_1GB"))
-    return marks
+    """The marks a test of one large released architecture carries: slow, and one_at_a_time (it
+    holds several GB at once; R152x4's peaks near 19 GB, see conftest.py)."""
+    return [pytest.mark.slow, pytest.mark.one_at_a_time] if arch in LARGE else []
 
 
 def released_params():

@@ -238,6 +238,11 @@ _OLD_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")  # e
 _LIBRARY_TEMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # safetensors' save_file, which earlier versions called
 
 
+def is_temporary(name: str) -> bool:
+    """Is `name` the temporary of one of our writes (in flight, or left by a writer that died)?"""
+    return bool(_TEMP.match(name) or _OLD_TEMP.match(name))
+
+
 def temp_name(name: str) -> str:
     """The temporary name a file called `name` is written under (it names this process and host)."""
     return f".{name[:180]}.{os.getpid()}.{_HOST}{secrets.token_hex(4)}.tmp"

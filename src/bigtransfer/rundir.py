@@ -161,7 +161,9 @@ def check_claim(out: Path, kind: str, flag: str = "--out") -> bool:
                                    f"one; choose another folder")
         _refuse_planted_links(out, kind, flag)
         return True
-    entries = sorted(e.name for e in out.iterdir() if e.name not in HIDDEN)
+    # Another process claiming the same folder this instant (workers of one sweep) shows as the
+    # temporary of its marker: a write of ours in flight, not a file of the user's.
+    entries = sorted(e.name for e in out.iterdir() if e.name not in HIDDEN and not atomic.is_temporary(e.name))
     if not entries:
         return False
     if _legacy(out, kind, entries):

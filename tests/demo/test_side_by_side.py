@@ -1,4 +1,4 @@
-"""Runs side by side (train/side_by_side.py): one process and one thread per run, errors carried
+"""Runs side by side (demo/side_by_side.py): one process and one thread per run, errors carried
 back, and no worker left behind when the process that started them is killed outright."""
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def test_auto_jobs_is_one_per_usable_core_and_no_more_than_the_runs():
 PARENT = textwrap.dedent("""
     import os, signal, sys, time
     from pathlib import Path
-    from bigtransfer.train import side_by_side
+    from bigtransfer.demo import side_by_side
 
     def train_until_stopped(folder):
         def save_and_stop(signum, frame):

@@ -8,7 +8,7 @@
 4. Train the same architecture from scratch with exactly the same fine-tuning budget.
 
 On a CPU the runs go side by side, one process per core and one torch thread each, the
-pre-training beside the first scratch runs (`train/side_by_side.py`): this model is too small
+pre-training beside the first scratch runs (`demo/side_by_side.py`): this model is too small
 for two threads to help much (measured: two single-thread runs at once took the whole demo from
 312 s to 172 s on a 2-core AMD EPYC), and one thread per run makes the figures the same on any
 core count; they still depend on the CPU's instruction sets and the precision.

@@ -9,9 +9,10 @@ import statistics
 from pathlib import Path
 
 from .. import rundir
-from ..atomic import write_json
+from ..atomic import csv_writer, write_json, write_together
 from ..errors import BigTransferError
 from ..safe_text import load_json
+from .pages import page
 
 PROTOCOL_FILE = "protocol.json"
 
@@ -69,3 +70,15 @@ def claim_out(out: Path, settings: dict) -> None:
                                    f"({', '.join(changed)}); use another --out to start a new one")
     rundir.claim(out, settings["protocol"])
     write_json(path, settings)
+
+
+def write_results(out: Path, results: dict, header: list[str], rows: list[list], title: str,
+                  sections: list[tuple[str, str]]) -> Path:
+    """A protocol's results files, replaced together: results.json (`results`), results.csv (`header`,
+    `rows`) and report.html (`sections` under `title`); returns the page's path."""
+    out = Path(out)
+    as_json = (json.dumps(results, indent=2, default=str) + "\n").encode("utf-8")
+    as_html = page(title, sections).encode("utf-8")
+    write_together({out / "results.json": lambda fh: fh.write(as_json), out / "results.csv": csv_writer(header, rows),
+                    out / "report.html": lambda fh: fh.write(as_html)}, what="report")
+    return out / "report.html"

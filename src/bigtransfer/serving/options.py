@@ -20,7 +20,7 @@ class ServeOptions:
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000  # 0: any free port (printed when listening)
     device: str = "auto"
-    backend: str = "auto"  # auto | torch | onnxruntime (see bigtransfer.runtime)
+    backend: str = "auto"  # auto | torch | onnxruntime (see bigtransfer.inference.backends)
     precision: str = "auto"  # auto | fp32 | bf16
     resolution: int | None = None  # default: from the model's metadata
     max_batch: int = 16  # images run through the model at once

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...atomic import write_csv, write_json, write_text
-from ..folder import PROTOCOL_FILE, read_json, read_protocol, tolerant
-from ..pages import escape, figure_html, page, percent, table_html
+from ..folder import PROTOCOL_FILE, read_json, read_protocol, tolerant, write_results
+from ..pages import escape, figure_html, percent, table_html
 from .fewshot import collect_fewshot, shot_order
 
 PROTOCOL = "ablation"
@@ -78,12 +77,6 @@ def ablation_figure(results: dict, task: str):
 @tolerant
 def write_ablation_report(out: Path, results: dict) -> Path:
     """results.json, results.csv (one row per table cell) and report.html of the ablation."""
-    out = Path(out)
-    write_json(out / "results.json", results)
-    rows = [["upstream", "", norm, "", value] for norm, value in results["upstream_top1"].items()]
-    rows += [["transfer", task, norm, k, value] for task, by_norm in results["transfer_top1"].items()
-             for norm, medians in by_norm.items() for k, value in medians.items()]
-    write_csv(out / "results.csv", ["table", "task", "norm", "examples_per_class", "top1"], rows)
     p = results["protocol"]
     sections = [("Table 4: upstream validation top-1",
                  table_html(*norm_grid(results["upstream_top1"]))
@@ -97,9 +90,11 @@ def write_ablation_report(out: Path, results: dict) -> Path:
                                              {n: r[k] for n, r in ranges.items() if k in r})) for k in shots)
         sections.append((f"Table 5: transfer to {task} (median (min-max) test top-1 over {p['repeats']} draws)",
                          figure_html(ablation_figure(results, task), f"transfer to {task}") + tables))
-    path = out / "report.html"
-    write_text(path, page("Normalisation ablation (BN / GN, with and without WS)", sections))
-    return path
+    rows = [["upstream", "", norm, "", value] for norm, value in results["upstream_top1"].items()]
+    rows += [["transfer", task, norm, k, value] for task, by_norm in results["transfer_top1"].items()
+             for norm, medians in by_norm.items() for k, value in medians.items()]
+    return write_results(out, results, ["table", "task", "norm", "examples_per_class", "top1"], rows,
+                         "Normalisation ablation (BN / GN, with and without WS)", sections)
 
 
 def rebuild(out: Path) -> Path:

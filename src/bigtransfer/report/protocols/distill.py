@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...atomic import write_csv, write_json, write_text
 from ...train.logbook import read_metrics
-from ..folder import read_json, read_protocol, tolerant
-from ..pages import escape, figure_html, page, percent, table_html
+from ..folder import read_json, read_protocol, tolerant, write_results
+from ..pages import escape, figure_html, percent, table_html
 
 PROTOCOL = "distill"
 
@@ -69,10 +68,6 @@ def distill_figure(results: dict):
 @tolerant
 def write_distill_report(out: Path, results: dict) -> Path:
     """results.json, results.csv (one row per model) and report.html of a distillation run."""
-    out = Path(out)
-    write_json(out / "results.json", results)
-    write_csv(out / "results.csv", ["model", "top1", "top5", "examples", "run"],
-              [[r["model"], r["top1"], r["top5"], r["examples"], r["run"]] for r in results["rows"]])
     p = results["protocol"]
     table = table_html(["model", "test top-1", "test top-5", "images"],
                        [[r["model"], percent(r["top1"]), percent(r["top5"]), r["examples"]] for r in results["rows"]])
@@ -81,9 +76,9 @@ def write_distill_report(out: Path, results: dict) -> Path:
     sections = [("Teacher and student", table + note)]
     if results["rows"] or results["curve"]:
         sections.append(("Accuracy", figure_html(distill_figure(results), "distillation accuracy")))
-    path = out / "report.html"
-    write_text(path, page("Distillation", sections))
-    return path
+    return write_results(out, results, ["model", "top1", "top5", "examples", "run"],
+                         [[r["model"], r["top1"], r["top5"], r["examples"], r["run"]] for r in results["rows"]],
+                         "Distillation", sections)
 
 
 def rebuild(out: Path) -> Path:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ...atomic import write_csv, write_json, write_text
-from ..folder import read_json, read_protocol, spread, tolerant
-from ..pages import escape, figure_html, page, percent, table_html
+from ..folder import read_json, read_protocol, spread, tolerant, write_results
+from ..pages import escape, figure_html, percent, table_html
 
 PROTOCOL = "fewshot"
 
@@ -97,22 +96,17 @@ def fewshot_figure(results: dict, title: str = ""):
 @tolerant
 def write_fewshot_report(out: Path, results: dict) -> Path:
     """results.json, results.csv (one row per run) and report.html of a few-shot sweep."""
-    out = Path(out)
-    write_json(out / "results.json", results)
-    write_csv(out / "results.csv", ["method", "examples_per_class", "seed", "top1", "top5"],
-              [[r["method"], r["shots"], r["seed"], r["top1"], r.get("top5")] for r in results["runs"]])
     ft = results["protocol"]["finetune"]
     header, rows = fewshot_table(results)
     note = (f"<p class='note'>model {escape(ft['model'])}, data {escape(ft['data'])}; "
             f"{escape(results['finished'])} of {escape(results['expected'])} fine-tuning runs finished. "
             "The linear probe is a logistic regression on the frozen pre-logits of the same draws.</p>")
     fig = fewshot_figure(results, f"{ft['model']} on {Path(str(ft['data'])).name}")
-    path = out / "report.html"
-    write_text(path, page("Few-shot transfer", [
-        ("Accuracy vs examples per class", figure_html(fig, "few-shot accuracy") + note),
-        ("Test top-1 over random draws", table_html(header, rows)),
-    ]))
-    return path
+    sections = [("Accuracy vs examples per class", figure_html(fig, "few-shot accuracy") + note),
+                ("Test top-1 over random draws", table_html(header, rows))]
+    return write_results(out, results, ["method", "examples_per_class", "seed", "top1", "top5"],
+                         [[r["method"], r["shots"], r["seed"], r["top1"], r.get("top5")] for r in results["runs"]],
+                         "Few-shot transfer", sections)
 
 
 def rebuild(out: Path) -> Path:

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...atomic import write_csv, write_json, write_text
-from ..folder import read_json, read_protocol, tolerant
-from ..pages import escape, figure_html, page, percent, table_html
+from ..folder import read_json, read_protocol, tolerant, write_results
+from ..pages import escape, figure_html, percent, table_html
 
 PROTOCOL = "search"
 FINAL_FILE = "final.json"  # the search's final comparison, written once it has run
@@ -69,12 +68,7 @@ def search_figure(results: dict):
 @tolerant
 def write_search_report(out: Path, results: dict) -> Path:
     """results.json, results.csv (one row per trial) and report.html of a search."""
-    out = Path(out)
-    write_json(out / "results.json", results)
     names = list(results["protocol"]["space"])
-    params = ["base_lr", "steps", "dropout", "l2_to_init", "mixup", "resolution"]
-    write_csv(out / "results.csv", ["trial", "state", "val_top1", *params],
-              [[t["number"], t["state"], t["val_top1"], *(t.get(p) for p in params)] for t in results["trials"]])
     sections = [("Trials", figure_html(search_figure(results), "search progress")
                  + f"<p class='note'>{escape(results['complete'])} completed trials; space: "
                  + html.escape(", ".join(f"{n} {results['protocol']['space'][n]}" for n in names)) + "</p>")]
@@ -88,9 +82,10 @@ def write_search_report(out: Path, results: dict) -> Path:
         sections.insert(0, ("HyperRule vs search",
                             table_html(["", "validation top-1", "test top-1 (retrained on train+val)"], rows)
                             + f"<h3>Best trial ({escape(final['best_trial'])})</h3>" + best))
-    path = out / "report.html"
-    write_text(path, page("Hyper-parameter search (Supp. A)", sections))
-    return path
+    params = ["base_lr", "steps", "dropout", "l2_to_init", "mixup", "resolution"]
+    return write_results(out, results, ["trial", "state", "val_top1", *params],
+                         [[t["number"], t["state"], t["val_top1"], *(t.get(p) for p in params)]
+                          for t in results["trials"]], "Hyper-parameter search (Supp. A)", sections)
 
 
 def rebuild(out: Path) -> Path:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ...atomic import write_csv, write_json, write_text
 from ...data.vtab_tasks import GROUP_OF, GROUPS, aggregate
-from ..folder import read_json, read_protocol, tolerant
-from ..pages import escape, figure_html, page, percent, table_html
+from ..folder import read_json, read_protocol, tolerant, write_results
+from ..pages import escape, figure_html, percent, table_html
 
 PROTOCOL = "vtab"
 
@@ -84,10 +83,6 @@ def vtab_figure(results: dict):
 @tolerant
 def write_vtab_report(out: Path, results: dict) -> Path:
     """results.json, results.csv (one row per run) and report.html of a VTAB-1k run."""
-    out = Path(out)
-    write_json(out / "results.json", results)
-    write_csv(out / "results.csv", ["task", "group", "split", "seed", "scored_on", "top1"],
-              [[r["task"], r["group"], r["split"], r["seed"], r["scored_on"], r["top1"]] for r in results["runs"]])
     test = results["test"]
     splits = results.get("splits", {})
     rows = [[t, GROUP_OF[t], percent(v), percent(results["val200"].get(t)), _splits_text(splits.get(t))]
@@ -102,9 +97,9 @@ def write_vtab_report(out: Path, results: dict) -> Path:
                  + note)]
     if test["tasks"]:
         sections.insert(0, ("Per task and group", figure_html(vtab_figure(results), "VTAB-1k scores")))
-    path = out / "report.html"
-    write_text(path, page("VTAB-1k", sections))
-    return path
+    return write_results(out, results, ["task", "group", "split", "seed", "scored_on", "top1"],
+                         [[r["task"], r["group"], r["split"], r["seed"], r["scored_on"], r["top1"]]
+                          for r in results["runs"]], "VTAB-1k", sections)
 
 
 def rebuild(out: Path) -> Path:
