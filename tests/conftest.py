@@ -1,4 +1,3 @@
-import fcntl
 import os
 import sys
 from pathlib import Path
@@ -30,17 +29,3 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-
-
-@pytest.fixture(autouse=True)
-def _one_large_test_at_a_time(request, tmp_path_factory):
-    """Tests marked one_at_a_time hold several GB each (R152x4's ONNX export peaks near 19 GB): the
-    workers of `make test` take a lock in their shared temporary folder around each, so two such
-    tests never add up past the machine's memory (a worker killed for memory would fail the run)."""
-    if request.node.get_closest_marker("one_at_a_time") is None:
-        yield
-        return
-    lock = tmp_path_factory.getbasetemp().parent / "one_at_a_time.lock"
-    with open(lock, "a") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        yield

@@ -23,7 +23,8 @@ LARGE = ("R50x3", "R101x1", "R101x3", "R152x2", "R152x4")  # 44M to 936M paramet
 
 def size_marks(arch: str) -> list:
     """The marks a test of one large released architecture carries: slow, and one_at_a_time (it
-    holds several GB at once; R152x4's peaks near 19 GB, see conftest.py)."""
+    holds several GB at once, R152x4's near 19 GB: `make test` runs these in one process, one
+    after another, once the rest of the suite is done)."""
     return [pytest.mark.slow, pytest.mark.one_at_a_time] if arch in LARGE else []
 
 

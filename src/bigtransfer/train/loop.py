@@ -250,7 +250,7 @@ def train(
                 if done == recipe.steps:
                     break  # the finished model is saved by finish(), once, before its last evaluation
                 if run.checkpoint_due(done):
-                    run.save(done)
+                    run.write_checkpoint(done)
                 if run.evaluation_due(done):
                     run.evaluate(done)
                     run.train_mode()
@@ -385,7 +385,7 @@ class _Training:
     def evaluation_due(self, done: int) -> bool:
         return self.eval_data is not None and bool(self.execution.eval_every) and done % self.execution.eval_every == 0
 
-    def save(self, step: int) -> None:
+    def write_checkpoint(self, step: int) -> None:
         """Whole tensors, so the checkpoint resumes on any number of processes (collective under FSDP)."""
         if self.fsdp or self.ctx.is_main:
             state, opt_state = gather_train_state(self.model, self.optimizer, self.fsdp)
@@ -409,7 +409,7 @@ class _Training:
         self.bar.close()
         if self.final is None:
             if self.completed > self.start:
-                self.save(self.completed)
+                self.write_checkpoint(self.completed)
         elif not self.final_written:
             # Only the weights (no optimizer state: nothing is left to train), in the file the
             # run delivers, which then stands in for the training checkpoint it replaces.
@@ -426,7 +426,7 @@ class _Training:
         """Ctrl-C or SIGTERM: keep the completed steps. One process can save safely (several might be
         mid-collective)."""
         if not self.ctx.distributed and self.completed > self.start and not self.final_written:
-            self.save(self.completed)
+            self.write_checkpoint(self.completed)
 
     def close(self) -> None:
         self.bar.close()
