@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from bit_files import authors_arrays
+from killed_runs import CHECKPOINT, kill_once_checkpointed
 from PIL import Image
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from bigtransfer import create_model, save_checkpoint
@@ -75,30 +72,15 @@ def test_the_loss_is_zero_when_the_student_is_the_teacher(teacher, tmp_path):
     assert next(r for r in read_metrics(other) if r["kind"] == "train")["loss"] > 0.01
 
 
-def _step_of(checkpoint):
-    try:
-        with safe_open(str(checkpoint), "pt") as fh:
-            return int(fh.metadata()["step"])
-    except (SafetensorError, OSError, KeyError, ValueError):
-        return None
-
-
 def test_a_killed_distillation_resumes_exactly(teacher, tmp_path):
     args = ["distill", "--teacher", str(teacher), "--student", TINY, "--data", "digits", "--steps", "12",
             "--checkpoint-every", "3", *STEPS]
     reference = tmp_path / "reference"
     assert main([*args, "--out", str(reference)]) == 0
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "bigtransfer", *args, "--out", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = killed / "checkpoints" / "latest.safetensors"
-    deadline = time.time() + 600  # generous: the loop ends as soon as the checkpoint is there
-    while time.time() < deadline and proc.poll() is None and (_step_of(checkpoint) or 0) < 6:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert 6 <= (_step_of(checkpoint) or 0) < 12, "the kill must land mid-run"
-    with safe_open(str(checkpoint), "pt") as fh:
+    at_kill = kill_once_checkpointed([sys.executable, "-m", "bigtransfer", *args, "--out", str(killed)], killed, 6)
+    assert 6 <= (at_kill or 0) < 12, "the kill must land mid-run"
+    with safe_open(str(killed / CHECKPOINT), "pt") as fh:
         assert any(k.endswith("::exp_avg_sq") for k in fh.keys())  # noqa: SIM118  # Adam's state travels with the checkpoint
     assert main([*args, "--out", str(killed)]) == 0
     a, b = load_file(str(reference / "final.safetensors")), load_file(str(killed / "final.safetensors"))

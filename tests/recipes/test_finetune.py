@@ -3,18 +3,17 @@
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from image_data import write_colour_folder
-from safetensors import SafetensorError, safe_open
+from killed_runs import kill_once_checkpointed
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from bigtransfer import BigTransferError, create_model, save_checkpoint
@@ -86,14 +85,6 @@ def test_run_directory_contents(tmp_path):
     assert not list(out.rglob("*.tmp"))
 
 
-def _step_of(checkpoint):
-    try:
-        with safe_open(str(checkpoint), "pt") as fh:
-            return int(fh.metadata()["step"])
-    except (SafetensorError, OSError, KeyError, ValueError):  # absent, or caught mid-rename
-        return None
-
-
 def test_resume_after_kill_reaches_the_same_weights(tmp_path):
     """Kill -9 a run after its first checkpoints; the same command then finishes it bit for bit
     like a run that was never interrupted (data order and augmentation are functions of the step)."""
@@ -103,14 +94,7 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path):
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "bigtransfer", "finetune", *args, "--out", str(killed)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = killed / "checkpoints" / "latest.safetensors"
-    deadline = time.time() + 600  # generous: the loop ends as soon as the checkpoint is there
-    while time.time() < deadline and proc.poll() is None and (_step_of(checkpoint) or 0) < 6:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    step_at_kill = _step_of(checkpoint)
+    step_at_kill = kill_once_checkpointed(cmd, killed, 6)
     assert step_at_kill is not None and 6 <= step_at_kill < 30, "the kill must land mid-run"
     assert not (killed / "final.safetensors").exists()
 

@@ -5,7 +5,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 import torch
 from fixtures_runs import tiny_demo_fixture  # noqa: F401  (shared fixture)
 from image_data import write_colour_folder
-from safetensors import SafetensorError, safe_open
+from killed_runs import kill_once_checkpointed, step_of
 from safetensors.torch import load_file
 
 from bigtransfer.cli import main
@@ -110,14 +109,6 @@ def _torchrun(nproc, args):
             "127.0.0.1", "--master_port", str(_free_port()), "-m", "bigtransfer", "pretrain", *args]
 
 
-def _step_of(checkpoint):
-    try:
-        with safe_open(str(checkpoint), "pt") as fh:
-            return int(fh.metadata()["step"])
-    except (SafetensorError, OSError, KeyError, ValueError):
-        return None
-
-
 def _close(a, b):
     ta, tb = load_file(str(a)), load_file(str(b))
     return all(torch.allclose(ta[k], tb[k], rtol=1e-4, atol=1e-5) for k in ta)
@@ -141,15 +132,8 @@ def test_two_processes_match_one_and_resume_on_a_different_count(tmp_path):
     assert _close(single / "final.safetensors", ddp / "final.safetensors")
 
     moved = tmp_path / "moved"
-    proc = subprocess.Popen(_torchrun(2, [*args, "--checkpoint-every", "4", "--out", str(moved)]), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = moved / "checkpoints" / "latest.safetensors"
-    deadline = time.time() + 600  # generous: on a loaded machine torchrun alone can take minutes
-    while time.time() < deadline and proc.poll() is None and (_step_of(checkpoint) or 0) < 8:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    at_kill = _step_of(checkpoint)
+    at_kill = kill_once_checkpointed(_torchrun(2, [*args, "--checkpoint-every", "4", "--out", str(moved)]), moved, 8,
+                                     env=env)
     assert at_kill is not None and 8 <= at_kill < 24, "the kill must land mid-run"
     assert pretrain(*args, "--checkpoint-every", "4", "--out", str(moved)) == 0  # now one process
     assert _close(single / "final.safetensors", moved / "final.safetensors")
@@ -189,7 +173,7 @@ def test_fsdp_matches_one_process_and_its_checkpoint_loads_anywhere(tmp_path):
     # A finished run keeps no training checkpoint: take a copy of one while the run goes on.
     checkpoint, mid_run = sharded / "checkpoints" / "latest.safetensors", tmp_path / "mid_run.safetensors"
     while proc.poll() is None and not mid_run.exists():
-        if (_step_of(checkpoint) or 0) >= 3:
+        if (step_of(checkpoint) or 0) >= 3:
             with contextlib.suppress(OSError):  # replaced or removed between the look and the copy
                 shutil.copyfile(checkpoint, mid_run)
         time.sleep(0.01)
