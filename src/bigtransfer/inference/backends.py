@@ -221,42 +221,60 @@ def onnx_model(model: ResNetV2, resolution: int):
 def save_onnx(proto, out: Path, inline_limit: int | None = None, what: str = "ONNX export") -> None:
     """An ONNX model into `out`, atomically. Weights beyond `inline_limit` (MAX_PROTOBUF_BYTES) bytes
     go to `out`.data, written (atomically) before the model that names it: one protobuf holds 2 GiB.
-    `proto` is left as it was (it may be saved again elsewhere)."""
+    `proto` is left as it was (it may be saved again elsewhere).
+
+    The weights are never held twice: R152x4's 3.7 GB are streamed tensor by tensor into the data
+    file, and the model file is a copy of `proto` made one tensor at a time without their bytes."""
     out = Path(out)
-    weights = [t for t in proto.graph.initializer if t.HasField("raw_data")]
-    if sum(len(t.raw_data) for t in weights) <= (MAX_PROTOBUF_BYTES if inline_limit is None else inline_limit):
+    initializers = proto.graph.initializer
+    sizes = {i: t.ByteSize() for i, t in enumerate(initializers) if t.HasField("raw_data")}  # raw_data would copy
+    if sum(sizes.values()) <= (MAX_PROTOBUF_BYTES if inline_limit is None else inline_limit):
         write_bytes(out, proto.SerializeToString(), what=what)
         return
     # small tensors (shapes, scalars) stay inline, as ONNX's own saver keeps them: graph checks read them
-    moved = [t for t in weights if len(t.raw_data) >= 1024]
+    moved = {i for i, size in sizes.items() if size >= 1024}
     data = out.with_name(out.name + ".data")
-    write_atomically(data, lambda fh: [fh.write(t.raw_data) for t in moved], what="ONNX weights")
-    with _stored_in(moved, data.name):
-        write_bytes(out, proto.SerializeToString(), what=what)
+    write_atomically(data, lambda fh: [fh.write(initializers[i].raw_data) for i in sorted(moved)],
+                     what="ONNX weights")
+    write_bytes(out, _naming_external_data(proto, moved, data.name).SerializeToString(), what=what)
 
 
-@contextlib.contextmanager
-def _stored_in(tensors: list, location: str):
-    """The tensors' bytes named as consecutive ranges of the file `location` (ONNX external data)
-    for the block, then put back inline."""
-    from onnx import TensorProto
+def _naming_external_data(proto, moved: set[int], location: str):
+    """A copy of `proto` whose initializers at the indices in `moved` point at consecutive ranges of the
+    file `location` (ONNX external data, in initializer order) instead of carrying their bytes."""
+    from onnx import ModelProto, TensorProto
 
-    raws = [t.raw_data for t in tensors]
+    light = ModelProto()
+    _copy_fields(proto, light, skip={"graph"})
+    _copy_fields(proto.graph, light.graph, skip={"initializer"})
     offset = 0
-    try:
-        for tensor, raw in zip(tensors, raws):
-            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            tensor.data_location = TensorProto.EXTERNAL
-            tensor.ClearField("raw_data")
-            offset += len(raw)
-        yield
-    finally:
-        for tensor, raw in zip(tensors, raws):
-            del tensor.external_data[:]
-            tensor.data_location = TensorProto.DEFAULT
-            tensor.raw_data = raw
+    for index, tensor in enumerate(proto.graph.initializer):
+        entry = light.graph.initializer.add()
+        if index not in moved:
+            entry.CopyFrom(tensor)
+            continue
+        # field by field without the bytes: a copied-then-cleared field would stay in protobuf's arena
+        _copy_fields(tensor, entry, skip={"raw_data"})
+        length = len(tensor.raw_data)  # a transient Python copy, freed at once
+        entry.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+            field = entry.external_data.add()
+            field.key, field.value = key, value
+        offset += length
+    return light
+
+
+def _copy_fields(source, target, skip: set[str]) -> None:
+    """Every field set in the protobuf message `source` into `target`, except those named in `skip`."""
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 def write_onnx(model: ResNetV2, resolution: int, out: Path) -> None:
