@@ -70,6 +70,7 @@ def test_summary_records_the_precision_and_the_machine(tiny_demo):
     assert json.loads((tiny_demo.out / "summary.json").read_text())["precision"] == "fp32"
 
 
+@pytest.mark.slow  # reads the shared tiny demo, a whole demo run (15 s) that no fast test needs
 def test_ridge_probe_is_fitted_on_the_images_each_fine_tuning_run_trained_on(tiny_demo, tmp_path):
     """The table's probe line compares with the fine-tuned runs draw by draw: for every seed, a ridge
     probe fitted here on the frozen features of exactly the images `finetune` drew for that seed
@@ -123,14 +124,15 @@ from fixtures_runs import TINY
 from bigtransfer.demo import run_demo
 
 if __name__ == "__main__":
-    run_demo(Path(sys.argv[1]), replace(TINY, jobs=2, finetune_steps=int(sys.argv[3])), progress=False)
+    run_demo(Path(sys.argv[1]), replace(TINY, jobs=2, finetune_steps=int(sys.argv[3]), seeds=(0,)), progress=False)
 """
 
 
 @pytest.mark.skipif(not Path("/proc").exists(), reason="finds the demo's workers in /proc")
 def test_a_demo_killed_outright_leaves_no_workers_and_continues_to_the_same_figures(tmp_path):
     steps = 40  # long enough that the kill lands while runs are training
-    config = replace(TINY, jobs=2, finetune_steps=steps)
+    # one draw: four fine-tuning runs, two at a time; the kill comes once two have finished
+    config = replace(TINY, jobs=2, finetune_steps=steps, seeds=(0,))
     script, out = tmp_path / "demo.py", tmp_path / "demo"
     script.write_text(KILLED_DEMO)
     demo = subprocess.Popen([sys.executable, str(script), str(out), str(Path(__file__).parents[1]), str(steps)])
