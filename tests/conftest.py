@@ -6,6 +6,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import durations
 from loopback_bucket import bucket  # noqa: F401  (shared fixture)
 from loopback_hub import hub  # noqa: F401  (shared fixture)
 
@@ -17,6 +18,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(1)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--record-durations", action="store_true",
+                     help="merge each test's measured seconds into tests/durations.json (make test-durations)")
+
+
+def pytest_configure(config):
+    if config.getoption("--record-durations") and not os.environ.get("PYTEST_XDIST_WORKER"):
+        config.pluginmanager.register(durations.Recorder(), "record-durations")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by the `slow` marks it adds
+def pytest_collection_modifyitems(config, items):
+    durations.mark_and_order(items)
 
 
 @pytest.fixture(autouse=True)
