@@ -269,7 +269,9 @@ def _copy_fields(source, target, skip: set[str]) -> None:
     for field, value in source.ListFields():
         if field.name in skip:
             continue
-        if field.is_repeated:
+        # protobuf 6 has `is_repeated` and deprecates `label`; older ones have only `label`
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        if repeated:
             getattr(target, field.name).extend(value)
         elif field.message_type is not None:
             getattr(target, field.name).CopyFrom(value)
