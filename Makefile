@@ -42,7 +42,7 @@ test-fast: $(TESTS)
 	$(MAKE) test MARKS='not slow' SKIP_ONE_AT_A_TIME=1
 
 # tests/durations.json: each test's seconds as `make test` runs it. A test over a second is
-# `slow` and the longest start first (tests/durations.py). Measure again after adding or
+# `slow` (tests/durations.py). Measure again after adding or
 # changing long tests; the file only changes when the run passes.
 test-durations: $(TESTS)
 	$(MAKE) test PYTEST_ARGS='--record-durations'

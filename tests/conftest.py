@@ -32,7 +32,7 @@ def pytest_configure(config):
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` selects by the `slow` marks it adds
 def pytest_collection_modifyitems(config, items):
-    durations.mark_and_order(items)
+    durations.mark_slow(items)
 
 
 @pytest.fixture(autouse=True)
