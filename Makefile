@@ -41,9 +41,9 @@ demo: $(BASE)
 test-fast: $(TESTS)
 	$(MAKE) test MARKS='not slow' SKIP_ONE_AT_A_TIME=1
 
-# tests/durations.json: each test's seconds as `make test` runs it. A test over a second is
-# `slow` (tests/durations.py). Measure again after adding or
-# changing long tests; the file only changes when the run passes.
+# tests/durations.json: each test's seconds as `make test` runs it; a test over a second is
+# `slow` (tests/durations.py). Measure again after adding or changing long tests; the file only
+# changes when the run passes.
 test-durations: $(TESTS)
 	$(MAKE) test PYTEST_ARGS='--record-durations'
 
