@@ -1,5 +1,5 @@
-"""Helpers shared by the hostile-input tests: CLI commands run in a child whose peak memory is
-measured, and decompression bombs built without compressing gigabytes."""
+"""Helpers shared by the hostile-input tests: a tiny model file, CLI commands run in a child whose
+peak memory is measured, and decompression bombs built without compressing gigabytes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,20 @@ import tempfile
 import textwrap
 import zlib
 from pathlib import Path
+
+TINY = "R[1,1,1,1]x0.5"  # the released block layout at its smallest: a model file of a few MB
+
+def tiny_model_file(path: Path, class_names: list[str]) -> Path:
+    """A seeded random TINY model with a head for `class_names`, saved at `path` (32 px)."""
+    import torch
+
+    import bigtransfer
+
+    torch.manual_seed(0)
+    model = bigtransfer.create_model(TINY, num_classes=len(class_names))
+    bigtransfer.save_checkpoint(model, path, class_names=class_names, resolution=32)
+    return path
+
 
 # Runs several CLI commands one after the other in one process and records, for each, its exit code,
 # stdout, stderr, seconds, and the process's own peak RSS so far (VmHWM). The peak after a command

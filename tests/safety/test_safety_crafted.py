@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from bit_files import authors_arrays
-from fixtures_safety import run_cli_many
+from fixtures_safety import run_cli_many, tiny_model_file
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -39,11 +39,7 @@ DEEP = "[" * 100_000 + "]" * 100_000
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    torch.manual_seed(0)
-    bigtransfer.save_checkpoint(bigtransfer.create_model(TINY, num_classes=3), path, class_names=["a", "b", "c"],
-                                resolution=32)
-    return path
+    return tiny_model_file(tmp_path_factory.mktemp("model") / "tiny.safetensors", ["a", "b", "c"])
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fixtures_safety import tiny_model_file
 from image_data import write_colour_folder
 
-import bigtransfer
 from bigtransfer import atomic, rundir
 from bigtransfer.cli import main
 
@@ -59,10 +59,7 @@ def recorded(folder: Path, prefix: str = "") -> list[str]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("links")
-    model = root / "tiny.safetensors"
-    torch.manual_seed(0)
-    bigtransfer.save_checkpoint(bigtransfer.create_model(TINY, num_classes=3), model, class_names=CLASSES,
-                                resolution=32)
+    model = tiny_model_file(root / "tiny.safetensors", CLASSES)
     colours = write_colour_folder(root / "colours", per_class_train=2, per_class_val=1)
     outside = root / "outside"  # what the links point at: the user's files, never to be touched
     (outside / "folder").mkdir(parents=True)

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from fixtures_safety import tiny_model_file
 from image_data import write_colour_folder
 
 import bigtransfer
@@ -48,10 +49,7 @@ def snapshot(folder: Path) -> dict:
 def good(tmp_path_factory):
     """A tiny model and data; outputs are made by `outputs`."""
     root = tmp_path_factory.mktemp("writes")
-    model = root / "tiny.safetensors"
-    torch.manual_seed(0)
-    bigtransfer.save_checkpoint(bigtransfer.create_model(TINY, num_classes=3), model, class_names=CLASSES,
-                                resolution=32)
+    model = tiny_model_file(root / "tiny.safetensors", CLASSES)
     colours = write_colour_folder(root / "colours", per_class_train=2, per_class_val=1)
     return SimpleNamespace(root=root, model=model, colours=colours)
 
